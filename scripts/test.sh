@@ -1,0 +1,13 @@
+#!/usr/bin/env bash
+# Set up everything on a fresh machine and run the whole test suite:
+# patched mistral.rs, model assets, the release `mistralrs` CLI, then the tests.
+set -euo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+
+scripts/setup-mistralrs.sh
+scripts/fetch-assets.sh smollm2
+cargo fmt -p qllm --check
+# Tests run in release: the CLI build and the test build share one build of
+# mistral.rs, and model runs in debug builds are far too slow.
+cargo build --release -p mistralrs-cli
+cargo test --release -p qllm

@@ -1,0 +1,36 @@
+//! Errors a user of the crate can see.
+
+use std::path::PathBuf;
+
+/// Everything that can go wrong when configuring or running Q-LLM.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    /// A configuration value is out of range or inconsistent with another.
+    #[error("invalid Q-LLM config: `{key}` {reason}")]
+    InvalidConfig {
+        /// The offending key, as written in the config file.
+        key: &'static str,
+        /// What is wrong with it.
+        reason: String,
+    },
+    /// The config file could not be read.
+    #[error("cannot read Q-LLM config file {path}: {source}")]
+    ConfigRead {
+        /// The file.
+        path: PathBuf,
+        /// Why it could not be read.
+        source: std::io::Error,
+    },
+    /// The config file is not valid TOML or has an unknown key.
+    #[error("cannot parse Q-LLM config file {path}: {message}")]
+    ConfigParse {
+        /// The file.
+        path: PathBuf,
+        /// The parser's message, which names the key and line.
+        message: String,
+    },
+}
+
+/// Result with this crate's [`Error`].
+pub type Result<T> = std::result::Result<T, Error>;

@@ -1,0 +1,42 @@
+//! Query-aware long-context attention (Q-LLM) for mistral.rs.
+//!
+//! The crate implements mistral.rs's [`AttentionHook`]: per layer it receives
+//! the pre-RoPE queries, keys and values of a step, keeps each sequence's KV
+//! itself and returns the attention output. [`install`] puts it in place
+//! process-wide; the patched `mistralrs` CLI calls it for `--qllm`.
+//!
+//! Modes:
+//! - `dense`: full causal attention over the hook's own KV store, the
+//!   reference the other modes are measured against.
+
+#![deny(clippy::cast_possible_truncation, clippy::cast_precision_loss)]
+#![warn(missing_docs)]
+
+pub mod attention;
+pub mod config;
+pub mod error;
+pub mod hook;
+pub mod kv;
+
+use std::path::Path;
+use std::sync::Arc;
+
+pub use config::{ConfigFile, Mode, QllmConfig};
+pub use error::{Error, Result};
+pub use hook::{MemoryStats, QllmHook};
+pub use mistralrs_core::attention_hook::AttentionHook;
+
+/// Loads the config (defaults when `config_path` is `None`), validates it and
+/// installs the hook for every model loaded afterwards. Returns the hook so
+/// callers can read its statistics.
+pub fn install(config_path: Option<&Path>) -> Result<Arc<QllmHook>> {
+    let file = match config_path {
+        Some(path) => ConfigFile::load(path)?,
+        None => ConfigFile::default(),
+    };
+    let config = file.resolve()?;
+    tracing::info!("Q-LLM attention hook installed: {config:?}");
+    let hook = Arc::new(QllmHook::new(config));
+    mistralrs_core::attention_hook::set_attention_hook(Some(hook.clone()));
+    Ok(hook)
+}

@@ -1,0 +1,127 @@
+//! The patched `mistralrs` binary with `--qllm`.
+
+use std::io::{Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::path::Path;
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use crate::assets;
+use crate::smollm2::PARIS_QUESTION;
+
+fn model_args(model: &Path) -> Vec<String> {
+    vec![
+        "--cpu".into(),
+        "--token-source".into(),
+        "none".into(),
+        "--format".into(),
+        "gguf".into(),
+        "-m".into(),
+        model.parent().unwrap().to_string_lossy().into(),
+        "-f".into(),
+        model.file_name().unwrap().to_string_lossy().into(),
+    ]
+}
+
+fn run_cli(args: &[&str], extra: &[String]) -> Output {
+    Command::new(assets::mistralrs_bin())
+        .args(args)
+        .args(extra)
+        .stdin(Stdio::null())
+        .output()
+        .expect("mistralrs starts")
+}
+
+#[test]
+fn run_with_qllm_answers_a_one_shot_prompt() {
+    let out = run_cli(&["--qllm", "run", "-i", PARIS_QUESTION], &model_args(&assets::smollm2()));
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "exit {:?}\n{stderr}", out.status);
+    assert!(stdout.contains("Paris"), "stdout: {stdout}\nstderr: {stderr}");
+    assert!(stderr.contains("Q-LLM attention hook installed"), "stderr: {stderr}");
+}
+
+fn bad_config(text: &str) -> (bool, String) {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("qllm.toml");
+    std::fs::write(&path, text).unwrap();
+    let out = run_cli(
+        &["--qllm", "--qllm-config", path.to_str().unwrap(), "run", "-i", "hi"],
+        &model_args(&assets::smollm2()),
+    );
+    (out.status.success(), String::from_utf8_lossy(&out.stderr).into_owned())
+}
+
+#[test]
+fn bad_qllm_config_exits_with_a_message_naming_the_key() {
+    let (ok, stderr) = bad_config("prefill_chunk_sise = 64\n");
+    assert!(!ok);
+    assert!(stderr.contains("prefill_chunk_sise"), "{stderr}");
+    let (ok, stderr) = bad_config("prefill_chunk_size = -64\n");
+    assert!(!ok);
+    assert!(stderr.contains("`prefill_chunk_size` must be a positive integer, got -64"), "{stderr}");
+    let out = run_cli(&["--qllm", "--qllm-config", "/nonexistent/qllm.toml", "run", "-i", "hi"], &[]);
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("/nonexistent/qllm.toml"), "{stderr}");
+}
+
+struct Server(Child);
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+fn http(port: u16, method: &str, path: &str, body: &str) -> std::io::Result<(u16, String)> {
+    let mut stream = TcpStream::connect(("127.0.0.1", port))?;
+    stream.set_read_timeout(Some(Duration::from_secs(300)))?;
+    write!(
+        stream,
+        "{method} {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    )?;
+    let mut response = String::new();
+    stream.read_to_string(&mut response)?;
+    let status = response.split(' ').nth(1).and_then(|s| s.parse().ok()).unwrap_or(0);
+    let body = response.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or_default();
+    Ok((status, body))
+}
+
+#[test]
+fn serve_with_qllm_answers_a_chat_completion_over_http() {
+    let port = free_port();
+    let mut args: Vec<String> = vec!["--qllm".into(), "serve".into(), "--host".into(), "127.0.0.1".into()];
+    args.extend(["-p".into(), port.to_string()]);
+    args.extend(model_args(&assets::smollm2()));
+    let server = Server(
+        Command::new(assets::mistralrs_bin())
+            .args(&args)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("server starts"),
+    );
+    let deadline = Instant::now() + Duration::from_secs(180);
+    loop {
+        if let Ok((200, _)) = http(port, "GET", "/health", "") {
+            break;
+        }
+        assert!(Instant::now() < deadline, "server did not become healthy");
+        std::thread::sleep(Duration::from_millis(250));
+    }
+    let body = format!(
+        r#"{{"model":"default","messages":[{{"role":"user","content":"{PARIS_QUESTION}"}}],"max_tokens":16,"temperature":0}}"#
+    );
+    let (status, reply) = http(port, "POST", "/v1/chat/completions", &body).unwrap();
+    drop(server);
+    assert_eq!(status, 200, "{reply}");
+    assert!(reply.contains("Paris"), "{reply}");
+}

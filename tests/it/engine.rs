@@ -1,0 +1,99 @@
+//! Driving mistral.rs's real engine from tests.
+
+use std::path::Path;
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use candle_core::Tensor;
+use mistralrs_core::{
+    ModelDType, ModelSelected, MistralRs, NormalRequest, Request, RequestMessage, Response,
+    SamplingParams, TokenSource,
+};
+use mistralrs_server_core::mistralrs_for_server_builder::MistralRsForServerBuilder;
+
+/// The attention hook is process-wide: tests that load a model or install a
+/// hook take this lock so they do not see each other's hook.
+pub fn engine_lock() -> MutexGuard<'static, ()> {
+    static LOCK: Mutex<()> = Mutex::new(());
+    LOCK.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+pub fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread().enable_all().build().unwrap()
+}
+
+/// Loads a local GGUF through the same builder `mistralrs serve` uses.
+pub async fn load_gguf(file: &Path, dtype: ModelDType) -> Arc<MistralRs> {
+    let dir = file.parent().unwrap().to_string_lossy().to_string();
+    let name = file.file_name().unwrap().to_string_lossy().to_string();
+    MistralRsForServerBuilder::new()
+        .with_model(ModelSelected::GGUF {
+            tok_model_id: None,
+            quantized_model_id: dir,
+            quantized_filename: name,
+            dtype,
+            topology: None,
+            max_seq_len: 4096,
+            max_batch_size: 2,
+        })
+        .with_cpu(true)
+        .with_token_source(TokenSource::None)
+        .with_max_seqs(4)
+        .build()
+        .await
+        .expect("model loads")
+}
+
+/// Logits seen at each sampling step of one request.
+pub type LogitTrace = Arc<Mutex<Vec<Vec<f32>>>>;
+
+/// Runs a token prompt with greedy sampling for `new_tokens` tokens and records
+/// the logits of every step (prompt step first). Tokens in `banned` are never
+/// sampled, so a random model cannot stop early on its EOS token.
+pub async fn generate_tokens(
+    mistralrs: &MistralRs,
+    prompt: Vec<u32>,
+    new_tokens: usize,
+    banned: &[u32],
+) -> Vec<Vec<f32>> {
+    let trace: LogitTrace = Arc::default();
+    let recorder = {
+        let trace = trace.clone();
+        let banned = banned.to_vec();
+        move |logits: &Tensor, _ctx: &[u32]| -> candle_core::Result<Tensor> {
+            let mut values = logits.to_vec1::<f32>()?;
+            trace.lock().unwrap().push(values.clone());
+            for &b in &banned {
+                values[b as usize] = f32::NEG_INFINITY;
+            }
+            Tensor::new(values, logits.device())
+        }
+    };
+    let (tx, mut rx) = tokio::sync::mpsc::channel(256);
+    let params = SamplingParams {
+        max_len: Some(new_tokens),
+        ..SamplingParams::deterministic()
+    };
+    let mut request = NormalRequest::new_simple(
+        RequestMessage::CompletionTokens(prompt),
+        params,
+        tx,
+        mistralrs.next_request_id(),
+        None,
+        None,
+    );
+    request.logits_processors = Some(vec![Arc::new(recorder)]);
+    mistralrs
+        .get_sender(None)
+        .unwrap()
+        .send(Request::Normal(Box::new(request)))
+        .await
+        .unwrap();
+    match rx.recv().await.expect("a response") {
+        Response::CompletionDone(_) => {}
+        Response::InternalError(e) | Response::ValidationError(e) => panic!("request failed: {e}"),
+        Response::CompletionModelError(e, _) => panic!("model error: {e}"),
+        _ => panic!("unexpected response"),
+    }
+    let logits = trace.lock().unwrap().clone();
+    logits
+}

@@ -1,0 +1,69 @@
+//! SmolLM2-135M-Instruct (GGUF Q4_1) through the `dense` hook.
+
+use std::sync::Arc;
+
+use indexmap::IndexMap;
+use mistralrs_core::attention_hook::set_attention_hook;
+use mistralrs_core::{
+    MessageContent, MistralRs, ModelDType, NormalRequest, Request, RequestMessage, Response, SamplingParams,
+};
+use qllm::{QllmConfig, QllmHook};
+
+use crate::assets;
+use crate::engine::{engine_lock, load_gguf, runtime};
+
+pub const PARIS_QUESTION: &str = "What is the capital of France? Answer in one word.";
+
+async fn send(mistralrs: &MistralRs, messages: RequestMessage, max_len: usize) -> String {
+    let (tx, mut rx) = tokio::sync::mpsc::channel(64);
+    let params = SamplingParams {
+        max_len: Some(max_len),
+        ..SamplingParams::deterministic()
+    };
+    let request = NormalRequest::new_simple(messages, params, tx, mistralrs.next_request_id(), None, None);
+    mistralrs.get_sender(None).unwrap().send(Request::Normal(Box::new(request))).await.unwrap();
+    match rx.recv().await.expect("a response") {
+        Response::CompletionDone(done) => done.choices[0].text.clone(),
+        Response::Done(done) => done.choices[0].message.content.clone().unwrap_or_default(),
+        Response::InternalError(e) | Response::ValidationError(e) => panic!("request failed: {e}"),
+        Response::ModelError(e, _) | Response::CompletionModelError(e, _) => panic!("model error: {e}"),
+        _ => panic!("unexpected response"),
+    }
+}
+
+pub fn chat(text: &str) -> RequestMessage {
+    let mut message = IndexMap::new();
+    message.insert("role".to_string(), MessageContent::Left("user".to_string()));
+    message.insert("content".to_string(), MessageContent::Left(text.to_string()));
+    RequestMessage::Chat {
+        messages: vec![message],
+        enable_thinking: None,
+        reasoning_effort: None,
+    }
+}
+
+#[test]
+fn smollm2_through_the_dense_hook_completes_and_answers() {
+    let _guard = engine_lock();
+    let hook = Arc::new(QllmHook::new(QllmConfig::dense()));
+    set_attention_hook(Some(hook.clone()));
+    let rt = runtime();
+    let (fox, paris) = rt.block_on(async {
+        let mistralrs = load_gguf(&assets::smollm2(), ModelDType::Auto).await;
+        let fox = send(
+            &mistralrs,
+            RequestMessage::Completion {
+                text: "The quick brown fox jumps over the lazy".to_string(),
+                echo_prompt: false,
+                best_of: None,
+            },
+            1,
+        )
+        .await;
+        let paris = send(&mistralrs, chat(PARIS_QUESTION), 16).await;
+        (fox, paris)
+    });
+    set_attention_hook(None);
+    assert_eq!(fox, " dog", "top-1 continuation");
+    assert!(paris.contains("Paris"), "answer: {paris:?}");
+}
