@@ -14,13 +14,14 @@ use std::path::PathBuf;
 use anyhow::{bail, Context, Result};
 use either::Either;
 use mistralrs_core::{
-    MistralRs, ModelDType, ModelSelected, NormalRequest, Request, RequestMessage, Response, SamplingParams,
-    TokenSource, TokenizationRequest,
+    MistralRs, ModelDType, ModelSelected, NormalRequest, Request, RequestMessage, Response,
+    SamplingParams, TokenSource, TokenizationRequest,
 };
 use mistralrs_server_core::mistralrs_for_server_builder::MistralRsForServerBuilder;
 
 const INTRO: &str = "There is an important info hidden inside a lot of irrelevant text. Find it and memorize it. I will quiz you about the important information there.\n";
-const FILLER: &str = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again. ";
+const FILLER: &str =
+    "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again. ";
 const QUESTION: &str = "\n\nWhat is the pass key? The pass key is";
 
 struct Args {
@@ -64,7 +65,13 @@ fn list<T: std::str::FromStr>(text: &str) -> Result<Vec<T>>
 where
     T::Err: std::error::Error + Send + Sync + 'static,
 {
-    text.split(',').map(|s| s.trim().parse::<T>().with_context(|| format!("bad list item {s:?}"))).collect()
+    text.split(',')
+        .map(|s| {
+            s.trim()
+                .parse::<T>()
+                .with_context(|| format!("bad list item {s:?}"))
+        })
+        .collect()
 }
 
 async fn count_tokens(mistralrs: &MistralRs, text: &str) -> Result<usize> {
@@ -78,21 +85,36 @@ async fn count_tokens(mistralrs: &MistralRs, text: &str) -> Result<usize> {
         reasoning_effort: None,
         response: tx,
     };
-    mistralrs.get_sender(None)?.send(Request::Tokenize(request)).await?;
+    mistralrs
+        .get_sender(None)?
+        .send(Request::Tokenize(request))
+        .await?;
     Ok(rx.recv().await.context("no tokenizer response")??.len())
 }
 
 /// The prompt with about `target` tokens and the key at `depth` of the filler.
-async fn build_prompt(mistralrs: &MistralRs, target: usize, depth: f64, key: u32) -> Result<String> {
+async fn build_prompt(
+    mistralrs: &MistralRs,
+    target: usize,
+    depth: f64,
+    key: u32,
+) -> Result<String> {
     let needle = format!("The pass key is {key}. Remember it. {key} is the pass key. ");
     let fixed = count_tokens(mistralrs, &format!("{INTRO}{needle}{QUESTION}")).await?;
     let per_filler = count_tokens(mistralrs, &FILLER.repeat(16)).await? as f64 / 16.0;
     let reps = ((target.saturating_sub(fixed)) as f64 / per_filler).round() as usize;
     let at = (reps as f64 * depth).round() as usize;
-    Ok(format!("{INTRO}{}{needle}{}{QUESTION}", FILLER.repeat(at), FILLER.repeat(reps - at)))
+    Ok(format!(
+        "{INTRO}{}{needle}{}{QUESTION}",
+        FILLER.repeat(at),
+        FILLER.repeat(reps - at)
+    ))
 }
 
-async fn complete(mistralrs: &MistralRs, prompt: String) -> Result<(String, mistralrs_core::Usage)> {
+async fn complete(
+    mistralrs: &MistralRs,
+    prompt: String,
+) -> Result<(String, mistralrs_core::Usage)> {
     let (tx, mut rx) = tokio::sync::mpsc::channel(16);
     let params = SamplingParams {
         max_len: Some(8),
@@ -110,7 +132,10 @@ async fn complete(mistralrs: &MistralRs, prompt: String) -> Result<(String, mist
         None,
         None,
     );
-    mistralrs.get_sender(None)?.send(Request::Normal(Box::new(request))).await?;
+    mistralrs
+        .get_sender(None)?
+        .send(Request::Normal(Box::new(request)))
+        .await?;
     match rx.recv().await.context("no response")? {
         Response::CompletionDone(done) => Ok((done.choices[0].text.clone(), done.usage)),
         Response::InternalError(e) | Response::ValidationError(e) => bail!("request failed: {e}"),
@@ -123,7 +148,10 @@ async fn complete(mistralrs: &MistralRs, prompt: String) -> Result<(String, mist
 async fn main() -> Result<()> {
     let args = parse_args()?;
     if !args.model.exists() {
-        bail!("model file {} does not exist (scripts/fetch-assets.sh fetches the default)", args.model.display());
+        bail!(
+            "model file {} does not exist (scripts/fetch-assets.sh fetches the default)",
+            args.model.display()
+        );
     }
     if args.hook {
         qllm::install(args.config.as_deref())?;
@@ -148,7 +176,8 @@ async fn main() -> Result<()> {
     let mut cells = 0;
     for &target in &args.tokens {
         for (i, &depth) in args.depths.iter().enumerate() {
-            let key = 10000 + ((args.seed * 7919 + target as u64 * 31 + i as u64 * 104729) % 90000) as u32;
+            let key = 10000
+                + ((args.seed * 7919 + target as u64 * 31 + i as u64 * 104729) % 90000) as u32;
             let prompt = build_prompt(&mistralrs, target, depth, key).await?;
             let (answer, usage) = complete(&mistralrs, prompt).await?;
             let ok = answer.contains(&key.to_string());
@@ -156,7 +185,10 @@ async fn main() -> Result<()> {
             cells += 1;
             println!(
                 "{mode}\t{}\t{depth}\t{key}\t{ok}\t{:.1}\t{:.1}\t{:?}",
-                usage.prompt_tokens, usage.avg_prompt_tok_per_sec, usage.avg_compl_tok_per_sec, answer
+                usage.prompt_tokens,
+                usage.avg_prompt_tok_per_sec,
+                usage.avg_compl_tok_per_sec,
+                answer
             );
         }
     }

@@ -23,6 +23,7 @@ die() { echo "setup-mistralrs: $*" >&2; exit 1; }
 stamp="$(
   {
     echo "$VERSION"
+    cat "${BASH_SOURCE[0]}"
     for c in "${!CRATE_SHA256[@]}"; do echo "$c ${CRATE_SHA256[$c]}"; done | sort
     cat "$ROOT/patches/series"
     while read -r p; do
@@ -65,12 +66,22 @@ for c in "${!CRATE_SHA256[@]}"; do
   mv "$VENDOR/$c-$VERSION" "$VENDOR/$c"
 done
 
+# A repository of its own: `git apply` inside our checkout would resolve paths
+# against our root and silently skip every file.
+git -C "$VENDOR" init -q
+git -C "$VENDOR" add -A
+git -C "$VENDOR" -c user.name=setup -c user.email=setup@localhost commit -q -m "mistral.rs $VERSION from crates.io"
 while read -r p; do
   [ -n "$p" ] || continue
   [ -f "$ROOT/patches/$p" ] || die "patches/series names $p, which does not exist"
-  (cd "$VENDOR" && git apply --whitespace=nowarn -p1 "$ROOT/patches/$p") ||
+  git -C "$VENDOR" apply --whitespace=error-all "$ROOT/patches/$p" ||
     die "patch $p does not apply to mistral.rs $VERSION"
 done <"$ROOT/patches/series"
+changed="$(git -C "$VENDOR" status --porcelain | wc -l)"
+series_len="$(grep -c . "$ROOT/patches/series" || true)"
+if [ "$series_len" -gt 0 ] && [ "$changed" -eq 0 ]; then
+  die "patches/series lists $series_len patches but nothing changed"
+fi
 
-echo "$stamp" >"$STAMP"
+echo "$stamp" >"$STAMP"  # not committed: the vendor repo only tells patched from pristine
 echo "setup-mistralrs: applied $(grep -c . "$ROOT/patches/series" || true) patches to mistral.rs $VERSION"

@@ -13,7 +13,11 @@ pub fn causal_attention(q: &Tensor, k: &Tensor, v: &Tensor, softmax_scale: f32) 
     let (_, heads, l, d) = q.dims4()?;
     let (_, kv_heads, n, _) = k.dims4()?;
     if heads % kv_heads != 0 || l > n {
-        candle_core::bail!("causal_attention: q {:?} does not fit k {:?}", q.shape(), k.shape());
+        candle_core::bail!(
+            "causal_attention: q {:?} does not fit k {:?}",
+            q.shape(),
+            k.shape()
+        );
     }
     let group = heads / kv_heads;
     let out_dtype = q.dtype();
@@ -24,19 +28,33 @@ pub fn causal_attention(q: &Tensor, k: &Tensor, v: &Tensor, softmax_scale: f32) 
     let scores = (q.matmul(&k.t()?)? * f64::from(softmax_scale))?;
     let scores = if l > 1 {
         let mask = causal_mask(l, n, q.device())?;
-        scores.reshape((kv_heads, group, l, n))?.broadcast_add(&mask)?.reshape((kv_heads, group * l, n))?
+        scores
+            .reshape((kv_heads, group, l, n))?
+            .broadcast_add(&mask)?
+            .reshape((kv_heads, group * l, n))?
     } else {
         scores
     };
     let probs = candle_nn::ops::softmax_last_dim(&scores)?;
-    probs.matmul(&v)?.reshape((1, heads, l, d))?.to_dtype(out_dtype)
+    probs
+        .matmul(&v)?
+        .reshape((1, heads, l, d))?
+        .to_dtype(out_dtype)
 }
 
 /// `(l, n)` additive mask: 0 where query `i` may see key `j`, `-inf` elsewhere.
 fn causal_mask(l: usize, n: usize, device: &candle_core::Device) -> Result<Tensor> {
     let past = n - l;
     let mask: Vec<f32> = (0..l)
-        .flat_map(|i| (0..n).map(move |j| if j <= past + i { 0.0 } else { f32::NEG_INFINITY }))
+        .flat_map(|i| {
+            (0..n).map(move |j| {
+                if j <= past + i {
+                    0.0
+                } else {
+                    f32::NEG_INFINITY
+                }
+            })
+        })
         .collect();
     Tensor::from_vec(mask, (l, n), device)
 }

@@ -123,7 +123,10 @@ mod tests {
     fn negative_and_zero_sizes_are_named() {
         for text in ["prefill_chunk_size = -3", "prefill_chunk_size = 0"] {
             let err = parse(text).unwrap_err();
-            assert!(err.contains("`prefill_chunk_size` must be a positive integer"), "{err}");
+            assert!(
+                err.contains("`prefill_chunk_size` must be a positive integer"),
+                "{err}"
+            );
         }
     }
 

@@ -52,7 +52,11 @@ impl QllmHook {
         let seqs = self.lock();
         MemoryStats {
             sequences: seqs.len(),
-            bytes: seqs.values().flat_map(|s| &s.layers).map(KvBuffer::bytes).sum(),
+            bytes: seqs
+                .values()
+                .flat_map(|s| &s.layers)
+                .map(KvBuffer::bytes)
+                .sum(),
         }
     }
 
@@ -87,7 +91,13 @@ impl QllmHook {
 }
 
 impl AttentionHook for QllmHook {
-    fn attend(&self, ctx: &AttentionHookCtx<'_>, q: &Tensor, k: &Tensor, v: &Tensor) -> Result<Tensor> {
+    fn attend(
+        &self,
+        ctx: &AttentionHookCtx<'_>,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+    ) -> Result<Tensor> {
         let batch = q.dim(0)?;
         if ctx.seq_ids.len() != batch || ctx.seqlen_offsets.len() != batch {
             candle_core::bail!(
@@ -104,7 +114,11 @@ impl AttentionHook for QllmHook {
                 state.layers.resize_with(ctx.num_layers, KvBuffer::default);
             }
             let layer = &mut state.layers[ctx.layer_idx];
-            let (q, k, v) = (q.narrow(0, row, 1)?, k.narrow(0, row, 1)?, v.narrow(0, row, 1)?);
+            let (q, k, v) = (
+                q.narrow(0, row, 1)?,
+                k.narrow(0, row, 1)?,
+                v.narrow(0, row, 1)?,
+            );
             let out = match self.config.mode {
                 Mode::Dense => self.attend_dense(layer, ctx, offset, &q, &k, &v)?,
             };

@@ -58,7 +58,9 @@ impl KvBuffer {
     /// Views of the stored keys and values, `(1, kv_heads, len, d)`.
     pub fn get(&self) -> Result<Option<(Tensor, Tensor)>> {
         match &self.buffers {
-            Some((k, v)) if self.len > 0 => Ok(Some((k.narrow(2, 0, self.len)?, v.narrow(2, 0, self.len)?))),
+            Some((k, v)) if self.len > 0 => {
+                Ok(Some((k.narrow(2, 0, self.len)?, v.narrow(2, 0, self.len)?)))
+            }
             _ => Ok(None),
         }
     }

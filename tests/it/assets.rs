@@ -8,7 +8,11 @@ pub fn root() -> PathBuf {
 
 pub fn smollm2() -> PathBuf {
     let path = root().join("assets/SmolLM2-135M-Instruct.Q4_1.gguf");
-    assert!(path.exists(), "{} is missing: run scripts/fetch-assets.sh", path.display());
+    assert!(
+        path.exists(),
+        "{} is missing: run scripts/fetch-assets.sh",
+        path.display()
+    );
     path
 }
 
@@ -17,6 +21,10 @@ pub fn mistralrs_bin() -> PathBuf {
     let path = std::env::var_os("QLLM_MISTRALRS_BIN")
         .map(PathBuf::from)
         .unwrap_or_else(|| root().join("target/release/mistralrs"));
-    assert!(path.exists(), "{} is missing: run scripts/test.sh (it builds the CLI first)", path.display());
+    assert!(
+        path.exists(),
+        "{} is missing: run scripts/test.sh (it builds the CLI first)",
+        path.display()
+    );
     path
 }

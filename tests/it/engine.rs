@@ -5,7 +5,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 
 use candle_core::Tensor;
 use mistralrs_core::{
-    ModelDType, ModelSelected, MistralRs, NormalRequest, Request, RequestMessage, Response,
+    MistralRs, ModelDType, ModelSelected, NormalRequest, Request, RequestMessage, Response,
     SamplingParams, TokenSource,
 };
 use mistralrs_server_core::mistralrs_for_server_builder::MistralRsForServerBuilder;
@@ -18,7 +18,10 @@ pub fn engine_lock() -> MutexGuard<'static, ()> {
 }
 
 pub fn runtime() -> tokio::runtime::Runtime {
-    tokio::runtime::Builder::new_multi_thread().enable_all().build().unwrap()
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .unwrap()
 }
 
 /// Loads a local GGUF through the same builder `mistralrs serve` uses.

@@ -9,7 +9,9 @@ use candle_core::quantized::{GgmlDType, QTensor};
 use candle_core::{Device, Tensor};
 
 pub const FILE_NAME: &str = "tiny-llama.gguf";
-pub const VOCAB_WORDS: &[&str] = &["▁the", "▁quick", "▁brown", "▁fox", "▁jumps", "▁over", "▁lazy", "▁dog"];
+pub const VOCAB_WORDS: &[&str] = &[
+    "▁the", "▁quick", "▁brown", "▁fox", "▁jumps", "▁over", "▁lazy", "▁dog",
+];
 /// The trained context the file declares.
 pub const CONTEXT_LEN: u32 = 512;
 
@@ -58,14 +60,21 @@ pub fn write(dir: &Path, seed: u64, scale: f32) -> PathBuf {
                 rng ^= rng >> 12;
                 rng ^= rng << 25;
                 rng ^= rng >> 27;
-                let u = (rng.wrapping_mul(0x2545_F491_4F6C_DD1D) >> 40) as f32 / (1u64 << 24) as f32;
+                let u =
+                    (rng.wrapping_mul(0x2545_F491_4F6C_DD1D) >> 40) as f32 / (1u64 << 24) as f32;
                 (u * 2.0 - 1.0) * scale
             })
             .collect();
         let t = Tensor::from_vec(data, shape, &device).unwrap();
         QTensor::quantize(&t, GgmlDType::F32).unwrap()
     };
-    let ones = |n: usize| QTensor::quantize(&Tensor::ones(n, candle_core::DType::F32, &device).unwrap(), GgmlDType::F32).unwrap();
+    let ones = |n: usize| {
+        QTensor::quantize(
+            &Tensor::ones(n, candle_core::DType::F32, &device).unwrap(),
+            GgmlDType::F32,
+        )
+        .unwrap()
+    };
 
     let mut tensors: Vec<(String, QTensor)> = vec![
         ("token_embd.weight".into(), random(&[n_vocab, s.embd], 1.0)),
@@ -76,20 +85,47 @@ pub fn write(dir: &Path, seed: u64, scale: f32) -> PathBuf {
         let p = format!("blk.{l}");
         tensors.push((format!("{p}.attn_norm.weight"), ones(s.embd)));
         tensors.push((format!("{p}.ffn_norm.weight"), ones(s.embd)));
-        tensors.push((format!("{p}.attn_q.weight"), random(&[s.heads * head_dim, s.embd], scale)));
-        tensors.push((format!("{p}.attn_k.weight"), random(&[s.kv_heads * head_dim, s.embd], scale)));
-        tensors.push((format!("{p}.attn_v.weight"), random(&[s.kv_heads * head_dim, s.embd], scale)));
-        tensors.push((format!("{p}.attn_output.weight"), random(&[s.embd, s.heads * head_dim], scale)));
-        tensors.push((format!("{p}.ffn_gate.weight"), random(&[s.ffn, s.embd], scale)));
-        tensors.push((format!("{p}.ffn_up.weight"), random(&[s.ffn, s.embd], scale)));
-        tensors.push((format!("{p}.ffn_down.weight"), random(&[s.embd, s.ffn], scale)));
+        tensors.push((
+            format!("{p}.attn_q.weight"),
+            random(&[s.heads * head_dim, s.embd], scale),
+        ));
+        tensors.push((
+            format!("{p}.attn_k.weight"),
+            random(&[s.kv_heads * head_dim, s.embd], scale),
+        ));
+        tensors.push((
+            format!("{p}.attn_v.weight"),
+            random(&[s.kv_heads * head_dim, s.embd], scale),
+        ));
+        tensors.push((
+            format!("{p}.attn_output.weight"),
+            random(&[s.embd, s.heads * head_dim], scale),
+        ));
+        tensors.push((
+            format!("{p}.ffn_gate.weight"),
+            random(&[s.ffn, s.embd], scale),
+        ));
+        tensors.push((
+            format!("{p}.ffn_up.weight"),
+            random(&[s.ffn, s.embd], scale),
+        ));
+        tensors.push((
+            format!("{p}.ffn_down.weight"),
+            random(&[s.embd, s.ffn], scale),
+        ));
     }
 
     let u32v = |v: usize| Value::U32(v as u32);
     let scores: Vec<Value> = tokens
         .iter()
         .enumerate()
-        .map(|(i, t)| Value::F32(if t.starts_with('▁') { -1.0 } else { -10.0 - i as f32 * 1e-3 }))
+        .map(|(i, t)| {
+            Value::F32(if t.starts_with('▁') {
+                -1.0
+            } else {
+                -10.0 - i as f32 * 1e-3
+            })
+        })
         .collect();
     let types: Vec<Value> = tokens
         .iter()
