@@ -91,12 +91,20 @@ pub async fn generate_tokens(
         .send(Request::Normal(Box::new(request)))
         .await
         .unwrap();
+    final_text(&mut rx).await;
+    trace.lock().unwrap().clone()
+}
+
+/// Waits for the final response of a request and returns its text; panics
+/// with the engine's message on any error.
+pub async fn final_text(rx: &mut tokio::sync::mpsc::Receiver<Response>) -> String {
     match rx.recv().await.expect("a response") {
-        Response::CompletionDone(_) => {}
+        Response::CompletionDone(done) => done.choices[0].text.clone(),
+        Response::Done(done) => done.choices[0].message.content.clone().unwrap_or_default(),
         Response::InternalError(e) | Response::ValidationError(e) => panic!("request failed: {e}"),
-        Response::CompletionModelError(e, _) => panic!("model error: {e}"),
+        Response::ModelError(e, _) | Response::CompletionModelError(e, _) => {
+            panic!("model error: {e}")
+        }
         _ => panic!("unexpected response"),
     }
-    let logits = trace.lock().unwrap().clone();
-    logits
 }

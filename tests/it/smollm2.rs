@@ -5,13 +5,12 @@ use std::sync::Arc;
 use indexmap::IndexMap;
 use mistralrs_core::attention_hook::set_attention_hook;
 use mistralrs_core::{
-    MessageContent, MistralRs, ModelDType, NormalRequest, Request, RequestMessage, Response,
-    SamplingParams,
+    MessageContent, MistralRs, ModelDType, NormalRequest, Request, RequestMessage, SamplingParams,
 };
 use qllm::{QllmConfig, QllmHook};
 
 use crate::assets;
-use crate::engine::{engine_lock, load_gguf, runtime};
+use crate::engine::{engine_lock, final_text, load_gguf, runtime};
 
 pub const PARIS_QUESTION: &str = "What is the capital of France? Answer in one word.";
 
@@ -35,15 +34,7 @@ async fn send(mistralrs: &MistralRs, messages: RequestMessage, max_len: usize) -
         .send(Request::Normal(Box::new(request)))
         .await
         .unwrap();
-    match rx.recv().await.expect("a response") {
-        Response::CompletionDone(done) => done.choices[0].text.clone(),
-        Response::Done(done) => done.choices[0].message.content.clone().unwrap_or_default(),
-        Response::InternalError(e) | Response::ValidationError(e) => panic!("request failed: {e}"),
-        Response::ModelError(e, _) | Response::CompletionModelError(e, _) => {
-            panic!("model error: {e}")
-        }
-        _ => panic!("unexpected response"),
-    }
+    final_text(&mut rx).await
 }
 
 pub fn chat(text: &str) -> RequestMessage {
