@@ -92,7 +92,8 @@ pub async fn generate_tokens(
         .await
         .unwrap();
     final_text(&mut rx).await;
-    trace.lock().unwrap().clone()
+    let logits = trace.lock().unwrap().clone();
+    logits
 }
 
 /// Waits for the final response of a request and returns its text; panics
