@@ -83,5 +83,5 @@ if [ "$series_len" -gt 0 ] && [ "$changed" -eq 0 ]; then
   die "patches/series lists $series_len patches but nothing changed"
 fi
 
-echo "$stamp" >"$STAMP"  # not committed: the vendor repo only tells patched from pristine
+echo "$stamp" >"$STAMP"
 echo "setup-mistralrs: applied $(grep -c . "$ROOT/patches/series" || true) patches to mistral.rs $VERSION"

@@ -1,6 +1,29 @@
 //! Attention math in f32, whatever the model's dtype.
 
-use candle_core::{DType, Result, Tensor};
+use std::sync::Mutex;
+
+use candle_core::{DType, Device, Result, Tensor};
+
+/// The last causal mask built, keyed by its `(l, n)` shape: every layer of a
+/// step needs the same one, so it is built once per step, not once per layer.
+#[derive(Debug, Default)]
+pub struct CausalMasks(Mutex<Option<(usize, usize, Tensor)>>);
+
+impl CausalMasks {
+    /// The `(l, n)` additive mask: 0 where query `i` may see key `j`, `-inf`
+    /// elsewhere, for queries that are the last `l` of `n` positions.
+    pub fn get(&self, l: usize, n: usize, device: &Device) -> Result<Tensor> {
+        let mut cached = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some((cl, cn, mask)) = cached.as_ref() {
+            if (*cl, *cn) == (l, n) {
+                return Ok(mask.clone());
+            }
+        }
+        let mask = causal_mask(l, n, device)?;
+        *cached = Some((l, n, mask.clone()));
+        Ok(mask)
+    }
+}
 
 /// Causal attention of one sequence.
 ///
@@ -9,7 +32,13 @@ use candle_core::{DType, Result, Tensor};
 /// `0..=n - l + i`. Grouped-query attention maps query head `h` to key head
 /// `h / (heads / kv_heads)` without repeating `k` or `v`. Scores, softmax
 /// and sums are f32; the result has `q`'s dtype and shape.
-pub fn causal_attention(q: &Tensor, k: &Tensor, v: &Tensor, softmax_scale: f32) -> Result<Tensor> {
+pub fn causal_attention(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    softmax_scale: f32,
+    masks: &CausalMasks,
+) -> Result<Tensor> {
     let (_, heads, l, d) = q.dims4()?;
     let (_, kv_heads, n, _) = k.dims4()?;
     if heads % kv_heads != 0 || l > n {
@@ -27,7 +56,7 @@ pub fn causal_attention(q: &Tensor, k: &Tensor, v: &Tensor, softmax_scale: f32) 
     let v = v.to_dtype(DType::F32)?.squeeze(0)?;
     let scores = (q.matmul(&k.t()?)? * f64::from(softmax_scale))?;
     let scores = if l > 1 {
-        let mask = causal_mask(l, n, q.device())?;
+        let mask = masks.get(l, n, q.device())?;
         scores
             .reshape((kv_heads, group, l, n))?
             .broadcast_add(&mask)?
@@ -42,8 +71,7 @@ pub fn causal_attention(q: &Tensor, k: &Tensor, v: &Tensor, softmax_scale: f32) 
         .to_dtype(out_dtype)
 }
 
-/// `(l, n)` additive mask: 0 where query `i` may see key `j`, `-inf` elsewhere.
-fn causal_mask(l: usize, n: usize, device: &candle_core::Device) -> Result<Tensor> {
+fn causal_mask(l: usize, n: usize, device: &Device) -> Result<Tensor> {
     let past = n - l;
     let mask: Vec<f32> = (0..l)
         .flat_map(|i| {

@@ -6,7 +6,7 @@ use std::sync::{Mutex, MutexGuard};
 use candle_core::{Result, Tensor};
 use mistralrs_core::attention_hook::{AttentionHook, AttentionHookCtx};
 
-use crate::attention::causal_attention;
+use crate::attention::{causal_attention, CausalMasks};
 use crate::config::{Mode, QllmConfig};
 use crate::kv::KvBuffer;
 
@@ -31,6 +31,7 @@ pub struct MemoryStats {
 pub struct QllmHook {
     config: QllmConfig,
     seqs: Mutex<HashMap<usize, SeqState>>,
+    masks: CausalMasks,
 }
 
 impl QllmHook {
@@ -39,6 +40,7 @@ impl QllmHook {
         Self {
             config,
             seqs: Mutex::new(HashMap::new()),
+            masks: CausalMasks::default(),
         }
     }
 
@@ -86,7 +88,7 @@ impl QllmHook {
         let (q, k) = ctx.rope.forward(q, k, &[offset])?;
         state.append(&k, v)?;
         let (k, v) = state.get()?.expect("appended above");
-        causal_attention(&q, &k, &v, ctx.softmax_scale)
+        causal_attention(&q, &k, &v, ctx.softmax_scale, &self.masks)
     }
 }
 

@@ -5,8 +5,8 @@ use std::sync::{Arc, Mutex, MutexGuard};
 
 use candle_core::Tensor;
 use mistralrs_core::{
-    MistralRs, ModelDType, ModelSelected, NormalRequest, Request, RequestMessage, Response,
-    SamplingParams, TokenSource,
+    CustomLogitsProcessor, MistralRs, ModelDType, ModelSelected, NormalRequest, Request,
+    RequestMessage, Response, SamplingParams, TokenSource,
 };
 use mistralrs_server_core::mistralrs_for_server_builder::MistralRsForServerBuilder;
 
@@ -46,9 +46,6 @@ pub async fn load_gguf(file: &Path, dtype: ModelDType) -> Arc<MistralRs> {
         .expect("model loads")
 }
 
-/// Logits seen at each sampling step of one request.
-pub type LogitTrace = Arc<Mutex<Vec<Vec<f32>>>>;
-
 /// Runs a token prompt with greedy sampling for `new_tokens` tokens and records
 /// the logits of every step (prompt step first). Tokens in `banned` are never
 /// sampled, so a random model cannot stop early on its EOS token.
@@ -58,7 +55,7 @@ pub async fn generate_tokens(
     new_tokens: usize,
     banned: &[u32],
 ) -> Vec<Vec<f32>> {
-    let trace: LogitTrace = Arc::default();
+    let trace = Arc::new(Mutex::new(Vec::<Vec<f32>>::new()));
     let recorder = {
         let trace = trace.clone();
         let banned = banned.to_vec();
@@ -71,34 +68,51 @@ pub async fn generate_tokens(
             Tensor::new(values, logits.device())
         }
     };
+    greedy(
+        mistralrs,
+        RequestMessage::CompletionTokens(prompt),
+        new_tokens,
+        vec![Arc::new(recorder)],
+    )
+    .await;
+    let logits = trace.lock().unwrap().clone();
+    logits
+}
+
+/// Sends a request with greedy sampling for at most `max_len` tokens and
+/// returns the generated text.
+pub async fn greedy(
+    mistralrs: &MistralRs,
+    messages: RequestMessage,
+    max_len: usize,
+    logits_processors: Vec<Arc<dyn CustomLogitsProcessor>>,
+) -> String {
     let (tx, mut rx) = tokio::sync::mpsc::channel(256);
     let params = SamplingParams {
-        max_len: Some(new_tokens),
+        max_len: Some(max_len),
         ..SamplingParams::deterministic()
     };
     let mut request = NormalRequest::new_simple(
-        RequestMessage::CompletionTokens(prompt),
+        messages,
         params,
         tx,
         mistralrs.next_request_id(),
         None,
         None,
     );
-    request.logits_processors = Some(vec![Arc::new(recorder)]);
+    request.logits_processors = Some(logits_processors);
     mistralrs
         .get_sender(None)
         .unwrap()
         .send(Request::Normal(Box::new(request)))
         .await
         .unwrap();
-    final_text(&mut rx).await;
-    let logits = trace.lock().unwrap().clone();
-    logits
+    final_text(&mut rx).await
 }
 
 /// Waits for the final response of a request and returns its text; panics
 /// with the engine's message on any error.
-pub async fn final_text(rx: &mut tokio::sync::mpsc::Receiver<Response>) -> String {
+async fn final_text(rx: &mut tokio::sync::mpsc::Receiver<Response>) -> String {
     match rx.recv().await.expect("a response") {
         Response::CompletionDone(done) => done.choices[0].text.clone(),
         Response::Done(done) => done.choices[0].message.content.clone().unwrap_or_default(),

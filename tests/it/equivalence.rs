@@ -7,7 +7,7 @@ use candle_core::{Result, Tensor};
 use mistralrs_core::attention_hook::{
     set_attention_hook, AttentionHook, AttentionHookCtx, StepSequence,
 };
-use mistralrs_core::ModelDType;
+use mistralrs_core::{MistralRs, ModelDType};
 use qllm::{QllmConfig, QllmHook};
 
 use crate::engine::{engine_lock, generate_tokens, load_gguf, runtime};
@@ -56,7 +56,8 @@ fn prompts() -> [Vec<u32>; 2] {
 
 /// With `together`, both prompts at the same time: the shorter one catches up
 /// and the two then decode in one batch. Otherwise one after the other.
-async fn run_pair(file: &std::path::Path, together: bool) -> Vec<Vec<Vec<f32>>> {
+/// Returns the engine too, so callers can inspect it while it still runs.
+async fn run_pair(file: &std::path::Path, together: bool) -> (Arc<MistralRs>, Vec<Vec<Vec<f32>>>) {
     let mistralrs = load_gguf(file, ModelDType::F32).await;
     let [a, b] = prompts();
     let (la, lb) = if together {
@@ -71,7 +72,7 @@ async fn run_pair(file: &std::path::Path, together: bool) -> Vec<Vec<Vec<f32>>> 
             generate_tokens(&mistralrs, b, DECODE_STEPS + 1, &[EOS]).await,
         )
     };
-    vec![la, lb]
+    (mistralrs, vec![la, lb])
 }
 
 fn max_abs_diff(a: &[Vec<Vec<f32>>], b: &[Vec<Vec<f32>>]) -> f32 {
@@ -98,7 +99,7 @@ fn dense_hook_matches_builtin_attention_for_a_batch_of_two() {
     // decode of sequences with different histories does not reproduce its
     // single-sequence logits on CPU, so it cannot serve as the oracle.
     set_attention_hook(None);
-    let reference = rt.block_on(run_pair(&file, false));
+    let (_, reference) = rt.block_on(run_pair(&file, false));
     assert_eq!(reference[0].len(), DECODE_STEPS + 1);
     assert_eq!(reference[1].len(), DECODE_STEPS + 1);
 
@@ -112,8 +113,7 @@ fn dense_hook_matches_builtin_attention_for_a_batch_of_two() {
         max_rows: AtomicUsize::new(0),
     });
     set_attention_hook(Some(hook.clone()));
-    let hooked = rt.block_on(run_pair(&file, true));
-    set_attention_hook(None);
+    let (engine, hooked) = rt.block_on(run_pair(&file, true));
 
     let diff = max_abs_diff(&reference, &hooked);
     assert!(diff <= 1e-4, "max abs logit difference {diff}");
@@ -126,7 +126,8 @@ fn dense_hook_matches_builtin_attention_for_a_batch_of_two() {
     let spread = reference[0][0].iter().fold(f32::MIN, |m, &x| m.max(x))
         - reference[0][0].iter().fold(f32::MAX, |m, &x| m.min(x));
     assert!(spread > 1.0, "logit spread {spread}");
-    // Finished sequences are dropped by the engine's next scheduling pass.
+    // Finished sequences are dropped by the running engine's next scheduling
+    // pass; that is when their state must go.
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
     while hook.inner.memory_stats().sequences != 0 && std::time::Instant::now() < deadline {
         std::thread::sleep(std::time::Duration::from_millis(20));
@@ -136,4 +137,6 @@ fn dense_hook_matches_builtin_attention_for_a_batch_of_two() {
         0,
         "state of finished sequences was not freed"
     );
+    rt.block_on(async move { drop(engine) });
+    set_attention_hook(None);
 }

@@ -4,38 +4,13 @@ use std::sync::Arc;
 
 use indexmap::IndexMap;
 use mistralrs_core::attention_hook::set_attention_hook;
-use mistralrs_core::{
-    MessageContent, MistralRs, ModelDType, NormalRequest, Request, RequestMessage, SamplingParams,
-};
+use mistralrs_core::{MessageContent, ModelDType, RequestMessage};
 use qllm::{QllmConfig, QllmHook};
 
 use crate::assets;
-use crate::engine::{engine_lock, final_text, load_gguf, runtime};
+use crate::engine::{engine_lock, greedy, load_gguf, runtime};
 
 pub const PARIS_QUESTION: &str = "What is the capital of France? Answer in one word.";
-
-async fn send(mistralrs: &MistralRs, messages: RequestMessage, max_len: usize) -> String {
-    let (tx, mut rx) = tokio::sync::mpsc::channel(64);
-    let params = SamplingParams {
-        max_len: Some(max_len),
-        ..SamplingParams::deterministic()
-    };
-    let request = NormalRequest::new_simple(
-        messages,
-        params,
-        tx,
-        mistralrs.next_request_id(),
-        None,
-        None,
-    );
-    mistralrs
-        .get_sender(None)
-        .unwrap()
-        .send(Request::Normal(Box::new(request)))
-        .await
-        .unwrap();
-    final_text(&mut rx).await
-}
 
 pub fn chat(text: &str) -> RequestMessage {
     let mut message = IndexMap::new();
@@ -59,7 +34,7 @@ fn smollm2_through_the_dense_hook_completes_and_answers() {
     let rt = runtime();
     let (fox, paris) = rt.block_on(async {
         let mistralrs = load_gguf(&assets::smollm2(), ModelDType::Auto).await;
-        let fox = send(
+        let fox = greedy(
             &mistralrs,
             RequestMessage::Completion {
                 text: "The quick brown fox jumps over the lazy".to_string(),
@@ -67,9 +42,10 @@ fn smollm2_through_the_dense_hook_completes_and_answers() {
                 best_of: None,
             },
             1,
+            vec![],
         )
         .await;
-        let paris = send(&mistralrs, chat(PARIS_QUESTION), 16).await;
+        let paris = greedy(&mistralrs, chat(PARIS_QUESTION), 16, vec![]).await;
         (fox, paris)
     });
     set_attention_hook(None);
