@@ -1,12 +1,14 @@
-//! Passkey retrieval through mistral.rs with the Q-LLM hook.
+//! Passkey retrieval through mistral.rs, with or without the Q-LLM hook.
 //!
-//! A 5-digit key is hidden at several depths of a long filler text; the model
-//! is asked to repeat it. Prints one line per (length, depth) with the answer,
-//! prefill and decode speed.
+//! A 5-digit key is hidden at several depths of a long filler text
+//! ([`qllm::passkey`]); the model completes "The pass key is". Prints one
+//! line per (length, depth) with the answer, prefill and decode speed, then
+//! the process's peak resident memory.
 //!
 //! ```text
 //! cargo run --release --example passkey -- --model assets/SmolLM2-135M-Instruct.Q4_1.gguf \
-//!     --tokens 1024,4096 --depths 0.1,0.5,0.9 [--config qllm.toml] [--no-hook]
+//!     --tokens 1024,4096 --depths 0.1,0.5,0.9 [--mode qllm|infllm|streaming|dense|upstream] \
+//!     [--preset 512|1k|2k|infllm] [--config qllm.toml] [--dtype f32|bf16|auto]
 //! ```
 
 use std::path::PathBuf;
@@ -18,18 +20,16 @@ use mistralrs_core::{
     SamplingParams, TokenSource, TokenizationRequest,
 };
 use mistralrs_server_core::mistralrs_for_server_builder::MistralRsForServerBuilder;
-
-const INTRO: &str = "There is an important info hidden inside a lot of irrelevant text. Find it and memorize it. I will quiz you about the important information there.\n";
-const FILLER: &str =
-    "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again. ";
-const QUESTION: &str = "\n\nWhat is the pass key? The pass key is";
+use qllm::{passkey, ConfigFile};
 
 struct Args {
     model: PathBuf,
     tokens: Vec<usize>,
     depths: Vec<f64>,
     config: Option<PathBuf>,
-    hook: bool,
+    mode: String,
+    preset: Option<String>,
+    dtype: ModelDType,
     seed: u64,
 }
 
@@ -39,7 +39,9 @@ fn parse_args() -> Result<Args> {
         tokens: vec![4096],
         depths: vec![0.1, 0.5, 0.9],
         config: None,
-        hook: true,
+        mode: "qllm".into(),
+        preset: None,
+        dtype: ModelDType::F32,
         seed: 1,
     };
     let mut it = std::env::args().skip(1);
@@ -50,8 +52,18 @@ fn parse_args() -> Result<Args> {
             "--tokens" => args.tokens = list(&value()?)?,
             "--depths" => args.depths = list(&value()?)?,
             "--config" => args.config = Some(value()?.into()),
+            "--mode" => args.mode = value()?,
+            "--preset" => args.preset = Some(value()?),
+            "--dtype" => {
+                args.dtype = match value()?.as_str() {
+                    "f32" => ModelDType::F32,
+                    "bf16" => ModelDType::BF16,
+                    "f16" => ModelDType::F16,
+                    "auto" => ModelDType::Auto,
+                    other => bail!("--dtype: unknown dtype {other} (f32, bf16, f16, auto)"),
+                }
+            }
             "--seed" => args.seed = value()?.parse()?,
-            "--no-hook" => args.hook = false,
             other => bail!("unknown argument {other}"),
         }
     }
@@ -74,7 +86,20 @@ where
         .collect()
 }
 
-async fn count_tokens(mistralrs: &MistralRs, text: &str) -> Result<usize> {
+/// The hook's config: the file (if any), then `--mode` and `--preset`.
+fn hook_config(args: &Args) -> Result<qllm::QllmConfig> {
+    let mut file = match &args.config {
+        Some(path) => ConfigFile::load(path)?,
+        None => ConfigFile::default(),
+    };
+    file.mode = Some(args.mode.parse().map_err(anyhow::Error::msg).context("--mode")?);
+    if let Some(preset) = &args.preset {
+        file.preset = Some(preset.parse().map_err(anyhow::Error::msg).context("--preset")?);
+    }
+    Ok(file.resolve()?)
+}
+
+async fn tokenize(mistralrs: &MistralRs, text: &str) -> Result<Vec<u32>> {
     let (tx, mut rx) = tokio::sync::mpsc::channel(1);
     let request = TokenizationRequest {
         text: Either::Right(text.to_string()),
@@ -89,32 +114,23 @@ async fn count_tokens(mistralrs: &MistralRs, text: &str) -> Result<usize> {
         .get_sender(None)?
         .send(Request::Tokenize(request))
         .await?;
-    Ok(rx.recv().await.context("no tokenizer response")??.len())
+    rx.recv().await.context("no tokenizer response")?
 }
 
-/// The prompt with about `target` tokens and the key at `depth` of the filler.
-async fn build_prompt(
-    mistralrs: &MistralRs,
-    target: usize,
-    depth: f64,
-    key: u32,
-) -> Result<String> {
-    let needle = format!("The pass key is {key}. Remember it. {key} is the pass key. ");
-    let fixed = count_tokens(mistralrs, &format!("{INTRO}{needle}{QUESTION}")).await?;
-    let per_filler = count_tokens(mistralrs, &FILLER.repeat(16)).await? as f64 / 16.0;
-    let reps = ((target.saturating_sub(fixed)) as f64 / per_filler).round() as usize;
-    let at = (reps as f64 * depth).round() as usize;
-    Ok(format!(
-        "{INTRO}{}{needle}{}{QUESTION}",
-        FILLER.repeat(at),
-        FILLER.repeat(reps - at)
+/// The prompt with about `target` tokens and the key at `depth`.
+async fn build_prompt(mistralrs: &MistralRs, target: usize, depth: f64, key: u32) -> Result<String> {
+    let fixed = tokenize(mistralrs, &passkey::fixed_text(key)).await?.len();
+    let units = 64;
+    #[allow(clippy::cast_precision_loss)]
+    let per_unit = tokenize(mistralrs, &passkey::FILLER.repeat(units)).await?.len() as f64 / units as f64;
+    Ok(passkey::prompt(
+        passkey::filler_units_for(target, fixed, per_unit),
+        depth,
+        key,
     ))
 }
 
-async fn complete(
-    mistralrs: &MistralRs,
-    prompt: String,
-) -> Result<(String, mistralrs_core::Usage)> {
+async fn complete(mistralrs: &MistralRs, prompt: String) -> Result<(String, mistralrs_core::Usage)> {
     let (tx, mut rx) = tokio::sync::mpsc::channel(16);
     let params = SamplingParams {
         max_len: Some(8),
@@ -144,6 +160,14 @@ async fn complete(
     }
 }
 
+/// Peak resident memory of this process, from `/proc/self/status`.
+fn peak_rss_mib() -> Option<f64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let kib: f64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib / 1024.0)
+}
+
 #[tokio::main]
 async fn main() -> Result<()> {
     let args = parse_args()?;
@@ -153,15 +177,17 @@ async fn main() -> Result<()> {
             args.model.display()
         );
     }
-    if args.hook {
-        qllm::install(args.config.as_deref())?;
-    }
+    let hook = if args.mode == "upstream" {
+        None
+    } else {
+        Some(qllm::install_config(hook_config(&args)?))
+    };
     let mistralrs = MistralRsForServerBuilder::new()
         .with_model(ModelSelected::GGUF {
             tok_model_id: None,
             quantized_model_id: args.model.parent().unwrap().to_string_lossy().into(),
             quantized_filename: args.model.file_name().unwrap().to_string_lossy().into(),
-            dtype: ModelDType::Auto,
+            dtype: args.dtype,
             topology: None,
             max_seq_len: 4096,
             max_batch_size: 1,
@@ -170,21 +196,29 @@ async fn main() -> Result<()> {
         .with_token_source(TokenSource::None)
         .build()
         .await?;
-    let mode = if args.hook { "hook" } else { "upstream" };
+    if let Some(hook) = &hook {
+        hook.set_question(Some(tokenize(&mistralrs, passkey::QUESTION).await?));
+    }
     println!("mode\ttokens\tdepth\tkey\tfound\tprefill_tok_s\tdecode_tok_s\tanswer");
     let mut found = 0;
     let mut cells = 0;
     for &target in &args.tokens {
-        for (i, &depth) in args.depths.iter().enumerate() {
-            let key = 10000
-                + ((args.seed * 7919 + target as u64 * 31 + i as u64 * 104729) % 90000) as u32;
+        for &depth in &args.depths {
+            let key = passkey::key(args.seed, cells);
+            cells += 1;
             let prompt = build_prompt(&mistralrs, target, depth, key).await?;
-            let (answer, usage) = complete(&mistralrs, prompt).await?;
+            let (answer, usage) = match complete(&mistralrs, prompt).await {
+                Ok(done) => done,
+                Err(e) => {
+                    println!("{}\t{target}\t{depth}\t{key}\terror\t\t\t{e}", args.mode);
+                    continue;
+                }
+            };
             let ok = answer.contains(&key.to_string());
             found += usize::from(ok);
-            cells += 1;
             println!(
-                "{mode}\t{}\t{depth}\t{key}\t{ok}\t{:.1}\t{:.1}\t{:?}",
+                "{}\t{}\t{depth}\t{key}\t{ok}\t{:.1}\t{:.1}\t{:?}",
+                args.mode,
                 usage.prompt_tokens,
                 usage.avg_prompt_tok_per_sec,
                 usage.avg_compl_tok_per_sec,
@@ -193,5 +227,8 @@ async fn main() -> Result<()> {
         }
     }
     println!("found {found}/{cells}");
+    if let Some(mib) = peak_rss_mib() {
+        println!("peak_rss_mib\t{mib:.0}");
+    }
     Ok(())
 }

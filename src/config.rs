@@ -2,7 +2,9 @@
 //! validated [`QllmConfig`] that the hook reads.
 
 use std::path::Path;
+use std::str::FromStr;
 
+use serde::de::IntoDeserializer;
 use serde::Deserialize;
 
 use crate::error::{Error, Result};
@@ -11,8 +13,66 @@ use crate::error::{Error, Result};
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Mode {
+    /// Q-LLM: block memory retrieved by the current queries plus the
+    /// question.
+    Qllm,
+    /// InfLLM: the same block memory, retrieved by the current queries only.
+    Infllm,
+    /// StreamingLLM-style: attention sinks plus the local window; evicted
+    /// tokens are dropped, no memory blocks.
+    Streaming,
     /// Full causal attention over a KV store kept by the hook.
     Dense,
+}
+
+impl Mode {
+    /// Whether evicted tokens are kept as retrievable blocks.
+    pub fn keeps_blocks(self) -> bool {
+        matches!(self, Mode::Qllm | Mode::Infllm)
+    }
+
+    /// Whether the question steers retrieval.
+    pub fn uses_question(self) -> bool {
+        self == Mode::Qllm
+    }
+}
+
+/// Budgets of the Q-LLM paper's released configs (`n_local + topk *
+/// block_size` keys besides the sinks), and InfLLM's own default.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+pub enum Preset {
+    /// `n_local` 256, 4 blocks of 64, execution blocks of 256.
+    #[serde(rename = "512")]
+    Budget512,
+    /// `n_local` 512, 8 blocks of 64, execution blocks of 512.
+    #[serde(rename = "1k")]
+    Budget1k,
+    /// `n_local` 1024, 8 blocks of 128, execution blocks of 512.
+    #[serde(rename = "2k")]
+    Budget2k,
+    /// InfLLM's repository default: `n_local` 4096, 16 blocks of 128.
+    #[serde(rename = "infllm")]
+    InfllmDefault,
+}
+
+/// Parses a config file's string value, e.g. `"qllm"` or `"1k"`.
+fn from_config_str<T: for<'de> Deserialize<'de>>(s: &str) -> std::result::Result<T, String> {
+    T::deserialize(s.into_deserializer())
+        .map_err(|e: serde::de::value::Error| e.to_string())
+}
+
+impl FromStr for Mode {
+    type Err = String;
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        from_config_str(s)
+    }
+}
+
+impl FromStr for Preset {
+    type Err = String;
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        from_config_str(s)
+    }
 }
 
 /// Validated settings the hook runs with.
@@ -20,8 +80,26 @@ pub enum Mode {
 pub struct QllmConfig {
     /// The attention policy.
     pub mode: Mode,
+    /// Attention sinks: the first tokens of a sequence, always attended.
+    pub n_init: usize,
+    /// Local window: each query attends its last `n_local` tokens with exact
+    /// relative positions.
+    pub n_local: usize,
+    /// Tokens per memory block.
+    pub block_size: usize,
+    /// Prompt tokens that share one retrieval.
+    pub exc_block_size: usize,
+    /// Memory blocks retrieved per execution block and layer.
+    pub topk: usize,
+    /// Most-attended tokens averaged into a block's representative key.
+    pub repr_topk: usize,
+    /// Weight of the question vector in the retrieval score.
+    pub question_weight: f32,
     /// Prompts longer than this are fed to the model in chunks of this size.
     pub prefill_chunk_size: usize,
+    /// Longest prompt accepted (replaces the model's own limit; not in
+    /// `dense` mode, which keeps it).
+    pub max_context_len: usize,
 }
 
 impl QllmConfig {
@@ -29,23 +107,78 @@ impl QllmConfig {
     pub fn dense() -> Self {
         Self {
             mode: Mode::Dense,
-            prefill_chunk_size: 512,
+            ..Self::preset(Preset::Budget1k)
         }
+    }
+
+    /// Q-LLM with one of the paper's budgets.
+    pub fn preset(preset: Preset) -> Self {
+        let (n_local, block_size, topk, exc_block_size) = match preset {
+            Preset::Budget512 => (256, 64, 4, 256),
+            Preset::Budget1k => (512, 64, 8, 512),
+            Preset::Budget2k => (1024, 128, 8, 512),
+            Preset::InfllmDefault => (4096, 128, 16, 512),
+        };
+        Self {
+            mode: Mode::Qllm,
+            n_init: 128,
+            n_local,
+            block_size,
+            exc_block_size,
+            topk,
+            repr_topk: 4,
+            question_weight: 1.0,
+            prefill_chunk_size: 512,
+            max_context_len: 1 << 20,
+        }
+    }
+
+    /// Checks the values against each other.
+    pub fn validate(&self) -> Result<()> {
+        let invalid = |key, reason: String| Err(Error::InvalidConfig { key, reason });
+        if self.exc_block_size > self.n_local {
+            return invalid(
+                "exc_block_size",
+                format!(
+                    "({}) must not exceed `n_local` ({})",
+                    self.exc_block_size, self.n_local
+                ),
+            );
+        }
+        if self.repr_topk > self.block_size {
+            return invalid(
+                "repr_topk",
+                format!(
+                    "({}) must not exceed `block_size` ({})",
+                    self.repr_topk, self.block_size
+                ),
+            );
+        }
+        if !self.question_weight.is_finite() || self.question_weight < 0.0 {
+            return invalid(
+                "question_weight",
+                format!(
+                    "must be a finite number >= 0, got {}",
+                    self.question_weight
+                ),
+            );
+        }
+        Ok(())
     }
 }
 
 impl Default for QllmConfig {
     fn default() -> Self {
-        Self::dense()
+        Self::preset(Preset::Budget1k)
     }
 }
 
 /// The config file as written: every key optional, unknown keys rejected.
 ///
 /// ```
-/// let file: qllm::ConfigFile = toml::from_str("mode = \"dense\"\nprefill_chunk_size = 256")?;
+/// let file: qllm::ConfigFile = toml::from_str("preset = \"512\"\ntopk = 6")?;
 /// let config = file.resolve()?;
-/// assert_eq!(config.prefill_chunk_size, 256);
+/// assert_eq!((config.n_local, config.topk), (256, 6));
 /// # Ok::<(), Box<dyn std::error::Error>>(())
 /// ```
 #[derive(Debug, Clone, Default, Deserialize)]
@@ -53,9 +186,28 @@ impl Default for QllmConfig {
 pub struct ConfigFile {
     /// See [`QllmConfig::mode`].
     pub mode: Option<Mode>,
-    /// See [`QllmConfig::prefill_chunk_size`]. Signed so that a negative value
-    /// gets a message naming the key rather than a type error.
+    /// Starting point for the sizes below; `1k` when absent.
+    pub preset: Option<Preset>,
+    // Sizes are signed so that a negative value gets a message naming the
+    // key rather than a type error.
+    /// See [`QllmConfig::n_init`].
+    pub n_init: Option<i64>,
+    /// See [`QllmConfig::n_local`].
+    pub n_local: Option<i64>,
+    /// See [`QllmConfig::block_size`].
+    pub block_size: Option<i64>,
+    /// See [`QllmConfig::exc_block_size`].
+    pub exc_block_size: Option<i64>,
+    /// See [`QllmConfig::topk`].
+    pub topk: Option<i64>,
+    /// See [`QllmConfig::repr_topk`].
+    pub repr_topk: Option<i64>,
+    /// See [`QllmConfig::question_weight`].
+    pub question_weight: Option<f64>,
+    /// See [`QllmConfig::prefill_chunk_size`].
     pub prefill_chunk_size: Option<i64>,
+    /// See [`QllmConfig::max_context_len`].
+    pub max_context_len: Option<i64>,
 }
 
 impl ConfigFile {
@@ -71,32 +223,76 @@ impl ConfigFile {
         })
     }
 
-    /// Fills defaults and validates every value.
+    /// Fills defaults from the preset and validates every value.
     pub fn resolve(&self) -> Result<QllmConfig> {
-        let defaults = QllmConfig::default();
-        Ok(QllmConfig {
-            mode: self.mode.unwrap_or(defaults.mode),
-            prefill_chunk_size: positive(
+        let base = QllmConfig::preset(self.preset.unwrap_or(Preset::Budget1k));
+        #[allow(clippy::cast_possible_truncation)] // Range-checked just before.
+        let question_weight = match self.question_weight {
+            None => base.question_weight,
+            Some(w) if w.is_finite() && (0.0..=1e6).contains(&w) => w as f32,
+            Some(w) => {
+                return Err(Error::InvalidConfig {
+                    key: "question_weight",
+                    reason: format!("must be a number in [0, 1e6], got {w}"),
+                })
+            }
+        };
+        let config = QllmConfig {
+            mode: self.mode.unwrap_or(base.mode),
+            n_init: size("n_init", self.n_init, base.n_init, 0)?,
+            n_local: size("n_local", self.n_local, base.n_local, 1)?,
+            block_size: size("block_size", self.block_size, base.block_size, 1)?,
+            exc_block_size: size("exc_block_size", self.exc_block_size, base.exc_block_size, 1)?,
+            topk: size("topk", self.topk, base.topk, 0)?,
+            repr_topk: size("repr_topk", self.repr_topk, base.repr_topk, 1)?,
+            question_weight,
+            prefill_chunk_size: size(
                 "prefill_chunk_size",
                 self.prefill_chunk_size,
-                defaults.prefill_chunk_size,
+                base.prefill_chunk_size,
+                1,
             )?,
-        })
+            max_context_len: size(
+                "max_context_len",
+                self.max_context_len,
+                base.max_context_len,
+                1,
+            )?,
+        };
+        config.validate()?;
+        Ok(config)
     }
 }
 
-fn positive(key: &'static str, value: Option<i64>, default: usize) -> Result<usize> {
-    match value {
-        None => Ok(default),
-        Some(v) if v > 0 => usize::try_from(v).map_err(|_| Error::InvalidConfig {
+/// Sizes above this are refused: no sensible setting comes near it, and it
+/// keeps position and buffer arithmetic far from overflow.
+const MAX_SIZE: i64 = 1 << 30;
+
+fn size(key: &'static str, value: Option<i64>, default: usize, min: i64) -> Result<usize> {
+    let Some(v) = value else {
+        return Ok(default);
+    };
+    let what = if min == 0 {
+        "a non-negative integer"
+    } else {
+        "a positive integer"
+    };
+    if v < min {
+        return Err(Error::InvalidConfig {
             key,
-            reason: format!("is too large: {v}"),
-        }),
-        Some(v) => Err(Error::InvalidConfig {
-            key,
-            reason: format!("must be a positive integer, got {v}"),
-        }),
+            reason: format!("must be {what}, got {v}"),
+        });
     }
+    if v > MAX_SIZE {
+        return Err(Error::InvalidConfig {
+            key,
+            reason: format!("is too large: {v} (at most {MAX_SIZE})"),
+        });
+    }
+    usize::try_from(v).map_err(|_| Error::InvalidConfig {
+        key,
+        reason: format!("is too large: {v}"),
+    })
 }
 
 #[cfg(test)]
@@ -109,8 +305,26 @@ mod tests {
     }
 
     #[test]
-    fn empty_file_gives_defaults() {
-        assert_eq!(parse("").unwrap(), QllmConfig::default());
+    fn empty_file_gives_the_1k_qllm_preset() {
+        let config = parse("").unwrap();
+        assert_eq!(config, QllmConfig::default());
+        assert_eq!(config.mode, Mode::Qllm);
+        assert_eq!(
+            (config.n_init, config.n_local, config.block_size, config.topk),
+            (128, 512, 64, 8)
+        );
+    }
+
+    #[test]
+    fn presets_set_the_papers_budgets_and_keys_override_them() {
+        let config = parse("preset = \"2k\"\nmode = \"infllm\"\ntopk = 3").unwrap();
+        assert_eq!(config.mode, Mode::Infllm);
+        assert_eq!(
+            (config.n_local, config.block_size, config.exc_block_size, config.topk),
+            (1024, 128, 512, 3)
+        );
+        let config = parse("preset = \"infllm\"").unwrap();
+        assert_eq!((config.n_local, config.topk), (4096, 16));
     }
 
     #[test]
@@ -121,18 +335,42 @@ mod tests {
 
     #[test]
     fn negative_and_zero_sizes_are_named() {
-        for text in ["prefill_chunk_size = -3", "prefill_chunk_size = 0"] {
+        for (text, message) in [
+            ("prefill_chunk_size = -3", "`prefill_chunk_size` must be a positive integer"),
+            ("prefill_chunk_size = 0", "`prefill_chunk_size` must be a positive integer"),
+            ("n_local = 0", "`n_local` must be a positive integer"),
+            ("topk = -1", "`topk` must be a non-negative integer"),
+            ("block_size = 4000000000000", "`block_size` is too large"),
+        ] {
             let err = parse(text).unwrap_err();
-            assert!(
-                err.contains("`prefill_chunk_size` must be a positive integer"),
-                "{err}"
-            );
+            assert!(err.contains(message), "{text}: {err}");
         }
     }
 
     #[test]
-    fn unknown_mode_is_rejected() {
+    fn inconsistent_values_are_named() {
+        let err = parse("n_local = 128\nexc_block_size = 256").unwrap_err();
+        assert!(err.contains("`exc_block_size` (256) must not exceed `n_local` (128)"), "{err}");
+        let err = parse("block_size = 2\nrepr_topk = 4").unwrap_err();
+        assert!(err.contains("`repr_topk`"), "{err}");
+        let err = parse("question_weight = -1.0").unwrap_err();
+        assert!(err.contains("`question_weight`"), "{err}");
+        let err = parse("question_weight = nan").unwrap_err();
+        assert!(err.contains("`question_weight`"), "{err}");
+    }
+
+    #[test]
+    fn modes_and_presets_parse_from_strings() {
+        assert_eq!("streaming".parse::<Mode>(), Ok(Mode::Streaming));
+        assert_eq!("2k".parse::<Preset>(), Ok(Preset::Budget2k));
+        assert!("full".parse::<Mode>().unwrap_err().contains("full"));
+    }
+
+    #[test]
+    fn unknown_mode_and_preset_are_rejected() {
         let err = parse("mode = \"sparse\"").unwrap_err();
         assert!(err.contains("sparse"), "{err}");
+        let err = parse("preset = \"4k\"").unwrap_err();
+        assert!(err.contains("4k"), "{err}");
     }
 }

@@ -5,7 +5,12 @@
 //! itself and returns the attention output. [`install`] puts it in place
 //! process-wide; the patched `mistralrs` CLI calls it for `--qllm`.
 //!
-//! Modes:
+//! Modes (see [`Mode`]):
+//! - `qllm` (default): the local window with exact positions, attention
+//!   sinks, and memory blocks of evicted tokens retrieved per execution block
+//!   and layer by the current queries plus the question;
+//! - `infllm`: the same without the question;
+//! - `streaming`: sinks and the local window only;
 //! - `dense`: full causal attention over the hook's own KV store, the
 //!   reference the other modes are measured against.
 
@@ -17,13 +22,16 @@ pub mod config;
 pub mod error;
 pub mod hook;
 pub mod kv;
+pub mod memory;
+pub mod passkey;
 
 use std::path::Path;
 use std::sync::Arc;
 
-pub use config::{ConfigFile, Mode, QllmConfig};
+pub use config::{ConfigFile, Mode, Preset, QllmConfig};
 pub use error::{Error, Result};
-pub use hook::{MemoryStats, QllmHook};
+pub use hook::{find_question_span, MemoryStats, QllmHook};
+pub use memory::LayerStats;
 pub use mistralrs_core::attention_hook::AttentionHook;
 
 /// Loads the config (defaults when `config_path` is `None`), validates it and
@@ -34,9 +42,13 @@ pub fn install(config_path: Option<&Path>) -> Result<Arc<QllmHook>> {
         Some(path) => ConfigFile::load(path)?,
         None => ConfigFile::default(),
     };
-    let config = file.resolve()?;
+    Ok(install_config(file.resolve()?))
+}
+
+/// Installs a hook with an already validated config.
+pub fn install_config(config: QllmConfig) -> Arc<QllmHook> {
     tracing::info!("Q-LLM attention hook installed: {config:?}");
     let hook = Arc::new(QllmHook::new(config));
     mistralrs_core::attention_hook::set_attention_hook(Some(hook.clone()));
-    Ok(hook)
+    hook
 }

@@ -4,5 +4,8 @@ mod assets;
 mod cli;
 mod engine;
 mod equivalence;
+mod passkey;
+mod policy;
+mod qllm;
 mod smollm2;
 mod tiny;

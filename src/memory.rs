@@ -1,0 +1,539 @@
+//! Q-LLM's per-layer context memory and its two-stage attention.
+//!
+//! One [`LayerMemory`] holds one layer of one sequence:
+//! - `init`: the first `n_init` tokens (attention sinks);
+//! - `recent`: every token not yet in `init` or a block, the newest ones
+//!   forming the local window, with the attention each has received from
+//!   local queries so far (per query head);
+//! - memory blocks of `block_size` evicted tokens, each with a
+//!   representative key for retrieval; with `streaming` evicted tokens are
+//!   dropped instead.
+//!
+//! Keys are stored pre-RoPE. A query attends its last `n_local` tokens with
+//! exact relative positions (rotated within the window, so positions stay
+//! below `n_local + exc_block_size`) and, in the same softmax, the sinks,
+//! the retrieved blocks and older not-yet-blocked tokens, all at one fixed
+//! distance `n_local - 1`: the query is rotated once to position
+//! `n_local - 1` and the keys stay unrotated. Every past token is attended
+//! at most once.
+
+use std::collections::HashMap;
+use std::ops::Range;
+use std::sync::Mutex;
+
+use candle_core::{DType, Device, Result, Tensor};
+use mistralrs_core::layers::RotaryEmbedding;
+
+use crate::config::{Mode, QllmConfig};
+use crate::kv::KvBuffer;
+
+/// One memory block: `block_size` consecutive evicted tokens, pre-RoPE,
+/// `(1, kv_heads, block_size, d)` in the model's dtype.
+#[derive(Debug)]
+struct MemoryBlock {
+    k: Tensor,
+    v: Tensor,
+}
+
+/// What a layer's memory holds, for statistics and tests.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct LayerStats {
+    /// Tokens processed so far.
+    pub processed: usize,
+    /// Sink tokens held.
+    pub init: usize,
+    /// Tokens not yet in a block: the local window and the tokens just past it.
+    pub recent: usize,
+    /// Memory blocks held.
+    pub blocks: usize,
+    /// Evicted tokens that were dropped (`streaming` only).
+    pub dropped: usize,
+    /// Block indices retrieved for the latest execution block, ascending.
+    pub last_retrieved: Vec<usize>,
+    /// Whether the question vector has been captured.
+    pub has_question: bool,
+}
+
+/// The per-layer state of one sequence.
+#[derive(Debug, Default)]
+pub struct LayerMemory {
+    processed: usize,
+    init: KvBuffer,
+    recent: KvBuffer,
+    /// Absolute position of `recent`'s oldest token.
+    recent_start: usize,
+    /// Local attention received by each `recent` token, `heads` per token.
+    local_score: Vec<f32>,
+    blocks: Vec<MemoryBlock>,
+    /// One representative key per block, `heads * d` values each.
+    representatives: Vec<f32>,
+    dropped: usize,
+    question: Option<Vec<f32>>,
+    /// Globally rotated queries of the question tokens seen so far,
+    /// `(heads, t, d)` f32 pieces.
+    question_queries: Vec<Tensor>,
+    last_retrieved: Vec<usize>,
+}
+
+/// Per-step inputs shared by all layers.
+pub struct StepArgs<'a> {
+    /// The model's rotary embedding.
+    pub rope: &'a RotaryEmbedding,
+    /// Scale of `q k^T`.
+    pub softmax_scale: f32,
+    /// Token span of the question within the sequence, if known.
+    pub question: Option<Range<usize>>,
+    /// Masks shared by the layers of a step.
+    pub masks: &'a MaskCache,
+}
+
+impl LayerMemory {
+    /// Tokens processed so far.
+    pub fn processed(&self) -> usize {
+        self.processed
+    }
+
+    /// What the memory holds.
+    pub fn stats(&self) -> LayerStats {
+        LayerStats {
+            processed: self.processed,
+            init: self.init.len(),
+            recent: self.recent.len(),
+            blocks: self.blocks.len(),
+            dropped: self.dropped,
+            last_retrieved: self.last_retrieved.clone(),
+            has_question: self.question.is_some(),
+        }
+    }
+
+    /// Bytes held: KV in the model's dtype plus f32 bookkeeping.
+    pub fn bytes(&self) -> usize {
+        let blocks: usize = self
+            .blocks
+            .iter()
+            .map(|b| (b.k.elem_count() + b.v.elem_count()) * b.k.dtype().size_in_bytes())
+            .sum();
+        let f32s = self.local_score.capacity()
+            + self.representatives.capacity()
+            + self.question.as_ref().map_or(0, Vec::capacity);
+        self.init.bytes() + self.recent.bytes() + blocks + f32s * 4
+    }
+
+    /// Attention for one execution block of `e` new tokens at positions
+    /// `processed..processed + e`: `q` is `(1, heads, e, d)`, `k` and `v` are
+    /// `(1, kv_heads, e, d)`, pre-RoPE. Returns `(1, heads, e, d)` in `q`'s
+    /// dtype and then files the tokens into the memory.
+    pub fn attend(
+        &mut self,
+        config: &QllmConfig,
+        args: &StepArgs<'_>,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+    ) -> Result<Tensor> {
+        let (_, heads, e, d) = q.dims4()?;
+        let kv_heads = k.dim(1)?;
+        if kv_heads == 0 || heads % kv_heads != 0 {
+            candle_core::bail!("qllm: {heads} query heads do not group over {kv_heads} KV heads");
+        }
+        let group = heads / kv_heads;
+        let n_local = config.n_local;
+        let p0 = self.processed;
+        let end = p0 + e;
+        self.recent.append(k, v)?;
+        self.local_score.resize(self.local_score.len() + e * heads, 0.0);
+        self.processed = end;
+
+        let device = q.device();
+        let at_global = positions(std::iter::repeat_n(n_local - 1, e), device)?;
+        let q_global = args.rope.rotate(q, &at_global)?.to_dtype(DType::F32)?;
+
+        let retrieved = self.retrieve(config, &q_global)?;
+
+        // Keys in the window of some query of this block, rotated within it.
+        let local_start = self.recent_start.max((p0 + 1).saturating_sub(n_local));
+        let local_len = end - local_start;
+        let (k_local, v_local) = self
+            .recent
+            .range(local_start - self.recent_start, local_len)?;
+        let k_local = args
+            .rope
+            .rotate(&k_local, &positions(0..local_len, device)?)?;
+        let q_local = args
+            .rope
+            .rotate(q, &positions(p0 - local_start..end - local_start, device)?)?;
+
+        // Keys past the window of some query: sinks, retrieved blocks and the
+        // oldest recent tokens, unrotated.
+        let global_recent_end = self.recent_start.max(end.saturating_sub(n_local));
+        let global_recent = global_recent_end - self.recent_start;
+        let mut global_k = Vec::new();
+        let mut global_v = Vec::new();
+        if let Some((k, v)) = self.init.get()? {
+            global_k.push(k);
+            global_v.push(v);
+        }
+        for &b in &retrieved {
+            global_k.push(self.blocks[b].k.clone());
+            global_v.push(self.blocks[b].v.clone());
+        }
+        if global_recent > 0 {
+            let (k, v) = self.recent.range(0, global_recent)?;
+            global_k.push(k);
+            global_v.push(v);
+        }
+        let n_global = self.init.len() + retrieved.len() * config.block_size + global_recent;
+
+        let q_local = q_local
+            .to_dtype(DType::F32)?
+            .reshape((kv_heads, group * e, d))?;
+        let k_local = k_local.to_dtype(DType::F32)?.squeeze(0)?;
+        let local_scores = q_local.matmul(&k_local.t()?)?;
+        let (scores, values) = if n_global > 0 {
+            let k_global = Tensor::cat(&global_k, 2)?.to_dtype(DType::F32)?.squeeze(0)?;
+            let q_global = q_global.reshape((kv_heads, group * e, d))?;
+            let global_scores = q_global.matmul(&k_global.t()?)?;
+            global_v.push(v_local);
+            (
+                Tensor::cat(&[global_scores, local_scores], 2)?,
+                Tensor::cat(&global_v, 2)?,
+            )
+        } else {
+            (local_scores, v_local)
+        };
+        let cols = n_global + local_len;
+        let mut scores = (scores * f64::from(args.softmax_scale))?;
+        if e > 1 {
+            let geometry = MaskGeometry {
+                first_query: p0,
+                queries: e,
+                fixed: n_global - global_recent,
+                global_recent_start: self.recent_start,
+                global_recent,
+                local_start,
+                local_len,
+                n_local,
+            };
+            let mask = args.masks.get(&geometry, device)?;
+            scores = scores
+                .reshape((kv_heads, group, e, cols))?
+                .broadcast_add(&mask)?
+                .reshape((kv_heads, group * e, cols))?;
+        }
+        let probs = candle_nn::ops::softmax_last_dim(&scores)?;
+        let values = values.to_dtype(DType::F32)?.squeeze(0)?;
+        let out = probs
+            .matmul(&values)?
+            .reshape((1, heads, e, d))?
+            .to_dtype(q.dtype())?;
+
+        // Attention received by each window token from this block's queries,
+        // the measure a block's representative tokens are chosen by.
+        let local_probs: Vec<Vec<f32>> = probs
+            .narrow(2, n_global, local_len)?
+            .contiguous()?
+            .reshape((heads, e, local_len))?
+            .sum(1)?
+            .to_vec2()?;
+        let first = (local_start - self.recent_start) * heads;
+        for (h, row) in local_probs.iter().enumerate() {
+            for (t, p) in row.iter().enumerate() {
+                self.local_score[first + t * heads + h] += p;
+            }
+        }
+
+        if config.mode.uses_question() && config.question_weight > 0.0 {
+            if let Some(span) = &args.question {
+                self.observe_question(span, p0, end, &q_global, config.repr_topk)?;
+            }
+        }
+        self.evict(config, heads)?;
+        Ok(out)
+    }
+
+    /// Picks the blocks for the execution block whose globally rotated
+    /// queries are `q_global` (`(1, heads, e, d)` f32).
+    fn retrieve(&mut self, config: &QllmConfig, q_global: &Tensor) -> Result<Vec<usize>> {
+        self.last_retrieved.clear();
+        if !config.mode.keeps_blocks() || self.blocks.is_empty() || config.topk == 0 {
+            return Ok(Vec::new());
+        }
+        let mut query = q_global.mean(2)?.flatten_all()?.to_vec1::<f32>()?;
+        if config.mode.uses_question() {
+            if let Some(question) = &self.question {
+                for (q, x) in query.iter_mut().zip(question) {
+                    *q += config.question_weight * x;
+                }
+            }
+        }
+        let scores = block_scores(&self.representatives, &query);
+        self.last_retrieved = top_k(&scores, config.topk);
+        Ok(self.last_retrieved.clone())
+    }
+
+    /// Collects the question's queries as they pass and, once the whole
+    /// span has been read, turns them into the question vector.
+    fn observe_question(
+        &mut self,
+        span: &Range<usize>,
+        p0: usize,
+        end: usize,
+        q_global: &Tensor,
+        repr_topk: usize,
+    ) -> Result<()> {
+        if self.question.is_some() || span.end <= p0 || span.start >= end {
+            return Ok(());
+        }
+        let from = span.start.max(p0);
+        let to = span.end.min(end);
+        self.question_queries
+            .push(q_global.narrow(2, from - p0, to - from)?.squeeze(0)?);
+        if span.end > end {
+            return Ok(());
+        }
+        let queries = Tensor::cat(&self.question_queries, 1)?;
+        self.question_queries.clear();
+        let (heads, len, d) = queries.dims3()?;
+        // The hook keeps spans within the local window, so every question
+        // token is still in `recent`, with the attention it received so far.
+        let first = span.start.checked_sub(self.recent_start).ok_or_else(|| {
+            candle_core::Error::Msg(format!(
+                "qllm: question span {span:?} starts before the recent tokens ({})",
+                self.recent_start
+            ))
+        })?;
+        let scores = &self.local_score[first * heads..(first + len) * heads];
+        let queries = queries.flatten_all()?.to_vec1::<f32>()?;
+        self.question = Some(mean_of_most_attended(
+            &queries, 1, len, d, scores, heads, repr_topk,
+        ));
+        Ok(())
+    }
+
+    /// Moves tokens that have left every future window out of `recent`:
+    /// into the sinks until they are full, then into blocks (or nowhere, for
+    /// `streaming`).
+    fn evict(&mut self, config: &QllmConfig, heads: usize) -> Result<()> {
+        let n_local = config.n_local;
+        while self.init.len() < config.n_init && self.recent.len() > n_local {
+            let n = (config.n_init - self.init.len()).min(self.recent.len() - n_local);
+            let (k, v) = self.recent.range(0, n)?;
+            self.init.append(&k, &v)?;
+            self.drop_recent(n, heads);
+        }
+        let sinks_full = self.init.len() >= config.n_init;
+        match config.mode {
+            Mode::Qllm | Mode::Infllm => {
+                let bs = config.block_size;
+                while sinks_full && self.recent.len() >= n_local + bs {
+                    self.form_block(bs, heads, config.repr_topk)?;
+                }
+            }
+            Mode::Streaming => {
+                // Keep exactly the next query's window minus itself.
+                if sinks_full && self.recent.len() >= n_local {
+                    let n = self.recent.len() + 1 - n_local;
+                    self.dropped += n;
+                    self.drop_recent(n, heads);
+                }
+            }
+            Mode::Dense => candle_core::bail!("qllm: dense mode has no block memory"),
+        }
+        Ok(())
+    }
+
+    fn form_block(&mut self, bs: usize, heads: usize, repr_topk: usize) -> Result<()> {
+        let (k, v) = self.recent.range(0, bs)?;
+        // Own copies: views would pin the whole recent buffer.
+        let (k, v) = (k.force_contiguous()?, v.force_contiguous()?);
+        let (_, kv_heads, _, d) = k.dims4()?;
+        let keys = k.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
+        let scores = &self.local_score[..bs * heads];
+        let representative =
+            mean_of_most_attended(&keys, heads / kv_heads, bs, d, scores, heads, repr_topk);
+        self.representatives.extend_from_slice(&representative);
+        self.blocks.push(MemoryBlock { k, v });
+        self.drop_recent(bs, heads);
+        Ok(())
+    }
+
+    fn drop_recent(&mut self, n: usize, heads: usize) {
+        self.recent.drop_front(n);
+        self.local_score.drain(..n * heads);
+        self.recent_start += n;
+    }
+}
+
+/// For every query head `h`, the mean of the rows of the `top` tokens that
+/// received the most attention from head `h` (`scores`: `len` tokens x
+/// `heads`). `rows` is `(heads / group, len, d)`: head `h` reads row group
+/// `h / group` (keys are shared by a group of query heads, queries are not).
+/// Returns `heads * d` values.
+fn mean_of_most_attended(
+    rows: &[f32],
+    group: usize,
+    len: usize,
+    d: usize,
+    scores: &[f32],
+    heads: usize,
+    top: usize,
+) -> Vec<f32> {
+    let top = top.min(len);
+    let mut out = vec![0f32; heads * d];
+    let mut order: Vec<usize> = (0..len).collect();
+    for h in 0..heads {
+        order.sort_by(|&a, &b| scores[b * heads + h].total_cmp(&scores[a * heads + h]));
+        let base = (h / group) * len * d;
+        let acc = &mut out[h * d..(h + 1) * d];
+        for &t in &order[..top] {
+            for (a, x) in acc.iter_mut().zip(&rows[base + t * d..base + (t + 1) * d]) {
+                *a += x;
+            }
+        }
+        #[allow(clippy::cast_precision_loss)] // `top` is at most a block.
+        let inv = 1.0 / top.max(1) as f32;
+        acc.iter_mut().for_each(|a| *a *= inv);
+    }
+    out
+}
+
+/// Relevance of each block: the dot product of its representative (a row of
+/// `representatives`) with `query`, i.e. summed over heads.
+pub fn block_scores(representatives: &[f32], query: &[f32]) -> Vec<f32> {
+    representatives
+        .chunks_exact(query.len())
+        .map(|row| dot(row, query))
+        .collect()
+}
+
+/// Indices of the `k` highest scores, ascending (ties go to the older block).
+pub fn top_k(scores: &[f32], k: usize) -> Vec<usize> {
+    let mut order: Vec<usize> = (0..scores.len()).collect();
+    if k < order.len() {
+        order.select_nth_unstable_by(k, |&a, &b| {
+            scores[b].total_cmp(&scores[a]).then(a.cmp(&b))
+        });
+        order.truncate(k);
+    }
+    order.sort_unstable();
+    order
+}
+
+fn dot(a: &[f32], b: &[f32]) -> f32 {
+    // Eight independent sums so the compiler can vectorise.
+    let mut acc = [0f32; 8];
+    let (a8, a_rest) = a.split_at(a.len() / 8 * 8);
+    let (b8, b_rest) = b.split_at(a8.len());
+    for (x, y) in a8.chunks_exact(8).zip(b8.chunks_exact(8)) {
+        for i in 0..8 {
+            acc[i] += x[i] * y[i];
+        }
+    }
+    let tail: f32 = a_rest.iter().zip(b_rest).map(|(x, y)| x * y).sum();
+    acc.iter().sum::<f32>() + tail
+}
+
+fn positions(values: impl Iterator<Item = usize>, device: &Device) -> Result<Tensor> {
+    let values = values
+        .map(|p| u32::try_from(p).map_err(|_| candle_core::Error::Msg(format!("position {p}"))))
+        .collect::<Result<Vec<u32>>>()?;
+    let n = values.len();
+    Tensor::from_vec(values, n, device)
+}
+
+/// Everything that shapes an execution block's mask. All layers of a step
+/// share it, so the mask is built once per step and sequence.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+struct MaskGeometry {
+    first_query: usize,
+    queries: usize,
+    /// Columns always visible: sinks and retrieved blocks.
+    fixed: usize,
+    global_recent_start: usize,
+    global_recent: usize,
+    local_start: usize,
+    local_len: usize,
+    n_local: usize,
+}
+
+impl MaskGeometry {
+    /// `(queries, columns)`: 0 where query `i` sees the column, `-inf` where
+    /// not. A recent token is seen globally once it is `n_local` or more
+    /// tokens back, locally while it is fewer, and never from the future.
+    fn build(&self, device: &Device) -> Result<Tensor> {
+        let cols = self.fixed + self.global_recent + self.local_len;
+        let mut mask = vec![0f32; self.queries * cols];
+        for i in 0..self.queries {
+            let pos = self.first_query + i;
+            let row = &mut mask[i * cols..(i + 1) * cols];
+            for (c, m) in row[self.fixed..self.fixed + self.global_recent]
+                .iter_mut()
+                .enumerate()
+            {
+                if pos - (self.global_recent_start + c) < self.n_local {
+                    *m = f32::NEG_INFINITY;
+                }
+            }
+            for (c, m) in row[self.fixed + self.global_recent..].iter_mut().enumerate() {
+                let key = self.local_start + c;
+                if key > pos || pos - key >= self.n_local {
+                    *m = f32::NEG_INFINITY;
+                }
+            }
+        }
+        Tensor::from_vec(mask, (self.queries, cols), device)
+    }
+}
+
+/// Masks of the current step, one per geometry.
+#[derive(Debug, Default)]
+pub struct MaskCache(Mutex<HashMap<MaskGeometry, Tensor>>);
+
+impl MaskCache {
+    fn get(&self, geometry: &MaskGeometry, device: &Device) -> Result<Tensor> {
+        let mut masks = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(mask) = masks.get(geometry) {
+            return Ok(mask.clone());
+        }
+        let mask = geometry.build(device)?;
+        masks.insert(*geometry, mask.clone());
+        Ok(mask)
+    }
+
+    /// Forgets the masks of the previous step.
+    pub fn clear(&self) {
+        self.0.lock().unwrap_or_else(|e| e.into_inner()).clear();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn top_k_picks_the_highest_scores_in_block_order() {
+        assert_eq!(top_k(&[0.1, 3.0, -2.0, 2.5, 2.5], 3), vec![1, 3, 4]);
+        assert_eq!(top_k(&[0.1, 3.0], 5), vec![0, 1]);
+        assert_eq!(top_k(&[1.0, 1.0, 1.0], 1), vec![0]);
+        assert!(top_k(&[1.0], 0).is_empty());
+    }
+
+    #[test]
+    fn block_scores_sum_over_heads() {
+        let representatives = [1.0, 0.0, 0.0, 1.0, 2.0, 2.0];
+        assert_eq!(block_scores(&representatives, &[3.0, 4.0]), vec![3.0, 4.0, 14.0]);
+        let long: Vec<f32> = (0..37).map(|i| i as f32).collect();
+        let expected: f32 = long.iter().map(|x| x * x).sum();
+        assert_eq!(block_scores(&long, &long), vec![expected]);
+    }
+
+    #[test]
+    fn representatives_average_the_most_attended_tokens_per_head() {
+        // 2 query heads sharing 1 key head, 3 tokens of dim 2.
+        let keys = [1.0, 0.0, 0.0, 1.0, 5.0, 5.0];
+        // Head 0 attended tokens 0 and 2 most, head 1 tokens 1 and 2.
+        let scores = [0.9, 0.1, 0.2, 0.8, 0.5, 0.5];
+        let repr = mean_of_most_attended(&keys, 2, 3, 2, &scores, 2, 2);
+        assert_eq!(repr, vec![3.0, 2.5, 2.5, 3.0]);
+    }
+}

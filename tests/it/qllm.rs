@@ -1,0 +1,249 @@
+//! The Q-LLM policy inside mistral.rs, on the tiny model in f32: equal to
+//! `dense` where the local window covers the whole sequence, and equal to a
+//! slow reference when every memory block is retrieved.
+
+use std::collections::HashMap;
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+
+use candle_core::{DType, Result, Tensor};
+use mistralrs_core::attention_hook::{
+    set_attention_hook, AttentionHook, AttentionHookCtx, StepSequence,
+};
+use mistralrs_core::ModelDType;
+use qllm::{LayerStats, Mode, QllmConfig, QllmHook};
+
+use crate::engine::{engine_lock, generate_tokens, load_gguf, runtime};
+use crate::tiny;
+
+const DECODE_STEPS: usize = 16;
+const EOS: u32 = 2;
+
+fn prompt(len: u32, salt: u32) -> Vec<u32> {
+    let vocab = tiny::vocab_size() as u32;
+    (0..len)
+        .map(|i| 3 + (i * 37 + salt * 11 + i * i % 7) % (vocab - 3))
+        .collect()
+}
+
+/// Logits of the prompt step and `DECODE_STEPS` decode steps of each prompt,
+/// run one after the other with `hook` installed.
+fn logits_with(file: &Path, hook: Arc<dyn AttentionHook>, prompts: &[Vec<u32>]) -> Vec<Vec<Vec<f32>>> {
+    set_attention_hook(Some(hook));
+    let rt = runtime();
+    let out = rt.block_on(async {
+        let mistralrs = load_gguf(file, ModelDType::F32).await;
+        let mut out = Vec::new();
+        for p in prompts {
+            out.push(generate_tokens(&mistralrs, p.clone(), DECODE_STEPS + 1, &[EOS]).await);
+        }
+        out
+    });
+    set_attention_hook(None);
+    out
+}
+
+fn max_abs_diff(a: &[Vec<Vec<f32>>], b: &[Vec<Vec<f32>>]) -> f32 {
+    let mut worst = 0f32;
+    for (ra, rb) in a.iter().zip(b) {
+        assert_eq!(ra.len(), rb.len(), "different number of steps");
+        for (sa, sb) in ra.iter().zip(rb) {
+            for (x, y) in sa.iter().zip(sb) {
+                worst = worst.max((x - y).abs());
+            }
+        }
+    }
+    worst
+}
+
+/// Delegates to the real hook and keeps each sequence's layer statistics as
+/// they were when it ended.
+struct Recording {
+    inner: QllmHook,
+    ended: Mutex<Vec<Vec<LayerStats>>>,
+}
+
+impl Recording {
+    fn new(config: QllmConfig) -> Arc<Self> {
+        Arc::new(Self {
+            inner: QllmHook::new(config),
+            ended: Mutex::new(Vec::new()),
+        })
+    }
+}
+
+impl AttentionHook for Recording {
+    fn begin_step(&self, seqs: &[StepSequence<'_>]) -> Result<()> {
+        self.inner.begin_step(seqs)
+    }
+    fn attend(&self, ctx: &AttentionHookCtx<'_>, q: &Tensor, k: &Tensor, v: &Tensor) -> Result<Tensor> {
+        self.inner.attend(ctx, q, k, v)
+    }
+    fn end_sequence(&self, seq_id: usize) {
+        if let Some(stats) = self.inner.sequence_stats(seq_id) {
+            self.ended.lock().unwrap().push(stats);
+        }
+        self.inner.end_sequence(seq_id)
+    }
+    fn prefill_chunk_size(&self) -> Option<usize> {
+        self.inner.prefill_chunk_size()
+    }
+    fn max_context_len(&self) -> Option<usize> {
+        self.inner.max_context_len()
+    }
+}
+
+#[test]
+fn qllm_equals_dense_when_the_window_covers_the_sequence() {
+    let _guard = engine_lock();
+    let dir = tempfile::tempdir().unwrap();
+    let file = tiny::write(dir.path(), 11, 0.3);
+    let prompts = [prompt(45, 1), prompt(46, 2)];
+    let dense = QllmConfig {
+        prefill_chunk_size: 16,
+        ..QllmConfig::dense()
+    };
+    let reference = logits_with(&file, Arc::new(QllmHook::new(dense)), &prompts);
+    for mode in [Mode::Qllm, Mode::Streaming] {
+        let config = QllmConfig {
+            mode,
+            n_init: 4,
+            n_local: 64,
+            block_size: 8,
+            exc_block_size: 16,
+            topk: 2,
+            repr_topk: 2,
+            prefill_chunk_size: 16,
+            ..QllmConfig::default()
+        };
+        let hook = Recording::new(config);
+        let got = logits_with(&file, hook.clone(), &prompts);
+        let diff = max_abs_diff(&reference, &got);
+        assert!(diff <= 1e-4, "{mode:?}: max abs logit difference {diff}");
+        // The engine's own warm-up request ends too; ours are the long ones.
+        let ended = hook.ended.lock().unwrap();
+        let ours: Vec<_> = ended.iter().filter(|s| s[0].processed >= 45).collect();
+        assert_eq!(ours.len(), 2);
+        // 46 + 16 tokens fit the window: nothing was evicted.
+        assert!(ours.iter().copied().flatten().all(|s| s.blocks == 0 && s.init == 0 && s.dropped == 0));
+    }
+}
+
+/// Q-LLM's attention as the method describes it, written out: query `i`
+/// sees key `j <= i` at its true relative position while `i - j < n_local`,
+/// and at distance `n_local - 1` (query rotated to `n_local - 1`, key
+/// unrotated) otherwise, all in one softmax.
+struct Reference {
+    n_local: usize,
+    kv: Mutex<HashMap<(usize, usize), (Vec<Tensor>, Vec<Tensor>)>>,
+}
+
+fn rows(t: &Tensor) -> Vec<Vec<Vec<f32>>> {
+    t.squeeze(0).unwrap().to_dtype(DType::F32).unwrap().to_vec3().unwrap()
+}
+
+fn dot(a: &[f32], b: &[f32]) -> f32 {
+    a.iter().zip(b).map(|(x, y)| x * y).sum()
+}
+
+impl AttentionHook for Reference {
+    fn attend(&self, ctx: &AttentionHookCtx<'_>, q: &Tensor, k: &Tensor, v: &Tensor) -> Result<Tensor> {
+        assert_eq!(q.dim(0)?, 1, "the reference runs one sequence at a time");
+        let offset = ctx.seqlen_offsets[0];
+        let mut kv = self.kv.lock().unwrap();
+        let (ks, vs) = kv.entry((ctx.seq_ids[0], ctx.layer_idx)).or_default();
+        if offset == 0 {
+            ks.clear();
+            vs.clear();
+        }
+        ks.push(k.clone());
+        vs.push(v.clone());
+        let keys = Tensor::cat(ks, 2)?;
+        let values = rows(&Tensor::cat(vs, 2)?);
+        let (_, heads, len, d) = q.dims4()?;
+        let n = keys.dim(2)?;
+        let group = heads / keys.dim(1)?;
+        let at = |range: Vec<u32>| Tensor::new(range, q.device());
+        let keys_raw = rows(&keys);
+        let keys_at_pos = rows(&ctx.rope.rotate(&keys, &at((0..n as u32).collect())?)?);
+        let q_at_pos = rows(&ctx.rope.rotate(q, &at((offset as u32..(offset + len) as u32).collect())?)?);
+        let q_far = rows(&ctx.rope.rotate(q, &at(vec![self.n_local as u32 - 1; len])?)?);
+        let mut out = vec![0f32; heads * len * d];
+        for h in 0..heads {
+            let g = h / group;
+            for i in 0..len {
+                let pos = offset + i;
+                let scores: Vec<f32> = (0..=pos)
+                    .map(|j| {
+                        let s = if pos - j < self.n_local {
+                            dot(&q_at_pos[h][i], &keys_at_pos[g][j])
+                        } else {
+                            dot(&q_far[h][i], &keys_raw[g][j])
+                        };
+                        s * ctx.softmax_scale
+                    })
+                    .collect();
+                let max = scores.iter().fold(f32::MIN, |m, &s| m.max(s));
+                let weights: Vec<f32> = scores.iter().map(|s| (s - max).exp()).collect();
+                let total: f32 = weights.iter().sum();
+                let row = &mut out[(h * len + i) * d..(h * len + i + 1) * d];
+                for (j, w) in weights.iter().enumerate() {
+                    for (o, x) in row.iter_mut().zip(&values[g][j]) {
+                        *o += w / total * x;
+                    }
+                }
+            }
+        }
+        Tensor::from_vec(out, (1, heads, len, d), q.device())?.to_dtype(q.dtype())
+    }
+
+    fn max_context_len(&self) -> Option<usize> {
+        Some(512)
+    }
+}
+
+#[test]
+fn qllm_retrieving_every_block_equals_the_written_out_reference() {
+    let _guard = engine_lock();
+    let dir = tempfile::tempdir().unwrap();
+    let file = tiny::write(dir.path(), 13, 0.3);
+    let n_local = 32;
+    let prompts = [prompt(150, 3)];
+    let reference = logits_with(
+        &file,
+        Arc::new(Reference {
+            n_local,
+            kv: Mutex::new(HashMap::new()),
+        }),
+        &prompts,
+    );
+    let config = QllmConfig {
+        mode: Mode::Qllm,
+        n_init: 8,
+        n_local,
+        block_size: 8,
+        exc_block_size: 16,
+        topk: 1000,
+        repr_topk: 2,
+        // Not a multiple of the execution block: results must not depend on
+        // how the prompt is cut into calls.
+        prefill_chunk_size: 40,
+        ..QllmConfig::default()
+    };
+    let hook = Recording::new(config);
+    let got = logits_with(&file, hook.clone(), &prompts);
+    let diff = max_abs_diff(&reference, &got);
+    assert!(diff <= 1e-4, "max abs logit difference {diff}");
+    let spread = reference[0][0].iter().fold(f32::MIN, |m, &x| m.max(x))
+        - reference[0][0].iter().fold(f32::MAX, |m, &x| m.min(x));
+    assert!(spread > 1.0, "logit spread {spread}");
+    let ended = hook.ended.lock().unwrap();
+    let layer0 = ended
+        .iter()
+        .map(|layers| &layers[0])
+        .find(|s| s.processed == 166)
+        .expect("the request's statistics");
+    // 150 + 16 tokens: (166 - 8 - 32) / 8 = 15 blocks, all retrieved.
+    assert_eq!(layer0.blocks, 15, "{layer0:?}");
+    assert_eq!(layer0.last_retrieved, (0..15).collect::<Vec<_>>());
+}
