@@ -8,7 +8,8 @@
 //! ```text
 //! cargo run --release --example passkey -- --model assets/SmolLM2-135M-Instruct.Q4_1.gguf \
 //!     --tokens 1024,4096 --depths 0.1,0.5,0.9 [--mode qllm|infllm|streaming|dense|upstream] \
-//!     [--preset 512|1k|2k|infllm] [--config qllm.toml] [--dtype f32|bf16|auto]
+//!     [--preset 512|1k|2k|infllm] [--config qllm.toml] [--dtype f32|bf16|f16|auto] \
+//!     [--max-new-tokens 8] [--seed 1]
 //! ```
 
 use std::path::PathBuf;
@@ -31,6 +32,7 @@ struct Args {
     preset: Option<String>,
     dtype: ModelDType,
     seed: u64,
+    max_new_tokens: usize,
 }
 
 fn parse_args() -> Result<Args> {
@@ -43,6 +45,7 @@ fn parse_args() -> Result<Args> {
         preset: None,
         dtype: ModelDType::F32,
         seed: 1,
+        max_new_tokens: 8,
     };
     let mut it = std::env::args().skip(1);
     while let Some(flag) = it.next() {
@@ -64,6 +67,7 @@ fn parse_args() -> Result<Args> {
                 }
             }
             "--seed" => args.seed = value()?.parse()?,
+            "--max-new-tokens" => args.max_new_tokens = value()?.parse()?,
             other => bail!("unknown argument {other}"),
         }
     }
@@ -92,9 +96,19 @@ fn hook_config(args: &Args) -> Result<qllm::QllmConfig> {
         Some(path) => ConfigFile::load(path)?,
         None => ConfigFile::default(),
     };
-    file.mode = Some(args.mode.parse().map_err(anyhow::Error::msg).context("--mode")?);
+    file.mode = Some(
+        args.mode
+            .parse()
+            .map_err(anyhow::Error::msg)
+            .context("--mode")?,
+    );
     if let Some(preset) = &args.preset {
-        file.preset = Some(preset.parse().map_err(anyhow::Error::msg).context("--preset")?);
+        file.preset = Some(
+            preset
+                .parse()
+                .map_err(anyhow::Error::msg)
+                .context("--preset")?,
+        );
     }
     Ok(file.resolve()?)
 }
@@ -118,11 +132,19 @@ async fn tokenize(mistralrs: &MistralRs, text: &str) -> Result<Vec<u32>> {
 }
 
 /// The prompt with about `target` tokens and the key at `depth`.
-async fn build_prompt(mistralrs: &MistralRs, target: usize, depth: f64, key: u32) -> Result<String> {
+async fn build_prompt(
+    mistralrs: &MistralRs,
+    target: usize,
+    depth: f64,
+    key: u32,
+) -> Result<String> {
     let fixed = tokenize(mistralrs, &passkey::fixed_text(key)).await?.len();
     let units = 64;
     #[allow(clippy::cast_precision_loss)]
-    let per_unit = tokenize(mistralrs, &passkey::FILLER.repeat(units)).await?.len() as f64 / units as f64;
+    let per_unit = tokenize(mistralrs, &passkey::FILLER.repeat(units))
+        .await?
+        .len() as f64
+        / units as f64;
     Ok(passkey::prompt(
         passkey::filler_units_for(target, fixed, per_unit),
         depth,
@@ -130,10 +152,14 @@ async fn build_prompt(mistralrs: &MistralRs, target: usize, depth: f64, key: u32
     ))
 }
 
-async fn complete(mistralrs: &MistralRs, prompt: String) -> Result<(String, mistralrs_core::Usage)> {
+async fn complete(
+    mistralrs: &MistralRs,
+    prompt: String,
+    max_new_tokens: usize,
+) -> Result<(String, mistralrs_core::Usage)> {
     let (tx, mut rx) = tokio::sync::mpsc::channel(16);
     let params = SamplingParams {
-        max_len: Some(8),
+        max_len: Some(max_new_tokens),
         ..SamplingParams::deterministic()
     };
     let request = NormalRequest::new_simple(
@@ -207,7 +233,7 @@ async fn main() -> Result<()> {
             let key = passkey::key(args.seed, cells);
             cells += 1;
             let prompt = build_prompt(&mistralrs, target, depth, key).await?;
-            let (answer, usage) = match complete(&mistralrs, prompt).await {
+            let (answer, usage) = match complete(&mistralrs, prompt, args.max_new_tokens).await {
                 Ok(done) => done,
                 Err(e) => {
                     println!("{}\t{target}\t{depth}\t{key}\terror\t\t\t{e}", args.mode);

@@ -57,8 +57,7 @@ pub enum Preset {
 
 /// Parses a config file's string value, e.g. `"qllm"` or `"1k"`.
 fn from_config_str<T: for<'de> Deserialize<'de>>(s: &str) -> std::result::Result<T, String> {
-    T::deserialize(s.into_deserializer())
-        .map_err(|e: serde::de::value::Error| e.to_string())
+    T::deserialize(s.into_deserializer()).map_err(|e: serde::de::value::Error| e.to_string())
 }
 
 impl FromStr for Mode {
@@ -157,10 +156,7 @@ impl QllmConfig {
         if !self.question_weight.is_finite() || self.question_weight < 0.0 {
             return invalid(
                 "question_weight",
-                format!(
-                    "must be a finite number >= 0, got {}",
-                    self.question_weight
-                ),
+                format!("must be a finite number >= 0, got {}", self.question_weight),
             );
         }
         Ok(())
@@ -242,7 +238,12 @@ impl ConfigFile {
             n_init: size("n_init", self.n_init, base.n_init, 0)?,
             n_local: size("n_local", self.n_local, base.n_local, 1)?,
             block_size: size("block_size", self.block_size, base.block_size, 1)?,
-            exc_block_size: size("exc_block_size", self.exc_block_size, base.exc_block_size, 1)?,
+            exc_block_size: size(
+                "exc_block_size",
+                self.exc_block_size,
+                base.exc_block_size,
+                1,
+            )?,
             topk: size("topk", self.topk, base.topk, 0)?,
             repr_topk: size("repr_topk", self.repr_topk, base.repr_topk, 1)?,
             question_weight,
@@ -310,7 +311,12 @@ mod tests {
         assert_eq!(config, QllmConfig::default());
         assert_eq!(config.mode, Mode::Qllm);
         assert_eq!(
-            (config.n_init, config.n_local, config.block_size, config.topk),
+            (
+                config.n_init,
+                config.n_local,
+                config.block_size,
+                config.topk
+            ),
             (128, 512, 64, 8)
         );
     }
@@ -320,7 +326,12 @@ mod tests {
         let config = parse("preset = \"2k\"\nmode = \"infllm\"\ntopk = 3").unwrap();
         assert_eq!(config.mode, Mode::Infllm);
         assert_eq!(
-            (config.n_local, config.block_size, config.exc_block_size, config.topk),
+            (
+                config.n_local,
+                config.block_size,
+                config.exc_block_size,
+                config.topk
+            ),
             (1024, 128, 512, 3)
         );
         let config = parse("preset = \"infllm\"").unwrap();
@@ -336,8 +347,14 @@ mod tests {
     #[test]
     fn negative_and_zero_sizes_are_named() {
         for (text, message) in [
-            ("prefill_chunk_size = -3", "`prefill_chunk_size` must be a positive integer"),
-            ("prefill_chunk_size = 0", "`prefill_chunk_size` must be a positive integer"),
+            (
+                "prefill_chunk_size = -3",
+                "`prefill_chunk_size` must be a positive integer",
+            ),
+            (
+                "prefill_chunk_size = 0",
+                "`prefill_chunk_size` must be a positive integer",
+            ),
             ("n_local = 0", "`n_local` must be a positive integer"),
             ("topk = -1", "`topk` must be a non-negative integer"),
             ("block_size = 4000000000000", "`block_size` is too large"),
@@ -350,7 +367,10 @@ mod tests {
     #[test]
     fn inconsistent_values_are_named() {
         let err = parse("n_local = 128\nexc_block_size = 256").unwrap_err();
-        assert!(err.contains("`exc_block_size` (256) must not exceed `n_local` (128)"), "{err}");
+        assert!(
+            err.contains("`exc_block_size` (256) must not exceed `n_local` (128)"),
+            "{err}"
+        );
         let err = parse("block_size = 2\nrepr_topk = 4").unwrap_err();
         assert!(err.contains("`repr_topk`"), "{err}");
         let err = parse("question_weight = -1.0").unwrap_err();

@@ -141,7 +141,8 @@ impl LayerMemory {
         let p0 = self.processed;
         let end = p0 + e;
         self.recent.append(k, v)?;
-        self.local_score.resize(self.local_score.len() + e * heads, 0.0);
+        self.local_score
+            .resize(self.local_score.len() + e * heads, 0.0);
         self.processed = end;
 
         let device = q.device();
@@ -190,7 +191,9 @@ impl LayerMemory {
         let k_local = k_local.to_dtype(DType::F32)?.squeeze(0)?;
         let local_scores = q_local.matmul(&k_local.t()?)?;
         let (scores, values) = if n_global > 0 {
-            let k_global = Tensor::cat(&global_k, 2)?.to_dtype(DType::F32)?.squeeze(0)?;
+            let k_global = Tensor::cat(&global_k, 2)?
+                .to_dtype(DType::F32)?
+                .squeeze(0)?;
             let q_global = q_global.reshape((kv_heads, group * e, d))?;
             let global_scores = q_global.matmul(&k_global.t()?)?;
             global_v.push(v_local);
@@ -410,9 +413,7 @@ pub fn block_scores(representatives: &[f32], query: &[f32]) -> Vec<f32> {
 pub fn top_k(scores: &[f32], k: usize) -> Vec<usize> {
     let mut order: Vec<usize> = (0..scores.len()).collect();
     if k < order.len() {
-        order.select_nth_unstable_by(k, |&a, &b| {
-            scores[b].total_cmp(&scores[a]).then(a.cmp(&b))
-        });
+        order.select_nth_unstable_by(k, |&a, &b| scores[b].total_cmp(&scores[a]).then(a.cmp(&b)));
         order.truncate(k);
     }
     order.sort_unstable();
@@ -474,7 +475,10 @@ impl MaskGeometry {
                     *m = f32::NEG_INFINITY;
                 }
             }
-            for (c, m) in row[self.fixed + self.global_recent..].iter_mut().enumerate() {
+            for (c, m) in row[self.fixed + self.global_recent..]
+                .iter_mut()
+                .enumerate()
+            {
                 let key = self.local_start + c;
                 if key > pos || pos - key >= self.n_local {
                     *m = f32::NEG_INFINITY;
@@ -521,7 +525,10 @@ mod tests {
     #[test]
     fn block_scores_sum_over_heads() {
         let representatives = [1.0, 0.0, 0.0, 1.0, 2.0, 2.0];
-        assert_eq!(block_scores(&representatives, &[3.0, 4.0]), vec![3.0, 4.0, 14.0]);
+        assert_eq!(
+            block_scores(&representatives, &[3.0, 4.0]),
+            vec![3.0, 4.0, 14.0]
+        );
         let long: Vec<f32> = (0..37).map(|i| i as f32).collect();
         let expected: f32 = long.iter().map(|x| x * x).sum();
         assert_eq!(block_scores(&long, &long), vec![expected]);

@@ -47,7 +47,8 @@ pub fn filler_units_for(target_tokens: usize, fixed_tokens: usize, tokens_per_un
         clippy::cast_possible_truncation,
         clippy::cast_sign_loss
     )]
-    let units = (target_tokens.saturating_sub(fixed_tokens) as f64 / tokens_per_unit).round() as usize;
+    let units =
+        (target_tokens.saturating_sub(fixed_tokens) as f64 / tokens_per_unit).round() as usize;
     units
 }
 

@@ -110,11 +110,20 @@ impl Feed {
 
     /// A prompt of noise, fed in calls of `chunk` tokens.
     fn noise_prompt(&self, len: usize, chunk: usize) {
-        let (q, k, v) = (noise(HEADS, len, 1), noise(KV_HEADS, len, 2), noise(KV_HEADS, len, 3));
+        let (q, k, v) = (
+            noise(HEADS, len, 1),
+            noise(KV_HEADS, len, 2),
+            noise(KV_HEADS, len, 3),
+        );
         let mut at = 0;
         while at < len {
             let n = chunk.min(len - at);
-            self.step(true, &q.narrow(2, at, n).unwrap(), &k.narrow(2, at, n).unwrap(), &v.narrow(2, at, n).unwrap());
+            self.step(
+                true,
+                &q.narrow(2, at, n).unwrap(),
+                &k.narrow(2, at, n).unwrap(),
+                &v.narrow(2, at, n).unwrap(),
+            );
             at += n;
         }
     }
@@ -125,15 +134,35 @@ fn block_count_follows_the_invariant_at_every_length() {
     let config = small_config(Mode::Qllm);
     let feed = Feed::new(config, 1000);
     // Calls of uneven lengths, then single tokens as in decoding.
-    for len in [5, 37, 16, 1, 64, 23].into_iter().chain(std::iter::repeat_n(1, 40)) {
+    for len in [5, 37, 16, 1, 64, 23]
+        .into_iter()
+        .chain(std::iter::repeat_n(1, 40))
+    {
         let salt = feed.processed();
-        feed.step(true, &noise(HEADS, len, salt), &noise(KV_HEADS, len, salt + 1), &noise(KV_HEADS, len, salt + 2));
+        feed.step(
+            true,
+            &noise(HEADS, len, salt),
+            &noise(KV_HEADS, len, salt + 1),
+            &noise(KV_HEADS, len, salt + 2),
+        );
         let s = feed.stats().unwrap();
         let n = s.processed;
         let (n_init, n_local, bs) = (config.n_init, config.n_local, config.block_size);
-        assert_eq!(s.init, n_init.min(n.saturating_sub(n_local)), "after {n} tokens");
-        assert_eq!(s.blocks, n.saturating_sub(n_init + n_local) / bs, "after {n} tokens");
-        assert_eq!(s.init + s.blocks * bs + s.recent, n, "no token lost after {n}");
+        assert_eq!(
+            s.init,
+            n_init.min(n.saturating_sub(n_local)),
+            "after {n} tokens"
+        );
+        assert_eq!(
+            s.blocks,
+            n.saturating_sub(n_init + n_local) / bs,
+            "after {n} tokens"
+        );
+        assert_eq!(
+            s.init + s.blocks * bs + s.recent,
+            n,
+            "no token lost after {n}"
+        );
         if n >= n_init + n_local {
             assert!((n_local..n_local + bs).contains(&s.recent), "{s:?}");
         }
@@ -158,7 +187,12 @@ fn streaming_keeps_sinks_and_window_only() {
 /// A prompt of noise with the keys of memory block `planted` along
 /// `SLOW_DIM`, and optionally a question span at the end whose queries point
 /// along `question_dim`.
-fn planted_prompt(config: QllmConfig, len: usize, planted: usize, question: Option<(usize, usize)>) -> Feed {
+fn planted_prompt(
+    config: QllmConfig,
+    len: usize,
+    planted: usize,
+    question: Option<(usize, usize)>,
+) -> Feed {
     let feed = Feed::new(config, len);
     let mut k = noise(KV_HEADS, len, 2);
     let start = config.n_init + planted * config.block_size;
@@ -183,7 +217,12 @@ fn planted_prompt(config: QllmConfig, len: usize, planted: usize, question: Opti
     let mut at = 0;
     while at < len {
         let n = 40.min(len - at);
-        feed.step(true, &q.narrow(2, at, n).unwrap(), &k.narrow(2, at, n).unwrap(), &v.narrow(2, at, n).unwrap());
+        feed.step(
+            true,
+            &q.narrow(2, at, n).unwrap(),
+            &k.narrow(2, at, n).unwrap(),
+            &v.narrow(2, at, n).unwrap(),
+        );
         at += n;
     }
     feed
@@ -191,15 +230,28 @@ fn planted_prompt(config: QllmConfig, len: usize, planted: usize, question: Opti
 
 #[test]
 fn planted_key_block_is_retrieved_by_the_matching_query() {
-    let config = QllmConfig { topk: 1, ..small_config(Mode::Infllm) };
+    let config = QllmConfig {
+        topk: 1,
+        ..small_config(Mode::Infllm)
+    };
     for planted in [3, 11] {
         let feed = planted_prompt(config, 200, planted, None);
         assert!(feed.stats().unwrap().blocks > 11);
         let v = noise(KV_HEADS, 1, 9);
-        feed.step(false, &along(HEADS, 1, SLOW_DIM, 4.0), &noise(KV_HEADS, 1, 8), &v);
+        feed.step(
+            false,
+            &along(HEADS, 1, SLOW_DIM, 4.0),
+            &noise(KV_HEADS, 1, 8),
+            &v,
+        );
         assert_eq!(feed.stats().unwrap().last_retrieved, vec![planted]);
         // The opposite query ranks that block last.
-        feed.step(false, &along(HEADS, 1, SLOW_DIM, -4.0), &noise(KV_HEADS, 1, 8), &v);
+        feed.step(
+            false,
+            &along(HEADS, 1, SLOW_DIM, -4.0),
+            &noise(KV_HEADS, 1, 8),
+            &v,
+        );
         assert_ne!(feed.stats().unwrap().last_retrieved, vec![planted]);
     }
 }
@@ -210,10 +262,19 @@ fn question_steers_qllm_and_infllm_ignores_it() {
     // the decoded token's query points away from it.
     let planted = 5;
     let decode = |mode: Mode, with_question: bool| {
-        let config = QllmConfig { topk: 1, question_weight: 2.0, ..small_config(mode) };
+        let config = QllmConfig {
+            topk: 1,
+            question_weight: 2.0,
+            ..small_config(mode)
+        };
         let question = with_question.then_some((6, SLOW_DIM));
         let feed = planted_prompt(config, 200, planted, question);
-        let out = feed.step(false, &along(HEADS, 1, SLOW_DIM, -1.0), &noise(KV_HEADS, 1, 8), &noise(KV_HEADS, 1, 9));
+        let out = feed.step(
+            false,
+            &along(HEADS, 1, SLOW_DIM, -1.0),
+            &noise(KV_HEADS, 1, 8),
+            &noise(KV_HEADS, 1, 9),
+        );
         let stats = feed.stats().unwrap();
         (out.flatten_all().unwrap().to_vec1::<f32>().unwrap(), stats)
     };
@@ -226,7 +287,10 @@ fn question_steers_qllm_and_infllm_ignores_it() {
     assert!(!infllm_q.has_question);
     assert_ne!(infllm.last_retrieved, vec![planted]);
     assert_eq!(infllm_q.last_retrieved, infllm.last_retrieved);
-    assert_eq!(infllm_q_out, infllm_out, "infllm output depends on the question");
+    assert_eq!(
+        infllm_q_out, infllm_out,
+        "infllm output depends on the question"
+    );
     assert_ne!(qllm_out, infllm_out);
 
     // Without a question, Q-LLM is InfLLM.
@@ -240,39 +304,80 @@ fn sequences_in_one_batch_do_not_see_each_other() {
     let config = small_config(Mode::Qllm);
     let rope = rope();
     let len = 120;
-    let data = |salt: usize| (noise(HEADS, len, salt), noise(KV_HEADS, len, salt + 1), noise(KV_HEADS, len, salt + 2));
-    let (a, b) = (data(10), data(20));
-    let run = |hook: &QllmHook, seq_ids: &[usize], q: &Tensor, k: &Tensor, v: &Tensor, offset: usize| {
-        let tokens: Vec<u32> = (0..len as u32).collect();
-        let seqs: Vec<StepSequence<'_>> = seq_ids.iter().map(|&seq_id| StepSequence { seq_id, tokens: &tokens, is_prompt: true }).collect();
-        hook.begin_step(&seqs).unwrap();
-        let offsets = vec![offset; seq_ids.len()];
-        let ctx = AttentionHookCtx {
-            layer_idx: 0,
-            num_layers: 1,
-            seq_ids,
-            seqlen_offsets: &offsets,
-            rope: &rope,
-            softmax_scale: 0.25,
-        };
-        hook.attend(&ctx, q, k, v).unwrap()
+    let data = |salt: usize| {
+        (
+            noise(HEADS, len, salt),
+            noise(KV_HEADS, len, salt + 1),
+            noise(KV_HEADS, len, salt + 2),
+        )
     };
+    let (a, b) = (data(10), data(20));
+    let run =
+        |hook: &QllmHook, seq_ids: &[usize], q: &Tensor, k: &Tensor, v: &Tensor, offset: usize| {
+            let tokens: Vec<u32> = (0..len as u32).collect();
+            let seqs: Vec<StepSequence<'_>> = seq_ids
+                .iter()
+                .map(|&seq_id| StepSequence {
+                    seq_id,
+                    tokens: &tokens,
+                    is_prompt: true,
+                })
+                .collect();
+            hook.begin_step(&seqs).unwrap();
+            let offsets = vec![offset; seq_ids.len()];
+            let ctx = AttentionHookCtx {
+                layer_idx: 0,
+                num_layers: 1,
+                seq_ids,
+                seqlen_offsets: &offsets,
+                rope: &rope,
+                softmax_scale: 0.25,
+            };
+            hook.attend(&ctx, q, k, v).unwrap()
+        };
     let chunks = [(0, 64), (64, len - 64)];
     let together = QllmHook::new(config);
     let mut batched = Vec::new();
     for (at, n) in chunks {
-        let cat = |x: &Tensor, y: &Tensor| Tensor::cat(&[x.narrow(2, at, n).unwrap(), y.narrow(2, at, n).unwrap()], 0).unwrap();
-        batched.push(run(&together, &[1, 2], &cat(&a.0, &b.0), &cat(&a.1, &b.1), &cat(&a.2, &b.2), at));
+        let cat = |x: &Tensor, y: &Tensor| {
+            Tensor::cat(
+                &[x.narrow(2, at, n).unwrap(), y.narrow(2, at, n).unwrap()],
+                0,
+            )
+            .unwrap()
+        };
+        batched.push(run(
+            &together,
+            &[1, 2],
+            &cat(&a.0, &b.0),
+            &cat(&a.1, &b.1),
+            &cat(&a.2, &b.2),
+            at,
+        ));
     }
     let batched = Tensor::cat(&batched, 2).unwrap();
     for (row, (id, x)) in [(1, &a), (2, &b)].into_iter().enumerate() {
         let alone = QllmHook::new(config);
         let mut outs = Vec::new();
         for (at, n) in chunks {
-            outs.push(run(&alone, &[id], &x.0.narrow(2, at, n).unwrap(), &x.1.narrow(2, at, n).unwrap(), &x.2.narrow(2, at, n).unwrap(), at));
+            outs.push(run(
+                &alone,
+                &[id],
+                &x.0.narrow(2, at, n).unwrap(),
+                &x.1.narrow(2, at, n).unwrap(),
+                &x.2.narrow(2, at, n).unwrap(),
+                at,
+            ));
         }
         let alone_out = Tensor::cat(&outs, 2).unwrap();
-        let diff = (alone_out - batched.narrow(0, row, 1).unwrap()).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+        let diff = (alone_out - batched.narrow(0, row, 1).unwrap())
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
         assert_eq!(diff, 0.0, "row {row}");
         assert_eq!(alone.sequence_stats(id), together.sequence_stats(id));
     }

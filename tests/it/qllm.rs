@@ -28,7 +28,11 @@ fn prompt(len: u32, salt: u32) -> Vec<u32> {
 
 /// Logits of the prompt step and `DECODE_STEPS` decode steps of each prompt,
 /// run one after the other with `hook` installed.
-fn logits_with(file: &Path, hook: Arc<dyn AttentionHook>, prompts: &[Vec<u32>]) -> Vec<Vec<Vec<f32>>> {
+fn logits_with(
+    file: &Path,
+    hook: Arc<dyn AttentionHook>,
+    prompts: &[Vec<u32>],
+) -> Vec<Vec<Vec<f32>>> {
     set_attention_hook(Some(hook));
     let rt = runtime();
     let out = rt.block_on(async {
@@ -76,7 +80,13 @@ impl AttentionHook for Recording {
     fn begin_step(&self, seqs: &[StepSequence<'_>]) -> Result<()> {
         self.inner.begin_step(seqs)
     }
-    fn attend(&self, ctx: &AttentionHookCtx<'_>, q: &Tensor, k: &Tensor, v: &Tensor) -> Result<Tensor> {
+    fn attend(
+        &self,
+        ctx: &AttentionHookCtx<'_>,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+    ) -> Result<Tensor> {
         self.inner.attend(ctx, q, k, v)
     }
     fn end_sequence(&self, seq_id: usize) {
@@ -125,7 +135,11 @@ fn qllm_equals_dense_when_the_window_covers_the_sequence() {
         let ours: Vec<_> = ended.iter().filter(|s| s[0].processed >= 45).collect();
         assert_eq!(ours.len(), 2);
         // 46 + 16 tokens fit the window: nothing was evicted.
-        assert!(ours.iter().copied().flatten().all(|s| s.blocks == 0 && s.init == 0 && s.dropped == 0));
+        assert!(ours
+            .iter()
+            .copied()
+            .flatten()
+            .all(|s| s.blocks == 0 && s.init == 0 && s.dropped == 0));
     }
 }
 
@@ -139,7 +153,12 @@ struct Reference {
 }
 
 fn rows(t: &Tensor) -> Vec<Vec<Vec<f32>>> {
-    t.squeeze(0).unwrap().to_dtype(DType::F32).unwrap().to_vec3().unwrap()
+    t.squeeze(0)
+        .unwrap()
+        .to_dtype(DType::F32)
+        .unwrap()
+        .to_vec3()
+        .unwrap()
 }
 
 fn dot(a: &[f32], b: &[f32]) -> f32 {
@@ -147,7 +166,13 @@ fn dot(a: &[f32], b: &[f32]) -> f32 {
 }
 
 impl AttentionHook for Reference {
-    fn attend(&self, ctx: &AttentionHookCtx<'_>, q: &Tensor, k: &Tensor, v: &Tensor) -> Result<Tensor> {
+    fn attend(
+        &self,
+        ctx: &AttentionHookCtx<'_>,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+    ) -> Result<Tensor> {
         assert_eq!(q.dim(0)?, 1, "the reference runs one sequence at a time");
         let offset = ctx.seqlen_offsets[0];
         let mut kv = self.kv.lock().unwrap();
@@ -166,8 +191,14 @@ impl AttentionHook for Reference {
         let at = |range: Vec<u32>| Tensor::new(range, q.device());
         let keys_raw = rows(&keys);
         let keys_at_pos = rows(&ctx.rope.rotate(&keys, &at((0..n as u32).collect())?)?);
-        let q_at_pos = rows(&ctx.rope.rotate(q, &at((offset as u32..(offset + len) as u32).collect())?)?);
-        let q_far = rows(&ctx.rope.rotate(q, &at(vec![self.n_local as u32 - 1; len])?)?);
+        let q_at_pos = rows(
+            &ctx.rope
+                .rotate(q, &at((offset as u32..(offset + len) as u32).collect())?)?,
+        );
+        let q_far = rows(
+            &ctx.rope
+                .rotate(q, &at(vec![self.n_local as u32 - 1; len])?)?,
+        );
         let mut out = vec![0f32; heads * len * d];
         for h in 0..heads {
             let g = h / group;
