@@ -529,7 +529,7 @@ mod tests {
             block_scores(&representatives, &[3.0, 4.0]),
             vec![3.0, 4.0, 14.0]
         );
-        let long: Vec<f32> = (0..37).map(|i| i as f32).collect();
+        let long: Vec<f32> = (0u8..37).map(f32::from).collect();
         let expected: f32 = long.iter().map(|x| x * x).sum();
         assert_eq!(block_scores(&long, &long), vec![expected]);
     }

@@ -149,8 +149,11 @@ fn qllm_equals_dense_when_the_window_covers_the_sequence() {
 /// unrotated) otherwise, all in one softmax.
 struct Reference {
     n_local: usize,
-    kv: Mutex<HashMap<(usize, usize), (Vec<Tensor>, Vec<Tensor>)>>,
+    kv: Mutex<HashMap<(usize, usize), RawKv>>,
 }
+
+/// Every raw key and value a layer of a sequence has seen, call by call.
+type RawKv = (Vec<Tensor>, Vec<Tensor>);
 
 fn rows(t: &Tensor) -> Vec<Vec<Vec<f32>>> {
     t.squeeze(0)
