@@ -201,11 +201,18 @@ impl QllmHook {
     }
 
     fn find_question(&self, seq: &StepSequence<'_>) -> Option<Range<usize>> {
-        let question = self
+        let Some(question) = self
             .question_tokens
             .lock()
             .unwrap_or_else(|e| e.into_inner())
-            .clone()?;
+            .clone()
+        else {
+            tracing::info!(
+                "qllm: sequence {}: no question given; retrieval uses the current queries only",
+                seq.seq_id
+            );
+            return None;
+        };
         let Some(span) = find_question_span(seq.tokens, &question) else {
             tracing::warn!(
                 "qllm: sequence {}: the question ({} tokens) is not in the prompt; \
