@@ -123,3 +123,18 @@ async fn final_text(rx: &mut tokio::sync::mpsc::Receiver<Response>) -> String {
         _ => panic!("unexpected response"),
     }
 }
+
+/// Largest absolute difference between two logit traces (requests x steps x
+/// vocabulary); panics if their shapes differ.
+pub fn max_abs_diff(a: &[Vec<Vec<f32>>], b: &[Vec<Vec<f32>>]) -> f32 {
+    let mut worst = 0f32;
+    for (ra, rb) in a.iter().zip(b) {
+        assert_eq!(ra.len(), rb.len(), "different number of steps");
+        for (sa, sb) in ra.iter().zip(rb) {
+            for (x, y) in sa.iter().zip(sb) {
+                worst = worst.max((x - y).abs());
+            }
+        }
+    }
+    worst
+}

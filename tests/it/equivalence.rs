@@ -10,7 +10,7 @@ use mistralrs_core::attention_hook::{
 use mistralrs_core::{MistralRs, ModelDType};
 use qllm::{QllmConfig, QllmHook};
 
-use crate::engine::{engine_lock, generate_tokens, load_gguf, runtime};
+use crate::engine::{engine_lock, generate_tokens, load_gguf, max_abs_diff, runtime};
 use crate::tiny;
 
 /// Delegates to the real hook and records the widest batch it served.
@@ -73,19 +73,6 @@ async fn run_pair(file: &std::path::Path, together: bool) -> (Arc<MistralRs>, Ve
         )
     };
     (mistralrs, vec![la, lb])
-}
-
-fn max_abs_diff(a: &[Vec<Vec<f32>>], b: &[Vec<Vec<f32>>]) -> f32 {
-    let mut worst = 0f32;
-    for (ra, rb) in a.iter().zip(b) {
-        assert_eq!(ra.len(), rb.len(), "different number of steps");
-        for (sa, sb) in ra.iter().zip(rb) {
-            for (x, y) in sa.iter().zip(sb) {
-                worst = worst.max((x - y).abs());
-            }
-        }
-    }
-    worst
 }
 
 #[test]

@@ -13,7 +13,7 @@ use mistralrs_core::attention_hook::{
 use mistralrs_core::ModelDType;
 use qllm::{LayerStats, Mode, QllmConfig, QllmHook};
 
-use crate::engine::{engine_lock, generate_tokens, load_gguf, runtime};
+use crate::engine::{engine_lock, generate_tokens, load_gguf, max_abs_diff, runtime};
 use crate::tiny;
 
 const DECODE_STEPS: usize = 16;
@@ -45,19 +45,6 @@ fn logits_with(
     });
     set_attention_hook(None);
     out
-}
-
-fn max_abs_diff(a: &[Vec<Vec<f32>>], b: &[Vec<Vec<f32>>]) -> f32 {
-    let mut worst = 0f32;
-    for (ra, rb) in a.iter().zip(b) {
-        assert_eq!(ra.len(), rb.len(), "different number of steps");
-        for (sa, sb) in ra.iter().zip(rb) {
-            for (x, y) in sa.iter().zip(sb) {
-                worst = worst.max((x - y).abs());
-            }
-        }
-    }
-    worst
 }
 
 /// Delegates to the real hook and keeps each sequence's layer statistics as
