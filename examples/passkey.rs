@@ -131,13 +131,14 @@ async fn tokenize(mistralrs: &MistralRs, text: &str) -> Result<Vec<u32>> {
     rx.recv().await.context("no tokenizer response")?
 }
 
-/// The prompt with about `target` tokens and the key at `depth`.
+/// The prompt with about `target` tokens and the key at `depth`, and the
+/// token position where the key's sentence starts.
 async fn build_prompt(
     mistralrs: &MistralRs,
     target: usize,
     depth: f64,
     key: u32,
-) -> Result<String> {
+) -> Result<(String, usize)> {
     let fixed = tokenize(mistralrs, &passkey::fixed_text(key)).await?.len();
     let units = 64;
     #[allow(clippy::cast_precision_loss)]
@@ -145,11 +146,16 @@ async fn build_prompt(
         .await?
         .len() as f64
         / units as f64;
-    Ok(passkey::prompt(
+    let prompt = passkey::prompt(
         passkey::filler_units_for(target, fixed, per_unit),
         depth,
         key,
-    ))
+    );
+    let needle_at = prompt
+        .find(&passkey::needle(key))
+        .context("the needle is missing from the prompt")?;
+    let needle_token = tokenize(mistralrs, &prompt[..needle_at]).await?.len();
+    Ok((prompt, needle_token))
 }
 
 async fn complete(
@@ -197,6 +203,7 @@ fn peak_rss_mib() -> Option<f64> {
 #[tokio::main]
 async fn main() -> Result<()> {
     let args = parse_args()?;
+    mistralrs_core::initialize_logging();
     if !args.model.exists() {
         bail!(
             "model file {} does not exist (scripts/fetch-assets.sh fetches the default)",
@@ -225,25 +232,28 @@ async fn main() -> Result<()> {
     if let Some(hook) = &hook {
         hook.set_question(Some(tokenize(&mistralrs, passkey::QUESTION).await?));
     }
-    println!("mode\ttokens\tdepth\tkey\tfound\tprefill_tok_s\tdecode_tok_s\tanswer");
+    println!("mode\ttokens\tdepth\tneedle_token\tkey\tfound\tprefill_tok_s\tdecode_tok_s\tanswer");
     let mut found = 0;
     let mut cells = 0;
     for &target in &args.tokens {
         for &depth in &args.depths {
             let key = passkey::key(args.seed, cells);
             cells += 1;
-            let prompt = build_prompt(&mistralrs, target, depth, key).await?;
+            let (prompt, needle_token) = build_prompt(&mistralrs, target, depth, key).await?;
             let (answer, usage) = match complete(&mistralrs, prompt, args.max_new_tokens).await {
                 Ok(done) => done,
                 Err(e) => {
-                    println!("{}\t{target}\t{depth}\t{key}\terror\t\t\t{e}", args.mode);
+                    println!(
+                        "{}\t{target}\t{depth}\t{needle_token}\t{key}\terror\t\t\t{e}",
+                        args.mode
+                    );
                     continue;
                 }
             };
             let ok = answer.contains(&key.to_string());
             found += usize::from(ok);
             println!(
-                "{}\t{}\t{depth}\t{key}\t{ok}\t{:.1}\t{:.1}\t{:?}",
+                "{}\t{}\t{depth}\t{needle_token}\t{key}\t{ok}\t{:.1}\t{:.1}\t{:?}",
                 args.mode,
                 usage.prompt_tokens,
                 usage.avg_prompt_tok_per_sec,

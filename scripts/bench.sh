@@ -24,7 +24,7 @@ for mode in ${modes//,/ }; do
             --max-new-tokens 32 "$@" 2>/dev/null) || { echo "$mode $n: failed" >&2; continue; }
     row=$(grep -P "^$mode\t" <<<"$log" | head -1)
     rss=$(grep -P '^peak_rss_mib\t' <<<"$log" | cut -f2)
-    IFS=$'\t' read -r _ tokens _ _ found prefill decode _ <<<"$row"
+    IFS=$'\t' read -r _ tokens _ _ _ found prefill decode _ <<<"$row"
     line=$(printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s' "$(date -u +%FT%TZ)" "$mode" "$tokens" "$prefill" "$decode" "$rss" "$found" "$*")
     echo "$line" | tee -a "$out"
   done

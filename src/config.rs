@@ -5,12 +5,12 @@ use std::path::Path;
 use std::str::FromStr;
 
 use serde::de::IntoDeserializer;
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
 
 /// Which attention policy the hook runs.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Deserialize, Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Mode {
     /// Q-LLM: block memory retrieved by the current queries plus the
@@ -64,6 +64,17 @@ impl FromStr for Mode {
     type Err = String;
     fn from_str(s: &str) -> std::result::Result<Self, String> {
         from_config_str(s)
+    }
+}
+
+impl std::fmt::Display for Mode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Mode::Qllm => "qllm",
+            Mode::Infllm => "infllm",
+            Mode::Streaming => "streaming",
+            Mode::Dense => "dense",
+        })
     }
 }
 

@@ -30,6 +30,10 @@ pub enum Error {
         /// The parser's message, which names the key and line.
         message: String,
     },
+    /// An evaluation task cannot be generated (missing data, a length the
+    /// task cannot reach, a bad depth).
+    #[error("evaluation: {0}")]
+    Eval(String),
 }
 
 /// Result with this crate's [`Error`].

@@ -197,6 +197,13 @@ impl QllmHook {
             )?);
             start += n;
         }
+        if len == 1 && tracing::enabled!(tracing::Level::DEBUG) {
+            tracing::debug!(
+                "qllm: layer {} at position {offset}: retrieved blocks {:?}",
+                ctx.layer_idx,
+                memory.stats().last_retrieved
+            );
+        }
         Tensor::cat(&outputs, 2)
     }
 

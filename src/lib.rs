@@ -20,6 +20,7 @@
 pub mod attention;
 pub mod config;
 pub mod error;
+pub mod eval;
 pub mod hook;
 pub mod kv;
 pub mod memory;

@@ -4,6 +4,7 @@ mod assets;
 mod cli;
 mod engine;
 mod equivalence;
+mod eval;
 mod passkey;
 mod policy;
 mod qllm;
