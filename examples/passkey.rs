@@ -9,8 +9,12 @@
 //! cargo run --release --example passkey -- --model assets/SmolLM2-135M-Instruct.Q4_1.gguf \
 //!     --tokens 1024,4096 --depths 0.1,0.5,0.9 [--mode qllm|infllm|streaming|dense|upstream] \
 //!     [--preset 512|1k|2k|infllm] [--config qllm.toml] [--dtype f32|bf16|f16|auto] \
-//!     [--max-new-tokens 8] [--seed 1]
+//!     [--max-new-tokens 8] [--seed 1] [--dequantize]
 //! ```
+//!
+//! `--dequantize` turns the GGUF weights into f32 at load
+//! (`CANDLE_DEQUANTIZE_ALL=1`): prefill runs on f32 matrix products instead
+//! of candle's quantized dot products.
 
 use std::path::PathBuf;
 
@@ -33,6 +37,7 @@ struct Args {
     dtype: ModelDType,
     seed: u64,
     max_new_tokens: usize,
+    dequantize: bool,
 }
 
 fn parse_args() -> Result<Args> {
@@ -46,6 +51,7 @@ fn parse_args() -> Result<Args> {
         dtype: ModelDType::F32,
         seed: 1,
         max_new_tokens: 8,
+        dequantize: false,
     };
     let mut it = std::env::args().skip(1);
     while let Some(flag) = it.next() {
@@ -68,6 +74,7 @@ fn parse_args() -> Result<Args> {
             }
             "--seed" => args.seed = value()?.parse()?,
             "--max-new-tokens" => args.max_new_tokens = value()?.parse()?,
+            "--dequantize" => args.dequantize = true,
             other => bail!("unknown argument {other}"),
         }
     }
@@ -209,6 +216,10 @@ async fn main() -> Result<()> {
             "model file {} does not exist (scripts/fetch-assets.sh fetches the default)",
             args.model.display()
         );
+    }
+    if args.dequantize {
+        // Before any weight is loaded: candle reads it once per thread.
+        std::env::set_var("CANDLE_DEQUANTIZE_ALL", "1");
     }
     let hook = if args.mode == "upstream" {
         None

@@ -3,33 +3,13 @@
 
 use std::sync::Arc;
 
-use either::Either;
 use mistralrs_core::attention_hook::set_attention_hook;
-use mistralrs_core::{MistralRs, ModelDType, Request, RequestMessage, TokenizationRequest};
+use mistralrs_core::{ModelDType, RequestMessage};
+use qllm::eval::EngineTokenizer;
 use qllm::{passkey, Mode, QllmConfig, QllmHook};
 
 use crate::assets;
 use crate::engine::{engine_lock, greedy, load_gguf, runtime};
-
-async fn tokenize(mistralrs: &MistralRs, text: &str) -> Vec<u32> {
-    let (tx, mut rx) = tokio::sync::mpsc::channel(1);
-    let request = TokenizationRequest {
-        text: Either::Right(text.to_string()),
-        tools: None,
-        add_generation_prompt: false,
-        add_special_tokens: false,
-        enable_thinking: None,
-        reasoning_effort: None,
-        response: tx,
-    };
-    mistralrs
-        .get_sender(None)
-        .unwrap()
-        .send(Request::Tokenize(request))
-        .await
-        .unwrap();
-    rx.recv().await.unwrap().unwrap()
-}
 
 /// Answers for depths 10%, 50% and 90% of a prompt of about `target` tokens.
 fn passkey_cells(mode: Mode, target: usize) -> Vec<(u32, usize, String)> {
@@ -39,32 +19,26 @@ fn passkey_cells(mode: Mode, target: usize) -> Vec<(u32, usize, String)> {
     }));
     set_attention_hook(Some(hook.clone()));
     let rt = runtime();
-    let cells = rt.block_on(async {
-        let mistralrs = load_gguf(&assets::smollm2(), ModelDType::F32).await;
-        hook.set_question(Some(tokenize(&mistralrs, passkey::QUESTION).await));
-        let fixed = tokenize(&mistralrs, &passkey::fixed_text(12345))
-            .await
-            .len();
-        let per_unit = tokenize(&mistralrs, &passkey::FILLER.repeat(64))
-            .await
-            .len() as f64
-            / 64.0;
-        let units = passkey::filler_units_for(target, fixed, per_unit);
-        let mut cells = Vec::new();
-        for (cell, depth) in [0.1, 0.5, 0.9].into_iter().enumerate() {
-            let key = passkey::key(1, cell as u64);
-            let prompt = passkey::prompt(units, depth, key);
-            let len = tokenize(&mistralrs, &prompt).await.len();
-            let message = RequestMessage::Completion {
-                text: prompt,
-                echo_prompt: false,
-                best_of: None,
-            };
-            let answer = greedy(&mistralrs, message, 8, vec![]).await;
-            cells.push((key, len, answer));
-        }
-        cells
-    });
+    let mistralrs = rt.block_on(load_gguf(&assets::smollm2(), ModelDType::F32));
+    let tokenizer = EngineTokenizer::new(&mistralrs).unwrap();
+    let tokens = |text: &str| tokenizer.encode(text).unwrap();
+    hook.set_question(Some(tokens(passkey::QUESTION)));
+    let fixed = tokens(&passkey::fixed_text(12345)).len();
+    let per_unit = tokens(&passkey::FILLER.repeat(64)).len() as f64 / 64.0;
+    let units = passkey::filler_units_for(target, fixed, per_unit);
+    let mut cells = Vec::new();
+    for (cell, depth) in [0.1, 0.5, 0.9].into_iter().enumerate() {
+        let key = passkey::key(1, cell as u64);
+        let prompt = passkey::prompt(units, depth, key);
+        let len = tokens(&prompt).len();
+        let message = RequestMessage::Completion {
+            text: prompt,
+            echo_prompt: false,
+            best_of: None,
+        };
+        let answer = rt.block_on(greedy(&mistralrs, message, 8, vec![]));
+        cells.push((key, len, answer));
+    }
     set_attention_hook(None);
     cells
 }
