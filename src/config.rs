@@ -4,6 +4,7 @@
 use std::path::Path;
 use std::str::FromStr;
 
+use candle_core::DType;
 use serde::de::IntoDeserializer;
 use serde::{Deserialize, Serialize};
 
@@ -85,6 +86,33 @@ impl FromStr for Preset {
     }
 }
 
+/// The dtype memory blocks are stored in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum BlockDType {
+    /// The model's compute dtype.
+    #[default]
+    Model,
+    /// bfloat16: half the bytes of f32, the exponent range of f32.
+    Bf16,
+    /// float16.
+    F16,
+    /// float32.
+    F32,
+}
+
+impl BlockDType {
+    /// The dtype for a model computing in `model`.
+    pub fn resolve(self, model: DType) -> DType {
+        match self {
+            BlockDType::Model => model,
+            BlockDType::Bf16 => DType::BF16,
+            BlockDType::F16 => DType::F16,
+            BlockDType::F32 => DType::F32,
+        }
+    }
+}
+
 /// Validated settings the hook runs with.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct QllmConfig {
@@ -110,6 +138,8 @@ pub struct QllmConfig {
     /// Longest prompt accepted (replaces the model's own limit; not in
     /// `dense` mode, which keeps it).
     pub max_context_len: usize,
+    /// Storage dtype of memory blocks (the bulk of a long context's memory).
+    pub block_dtype: BlockDType,
 }
 
 impl QllmConfig {
@@ -140,6 +170,7 @@ impl QllmConfig {
             question_weight: 1.0,
             prefill_chunk_size: 512,
             max_context_len: 1 << 20,
+            block_dtype: BlockDType::Model,
         }
     }
 
@@ -215,6 +246,8 @@ pub struct ConfigFile {
     pub prefill_chunk_size: Option<i64>,
     /// See [`QllmConfig::max_context_len`].
     pub max_context_len: Option<i64>,
+    /// See [`QllmConfig::block_dtype`].
+    pub block_dtype: Option<BlockDType>,
 }
 
 impl ConfigFile {
@@ -270,6 +303,7 @@ impl ConfigFile {
                 base.max_context_len,
                 1,
             )?,
+            block_dtype: self.block_dtype.unwrap_or(base.block_dtype),
         };
         config.validate()?;
         Ok(config)
@@ -347,6 +381,17 @@ mod tests {
         );
         let config = parse("preset = \"infllm\"").unwrap();
         assert_eq!((config.n_local, config.topk), (4096, 16));
+    }
+
+    #[test]
+    fn block_dtype_is_parsed_and_checked() {
+        let file: ConfigFile = toml::from_str("block_dtype = \"bf16\"").unwrap();
+        let config = file.resolve().unwrap();
+        assert_eq!(config.block_dtype, BlockDType::Bf16);
+        assert_eq!(config.block_dtype.resolve(DType::F32), DType::BF16);
+        assert_eq!(BlockDType::Model.resolve(DType::F16), DType::F16);
+        let err = toml::from_str::<ConfigFile>("block_dtype = \"int4\"").unwrap_err();
+        assert!(err.to_string().contains("int4"), "{err}");
     }
 
     #[test]

@@ -29,7 +29,7 @@ pub mod passkey;
 use std::path::Path;
 use std::sync::Arc;
 
-pub use config::{ConfigFile, Mode, Preset, QllmConfig};
+pub use config::{BlockDType, ConfigFile, Mode, Preset, QllmConfig};
 pub use error::{Error, Result};
 pub use hook::{find_question_span, MemoryStats, QllmHook};
 pub use memory::LayerStats;

@@ -168,20 +168,24 @@ impl LayerMemory {
         // oldest recent tokens, unrotated.
         let global_recent_end = self.recent_start.max(end.saturating_sub(n_local));
         let global_recent = global_recent_end - self.recent_start;
+        // Gathered in f32: blocks may be stored in another dtype than the
+        // model computes in.
         let mut global_k = Vec::new();
         let mut global_v = Vec::new();
+        let mut gather = |k: &Tensor, v: &Tensor| -> Result<()> {
+            global_k.push(k.to_dtype(DType::F32)?);
+            global_v.push(v.to_dtype(DType::F32)?);
+            Ok(())
+        };
         if let Some((k, v)) = self.init.get()? {
-            global_k.push(k);
-            global_v.push(v);
+            gather(&k, &v)?;
         }
         for &b in &retrieved {
-            global_k.push(self.blocks[b].k.clone());
-            global_v.push(self.blocks[b].v.clone());
+            gather(&self.blocks[b].k, &self.blocks[b].v)?;
         }
         if global_recent > 0 {
             let (k, v) = self.recent.range(0, global_recent)?;
-            global_k.push(k);
-            global_v.push(v);
+            gather(&k, &v)?;
         }
         let n_global = self.init.len() + retrieved.len() * config.block_size + global_recent;
 
@@ -191,12 +195,10 @@ impl LayerMemory {
         let k_local = k_local.to_dtype(DType::F32)?.squeeze(0)?;
         let local_scores = q_local.matmul(&k_local.t()?)?;
         let (scores, values) = if n_global > 0 {
-            let k_global = Tensor::cat(&global_k, 2)?
-                .to_dtype(DType::F32)?
-                .squeeze(0)?;
+            let k_global = Tensor::cat(&global_k, 2)?.squeeze(0)?;
             let q_global = q_global.reshape((kv_heads, group * e, d))?;
             let global_scores = q_global.matmul(&k_global.t()?)?;
-            global_v.push(v_local);
+            global_v.push(v_local.to_dtype(DType::F32)?);
             (
                 Tensor::cat(&[global_scores, local_scores], 2)?,
                 Tensor::cat(&global_v, 2)?,
@@ -327,9 +329,8 @@ impl LayerMemory {
         let sinks_full = self.init.len() >= config.n_init;
         match config.mode {
             Mode::Qllm | Mode::Infllm => {
-                let bs = config.block_size;
-                while sinks_full && self.recent.len() >= n_local + bs {
-                    self.form_block(bs, heads, config.repr_topk)?;
+                while sinks_full && self.recent.len() >= n_local + config.block_size {
+                    self.form_block(config, heads)?;
                 }
             }
             Mode::Streaming => {
@@ -345,17 +346,26 @@ impl LayerMemory {
         Ok(())
     }
 
-    fn form_block(&mut self, bs: usize, heads: usize, repr_topk: usize) -> Result<()> {
+    fn form_block(&mut self, config: &QllmConfig, heads: usize) -> Result<()> {
+        let (bs, repr_topk) = (config.block_size, config.repr_topk);
         let (k, v) = self.recent.range(0, bs)?;
         // Own copies: views would pin the whole recent buffer.
-        let (k, v) = (k.force_contiguous()?, v.force_contiguous()?);
+        let dtype = config.block_dtype.resolve(k.dtype());
+        let (k_block, v_block) = if dtype == k.dtype() {
+            (k.force_contiguous()?, v.force_contiguous()?)
+        } else {
+            (k.to_dtype(dtype)?, v.to_dtype(dtype)?)
+        };
         let (_, kv_heads, _, d) = k.dims4()?;
         let keys = k.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
         let scores = &self.local_score[..bs * heads];
         let representative =
             mean_of_most_attended(&keys, heads / kv_heads, bs, d, scores, heads, repr_topk);
         self.representatives.extend_from_slice(&representative);
-        self.blocks.push(MemoryBlock { k, v });
+        self.blocks.push(MemoryBlock {
+            k: k_block,
+            v: v_block,
+        });
         self.drop_recent(bs, heads);
         Ok(())
     }

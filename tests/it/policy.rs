@@ -4,7 +4,7 @@
 use candle_core::{DType, Device, Tensor};
 use mistralrs_core::attention_hook::{AttentionHook, AttentionHookCtx, StepSequence};
 use mistralrs_core::layers::RotaryEmbedding;
-use qllm::{LayerStats, Mode, QllmConfig, QllmHook};
+use qllm::{BlockDType, LayerStats, Mode, QllmConfig, QllmHook};
 
 const HEADS: usize = 4;
 const KV_HEADS: usize = 2;
@@ -26,6 +26,7 @@ fn small_config(mode: Mode) -> QllmConfig {
         question_weight: 1.0,
         prefill_chunk_size: 64,
         max_context_len: 1 << 20,
+        block_dtype: BlockDType::Model,
     }
 }
 
@@ -384,4 +385,42 @@ fn sequences_in_one_batch_do_not_see_each_other() {
     assert!(together.sequence_stats(1).unwrap()[0].blocks > 0);
     together.end_sequence(1);
     assert_eq!(together.sequence_ids(), vec![2]);
+}
+
+#[test]
+fn bf16_blocks_halve_block_memory_and_keep_the_output_close() {
+    let run = |block_dtype: BlockDType| {
+        let feed = Feed::new(
+            QllmConfig {
+                block_dtype,
+                ..small_config(Mode::Qllm)
+            },
+            200,
+        );
+        feed.noise_prompt(200, 64);
+        let out = feed.step(
+            false,
+            &noise(HEADS, 1, 4),
+            &noise(KV_HEADS, 1, 5),
+            &noise(KV_HEADS, 1, 6),
+        );
+        let stats = feed.stats().unwrap();
+        assert!(stats.last_retrieved.len() == 2, "{stats:?}");
+        (out, feed.hook.memory_stats().bytes, stats.blocks)
+    };
+    let (f32_out, f32_bytes, blocks) = run(BlockDType::Model);
+    let (bf16_out, bf16_bytes, _) = run(BlockDType::Bf16);
+    // Each block's K and V: 2 x KV_HEADS x block_size x DIM values.
+    let saved = blocks * 2 * KV_HEADS * 8 * DIM * 2;
+    assert_eq!(f32_bytes - bf16_bytes, saved);
+    assert_eq!(bf16_out.dtype(), DType::F32);
+    let diff = (f32_out - bf16_out)
+        .unwrap()
+        .abs()
+        .unwrap()
+        .max_all()
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap();
+    assert!(diff > 0.0 && diff < 1e-3, "max abs diff {diff}");
 }
