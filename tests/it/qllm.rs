@@ -5,6 +5,7 @@
 use std::collections::HashMap;
 use std::path::Path;
 use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use candle_core::{DType, Result, Tensor};
 use mistralrs_core::attention_hook::{
@@ -27,11 +28,14 @@ fn prompt(len: u32, salt: u32) -> Vec<u32> {
 }
 
 /// Logits of the prompt step and `DECODE_STEPS` decode steps of each prompt,
-/// run one after the other with `hook` installed.
+/// run one after the other with `hook` installed. The hook stays installed
+/// until `settled` holds (or 10 s pass): the engine drops a sequence, and
+/// tells the hook, just after its response.
 fn logits_with(
     file: &Path,
     hook: Arc<dyn AttentionHook>,
     prompts: &[Vec<u32>],
+    settled: impl Fn() -> bool,
 ) -> Vec<Vec<Vec<f32>>> {
     set_attention_hook(Some(hook));
     let rt = runtime();
@@ -40,6 +44,10 @@ fn logits_with(
         let mut out = Vec::new();
         for p in prompts {
             out.push(generate_tokens(&mistralrs, p.clone(), DECODE_STEPS + 1, &[EOS]).await);
+        }
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !settled() && Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(10)).await;
         }
         out
     });
@@ -60,6 +68,11 @@ impl Recording {
             inner: QllmHook::new(config),
             ended: Mutex::new(Vec::new()),
         })
+    }
+
+    /// Whether every sequence has ended.
+    fn settled(&self) -> bool {
+        self.inner.sequence_ids().is_empty()
     }
 }
 
@@ -100,7 +113,7 @@ fn qllm_equals_dense_when_the_window_covers_the_sequence() {
         prefill_chunk_size: 16,
         ..QllmConfig::dense()
     };
-    let reference = logits_with(&file, Arc::new(QllmHook::new(dense)), &prompts);
+    let reference = logits_with(&file, Arc::new(QllmHook::new(dense)), &prompts, || true);
     for mode in [Mode::Qllm, Mode::Streaming] {
         let config = QllmConfig {
             mode,
@@ -114,7 +127,7 @@ fn qllm_equals_dense_when_the_window_covers_the_sequence() {
             ..QllmConfig::default()
         };
         let hook = Recording::new(config);
-        let got = logits_with(&file, hook.clone(), &prompts);
+        let got = logits_with(&file, hook.clone(), &prompts, || hook.settled());
         let diff = max_abs_diff(&reference, &got);
         assert!(diff <= 1e-4, "{mode:?}: max abs logit difference {diff}");
         // The engine's own warm-up request ends too; ours are the long ones.
@@ -237,6 +250,7 @@ fn qllm_retrieving_every_block_equals_the_written_out_reference() {
             kv: Mutex::new(HashMap::new()),
         }),
         &prompts,
+        || true,
     );
     let config = QllmConfig {
         mode: Mode::Qllm,
@@ -252,7 +266,7 @@ fn qllm_retrieving_every_block_equals_the_written_out_reference() {
         ..QllmConfig::default()
     };
     let hook = Recording::new(config);
-    let got = logits_with(&file, hook.clone(), &prompts);
+    let got = logits_with(&file, hook.clone(), &prompts, || hook.settled());
     let diff = max_abs_diff(&reference, &got);
     assert!(diff <= 1e-4, "max abs logit difference {diff}");
     let spread = reference[0][0].iter().fold(f32::MIN, |m, &x| m.max(x))
