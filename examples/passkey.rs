@@ -3,7 +3,7 @@
 //! A 5-digit key is hidden at several depths of a long filler text
 //! ([`qllm::passkey`]); the model completes "The pass key is". Prints one
 //! line per (length, depth) with the answer, prefill and decode speed, then
-//! the process's peak resident memory.
+//! the process's peak resident memory and the peak bytes the hook held.
 //!
 //! ```text
 //! cargo run --release --example passkey -- --model assets/SmolLM2-135M-Instruct.Q4_1.gguf \
@@ -17,6 +17,8 @@
 //! of candle's quantized dot products.
 
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
 
 use anyhow::{bail, Context, Result};
 use either::Either;
@@ -243,6 +245,18 @@ async fn main() -> Result<()> {
     if let Some(hook) = &hook {
         hook.set_question(Some(tokenize(&mistralrs, passkey::QUESTION).await?));
     }
+    // The hook's own bytes, sampled while requests run, to tell its memory
+    // from the rest of the process's.
+    let peak_hook_bytes = Arc::new(AtomicUsize::new(0));
+    if let Some(hook) = hook.clone() {
+        let peak = peak_hook_bytes.clone();
+        tokio::spawn(async move {
+            loop {
+                peak.fetch_max(hook.memory_stats().bytes, Ordering::Relaxed);
+                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+            }
+        });
+    }
     println!("mode\ttokens\tdepth\tneedle_token\tkey\tfound\tprefill_tok_s\tdecode_tok_s\tanswer");
     let mut found = 0;
     let mut cells = 0;
@@ -276,6 +290,11 @@ async fn main() -> Result<()> {
     println!("found {found}/{cells}");
     if let Some(mib) = peak_rss_mib() {
         println!("peak_rss_mib\t{mib:.0}");
+    }
+    if hook.is_some() {
+        #[allow(clippy::cast_precision_loss)]
+        let mib = peak_hook_bytes.load(Ordering::Relaxed) as f64 / f64::from(1 << 20);
+        println!("peak_hook_mib\t{mib:.0}");
     }
     Ok(())
 }
