@@ -509,7 +509,7 @@ fn run_plan(
                     error: Some(format!("{e:#}")),
                 },
             };
-            bar.println(format!(
+            let line = format!(
                 "{:<13} {:<9} {length:>6} @ {depth:<4} score {:.2}  prefill {:>6.1} tok/s  \
                  decode {:>5.1} tok/s  {:>6.0} MiB  {:?}",
                 task.name(),
@@ -519,7 +519,13 @@ fn run_plan(
                 cell.decode_tok_s,
                 cell.peak_rss_mib,
                 cell.error.as_deref().unwrap_or(&cell.output),
-            ));
+            );
+            // A hidden bar (output not a terminal) drops its log lines.
+            if bar.is_hidden() {
+                println!("{line}");
+            } else {
+                bar.println(line);
+            }
             cells.push(cell);
             save(
                 results_path,
