@@ -27,12 +27,62 @@ use mistralrs_core::layers::RotaryEmbedding;
 use crate::config::{Mode, QllmConfig};
 use crate::kv::KvBuffer;
 
-/// One memory block: `block_size` consecutive evicted tokens, pre-RoPE,
-/// `(1, kv_heads, block_size, d)` in the model's dtype.
-#[derive(Debug)]
-struct MemoryBlock {
-    k: Tensor,
-    v: Tensor,
+/// Blocks per slab of a [`BlockStore`].
+const SLAB_BLOCKS: usize = 16;
+
+/// The memory blocks of one layer: `block_size` consecutive evicted tokens
+/// each, pre-RoPE, in slabs of [`SLAB_BLOCKS`] blocks. One allocation per
+/// slab rather than per block: thousands of small long-lived buffers
+/// interleaved with transient ones fragment the heap.
+#[derive(Debug, Default)]
+struct BlockStore {
+    /// `(1, kv_heads, SLAB_BLOCKS * block_size, d)` keys and values.
+    slabs: Vec<(Tensor, Tensor)>,
+    len: usize,
+}
+
+impl BlockStore {
+    fn len(&self) -> usize {
+        self.len
+    }
+
+    fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// Appends a block, `(1, kv_heads, block_size, d)` keys and values.
+    fn push(&mut self, k: &Tensor, v: &Tensor) -> Result<()> {
+        let (b, heads, block_size, d) = k.dims4()?;
+        let slot = self.len % SLAB_BLOCKS;
+        if slot == 0 {
+            let shape = (b, heads, SLAB_BLOCKS * block_size, d);
+            self.slabs.push((
+                Tensor::zeros(shape, k.dtype(), k.device())?,
+                Tensor::zeros(shape, v.dtype(), v.device())?,
+            ));
+        }
+        let (ks, vs) = self.slabs.last().expect("a slab with room");
+        ks.slice_set(&k.contiguous()?, 2, slot * block_size)?;
+        vs.slice_set(&v.contiguous()?, 2, slot * block_size)?;
+        self.len += 1;
+        Ok(())
+    }
+
+    /// Views of block `i`'s keys and values.
+    fn get(&self, i: usize) -> Result<(Tensor, Tensor)> {
+        let (ks, vs) = &self.slabs[i / SLAB_BLOCKS];
+        let block_size = ks.dim(2)? / SLAB_BLOCKS;
+        let at = (i % SLAB_BLOCKS) * block_size;
+        Ok((ks.narrow(2, at, block_size)?, vs.narrow(2, at, block_size)?))
+    }
+
+    /// Bytes allocated, including the free slots of the last slab.
+    fn bytes(&self) -> usize {
+        self.slabs
+            .iter()
+            .map(|(k, v)| (k.elem_count() + v.elem_count()) * k.dtype().size_in_bytes())
+            .sum()
+    }
 }
 
 /// What a layer's memory holds, for statistics and tests.
@@ -46,6 +96,8 @@ pub struct LayerStats {
     pub recent: usize,
     /// Memory blocks held.
     pub blocks: usize,
+    /// Bytes allocated for memory blocks.
+    pub block_bytes: usize,
     /// Evicted tokens that were dropped (`streaming` only).
     pub dropped: usize,
     /// Block indices retrieved for the latest execution block, ascending.
@@ -64,7 +116,7 @@ pub struct LayerMemory {
     recent_start: usize,
     /// Local attention received by each `recent` token, `heads` per token.
     local_score: Vec<f32>,
-    blocks: Vec<MemoryBlock>,
+    blocks: BlockStore,
     /// One representative key per block, `heads * d` values each.
     representatives: Vec<f32>,
     dropped: usize,
@@ -100,6 +152,7 @@ impl LayerMemory {
             init: self.init.len(),
             recent: self.recent.len(),
             blocks: self.blocks.len(),
+            block_bytes: self.blocks.bytes(),
             dropped: self.dropped,
             last_retrieved: self.last_retrieved.clone(),
             has_question: self.question.is_some(),
@@ -108,11 +161,7 @@ impl LayerMemory {
 
     /// Bytes held: KV in the model's dtype plus f32 bookkeeping.
     pub fn bytes(&self) -> usize {
-        let blocks: usize = self
-            .blocks
-            .iter()
-            .map(|b| (b.k.elem_count() + b.v.elem_count()) * b.k.dtype().size_in_bytes())
-            .sum();
+        let blocks = self.blocks.bytes();
         let f32s = self.local_score.capacity()
             + self.representatives.capacity()
             + self.question.as_ref().map_or(0, Vec::capacity);
@@ -181,7 +230,8 @@ impl LayerMemory {
             gather(&k, &v)?;
         }
         for &b in &retrieved {
-            gather(&self.blocks[b].k, &self.blocks[b].v)?;
+            let (k, v) = self.blocks.get(b)?;
+            gather(&k, &v)?;
         }
         if global_recent > 0 {
             let (k, v) = self.recent.range(0, global_recent)?;
@@ -349,23 +399,14 @@ impl LayerMemory {
     fn form_block(&mut self, config: &QllmConfig, heads: usize) -> Result<()> {
         let (bs, repr_topk) = (config.block_size, config.repr_topk);
         let (k, v) = self.recent.range(0, bs)?;
-        // Own copies: views would pin the whole recent buffer.
         let dtype = config.block_dtype.resolve(k.dtype());
-        let (k_block, v_block) = if dtype == k.dtype() {
-            (k.force_contiguous()?, v.force_contiguous()?)
-        } else {
-            (k.to_dtype(dtype)?, v.to_dtype(dtype)?)
-        };
         let (_, kv_heads, _, d) = k.dims4()?;
         let keys = k.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
         let scores = &self.local_score[..bs * heads];
         let representative =
             mean_of_most_attended(&keys, heads / kv_heads, bs, d, scores, heads, repr_topk);
         self.representatives.extend_from_slice(&representative);
-        self.blocks.push(MemoryBlock {
-            k: k_block,
-            v: v_block,
-        });
+        self.blocks.push(&k.to_dtype(dtype)?, &v.to_dtype(dtype)?)?;
         self.drop_recent(bs, heads);
         Ok(())
     }
