@@ -21,12 +21,9 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
 use anyhow::{bail, Context, Result};
-use either::Either;
-use mistralrs_core::{
-    MistralRs, ModelDType, ModelSelected, NormalRequest, Request, RequestMessage, Response,
-    SamplingParams, TokenSource, TokenizationRequest,
-};
+use mistralrs_core::{MistralRs, ModelDType, ModelSelected, TokenSource};
 use mistralrs_server_core::mistralrs_for_server_builder::MistralRsForServerBuilder;
+use qllm::eval::{complete, tokenize};
 use qllm::{passkey, ConfigFile};
 
 struct Args {
@@ -122,24 +119,6 @@ fn hook_config(args: &Args) -> Result<qllm::QllmConfig> {
     Ok(file.resolve()?)
 }
 
-async fn tokenize(mistralrs: &MistralRs, text: &str) -> Result<Vec<u32>> {
-    let (tx, mut rx) = tokio::sync::mpsc::channel(1);
-    let request = TokenizationRequest {
-        text: Either::Right(text.to_string()),
-        tools: None,
-        add_generation_prompt: false,
-        add_special_tokens: false,
-        enable_thinking: None,
-        reasoning_effort: None,
-        response: tx,
-    };
-    mistralrs
-        .get_sender(None)?
-        .send(Request::Tokenize(request))
-        .await?;
-    rx.recv().await.context("no tokenizer response")?
-}
-
 /// The prompt with about `target` tokens and the key at `depth`, and the
 /// token position where the key's sentence starts.
 async fn build_prompt(
@@ -165,40 +144,6 @@ async fn build_prompt(
         .context("the needle is missing from the prompt")?;
     let needle_token = tokenize(mistralrs, &prompt[..needle_at]).await?.len();
     Ok((prompt, needle_token))
-}
-
-async fn complete(
-    mistralrs: &MistralRs,
-    prompt: String,
-    max_new_tokens: usize,
-) -> Result<(String, mistralrs_core::Usage)> {
-    let (tx, mut rx) = tokio::sync::mpsc::channel(16);
-    let params = SamplingParams {
-        max_len: Some(max_new_tokens),
-        ..SamplingParams::deterministic()
-    };
-    let request = NormalRequest::new_simple(
-        RequestMessage::Completion {
-            text: prompt,
-            echo_prompt: false,
-            best_of: None,
-        },
-        params,
-        tx,
-        mistralrs.next_request_id(),
-        None,
-        None,
-    );
-    mistralrs
-        .get_sender(None)?
-        .send(Request::Normal(Box::new(request)))
-        .await?;
-    match rx.recv().await.context("no response")? {
-        Response::CompletionDone(done) => Ok((done.choices[0].text.clone(), done.usage)),
-        Response::InternalError(e) | Response::ValidationError(e) => bail!("request failed: {e}"),
-        Response::CompletionModelError(e, _) => bail!("model error: {e}"),
-        _ => bail!("unexpected response"),
-    }
 }
 
 /// Peak resident memory of this process, from `/proc/self/status`.

@@ -19,7 +19,10 @@ use std::path::Path;
 use std::str::FromStr;
 
 use either::Either;
-use mistralrs_core::{MistralRs, Request, TokenizationRequest};
+use mistralrs_core::{
+    MistralRs, NormalRequest, Request, RequestMessage, Response, SamplingParams,
+    TokenizationRequest, Usage,
+};
 use serde::{Deserialize, Serialize};
 
 use crate::passkey;
@@ -42,31 +45,107 @@ pub struct EngineTokenizer {
 impl EngineTokenizer {
     /// The tokenizer of `mistralrs`'s default model.
     pub fn new(mistralrs: &MistralRs) -> Result<Self> {
-        let sender = mistralrs
-            .get_sender(None)
-            .map_err(|e| Error::Eval(format!("no model to tokenize with: {e}")))?;
+        let sender = mistralrs.get_sender(None).map_err(no_model)?;
         Ok(Self { sender })
     }
 
     /// The tokens of `text`, without special tokens.
     pub fn encode(&self, text: &str) -> Result<Vec<u32>> {
-        let (tx, mut rx) = tokio::sync::mpsc::channel(1);
-        let request = TokenizationRequest {
-            text: Either::Right(text.to_string()),
-            tools: None,
-            add_generation_prompt: false,
-            add_special_tokens: false,
-            enable_thinking: None,
-            reasoning_effort: None,
-            response: tx,
-        };
-        let gone = || Error::Eval("the engine stopped before tokenizing".into());
+        let (request, mut rx) = tokenization_request(text);
         self.sender
-            .blocking_send(Request::Tokenize(request))
-            .map_err(|_| gone())?;
+            .blocking_send(request)
+            .map_err(|_| engine_gone())?;
         rx.blocking_recv()
-            .ok_or_else(gone)?
-            .map_err(|e| Error::Eval(format!("tokenization failed: {e}")))
+            .ok_or_else(engine_gone)?
+            .map_err(tokenization_failed)
+    }
+}
+
+/// A tokenization request for `text` (no special tokens) and where its
+/// answer arrives.
+fn tokenization_request(
+    text: &str,
+) -> (
+    Request,
+    tokio::sync::mpsc::Receiver<anyhow::Result<Vec<u32>>>,
+) {
+    let (tx, rx) = tokio::sync::mpsc::channel(1);
+    let request = TokenizationRequest {
+        text: Either::Right(text.to_string()),
+        tools: None,
+        add_generation_prompt: false,
+        add_special_tokens: false,
+        enable_thinking: None,
+        reasoning_effort: None,
+        response: tx,
+    };
+    (Request::Tokenize(request), rx)
+}
+
+fn engine_gone() -> Error {
+    Error::Eval("the engine stopped before answering".into())
+}
+
+fn tokenization_failed(e: anyhow::Error) -> Error {
+    Error::Eval(format!("tokenization failed: {e}"))
+}
+
+fn no_model(e: impl std::fmt::Display) -> Error {
+    Error::Eval(format!("no model to send the request to: {e}"))
+}
+
+/// The tokens of `text` with `mistralrs`'s default model, from async code.
+pub async fn tokenize(mistralrs: &MistralRs, text: &str) -> Result<Vec<u32>> {
+    let (request, mut rx) = tokenization_request(text);
+    mistralrs
+        .get_sender(None)
+        .map_err(no_model)?
+        .send(request)
+        .await
+        .map_err(|_| engine_gone())?;
+    rx.recv()
+        .await
+        .ok_or_else(engine_gone)?
+        .map_err(tokenization_failed)
+}
+
+/// Greedy completion of `prompt` (no chat template) with at most
+/// `max_new_tokens` new tokens: the text and mistral.rs's usage figures.
+pub async fn complete(
+    mistralrs: &MistralRs,
+    prompt: String,
+    max_new_tokens: usize,
+) -> Result<(String, Usage)> {
+    let (tx, mut rx) = tokio::sync::mpsc::channel(16);
+    let params = SamplingParams {
+        max_len: Some(max_new_tokens),
+        ..SamplingParams::deterministic()
+    };
+    let request = NormalRequest::new_simple(
+        RequestMessage::Completion {
+            text: prompt,
+            echo_prompt: false,
+            best_of: None,
+        },
+        params,
+        tx,
+        mistralrs.next_request_id(),
+        None,
+        None,
+    );
+    mistralrs
+        .get_sender(None)
+        .map_err(no_model)?
+        .send(Request::Normal(Box::new(request)))
+        .await
+        .map_err(|_| engine_gone())?;
+    match rx.recv().await.ok_or_else(engine_gone)? {
+        Response::CompletionDone(done) => Ok((done.choices[0].text.clone(), done.usage)),
+        Response::InternalError(e) | Response::ValidationError(e) => {
+            Err(Error::Eval(format!("request failed: {e}")))
+        }
+        Response::CompletionModelError(e, _) => Err(Error::Eval(format!("model error: {e}"))),
+        _ => Err(Error::Eval("unexpected response to a completion".into())),
     }
 }
 

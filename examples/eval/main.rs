@@ -22,12 +22,9 @@ use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
 use indicatif::{ProgressBar, ProgressStyle};
-use mistralrs_core::{
-    MistralRs, ModelDType, ModelSelected, NormalRequest, Request, RequestMessage, Response,
-    SamplingParams, TokenSource,
-};
+use mistralrs_core::{ModelDType, ModelSelected, TokenSource};
 use mistralrs_server_core::mistralrs_for_server_builder::MistralRsForServerBuilder;
-use qllm::eval::{self, Corpus, EngineTokenizer, Placement, Sample, Task};
+use qllm::eval::{self, complete, Corpus, EngineTokenizer, Placement, Sample, Task};
 use qllm::{ConfigFile, Mode};
 use serde::{Deserialize, Serialize};
 
@@ -255,40 +252,6 @@ fn hook_config(args: &Args, mode: Mode) -> Result<qllm::QllmConfig> {
         file.preset = Some(preset.parse().map_err(anyhow::Error::msg)?);
     }
     Ok(file.resolve()?)
-}
-
-async fn complete(
-    mistralrs: &MistralRs,
-    prompt: String,
-    max_new_tokens: usize,
-) -> Result<(String, mistralrs_core::Usage)> {
-    let (tx, mut rx) = tokio::sync::mpsc::channel(16);
-    let params = SamplingParams {
-        max_len: Some(max_new_tokens),
-        ..SamplingParams::deterministic()
-    };
-    let request = NormalRequest::new_simple(
-        RequestMessage::Completion {
-            text: prompt,
-            echo_prompt: false,
-            best_of: None,
-        },
-        params,
-        tx,
-        mistralrs.next_request_id(),
-        None,
-        None,
-    );
-    mistralrs
-        .get_sender(None)?
-        .send(Request::Normal(Box::new(request)))
-        .await?;
-    match rx.recv().await.context("no response")? {
-        Response::CompletionDone(done) => Ok((done.choices[0].text.clone(), done.usage)),
-        Response::InternalError(e) | Response::ValidationError(e) => bail!("request failed: {e}"),
-        Response::CompletionModelError(e, _) => bail!("model error: {e}"),
-        _ => bail!("unexpected response"),
-    }
 }
 
 fn main() -> Result<()> {
