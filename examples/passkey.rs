@@ -210,16 +210,17 @@ async fn main() -> Result<()> {
             let key = passkey::key(args.seed, cells);
             cells += 1;
             let (prompt, needle_token) = build_prompt(&mistralrs, target, depth, key).await?;
-            let (answer, usage) = match complete(&mistralrs, prompt, args.max_new_tokens).await {
-                Ok(done) => done,
-                Err(e) => {
-                    println!(
-                        "{}\t{target}\t{depth}\t{needle_token}\t{key}\terror\t\t\t{e}",
-                        args.mode
-                    );
-                    continue;
-                }
-            };
+            let (answer, usage) =
+                match complete(&mistralrs, prompt, args.max_new_tokens, None).await {
+                    Ok(done) => done,
+                    Err(e) => {
+                        println!(
+                            "{}\t{target}\t{depth}\t{needle_token}\t{key}\terror\t\t\t{e}",
+                            args.mode
+                        );
+                        continue;
+                    }
+                };
             let ok = answer.contains(&key.to_string());
             found += usize::from(ok);
             println!(

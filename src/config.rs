@@ -151,6 +151,19 @@ impl QllmConfig {
         }
     }
 
+    /// This config with `preset`'s budget: its `n_local`, `block_size`,
+    /// `exc_block_size` and `topk`.
+    pub fn with_preset(self, preset: Preset) -> Self {
+        let budget = Self::preset(preset);
+        Self {
+            n_local: budget.n_local,
+            block_size: budget.block_size,
+            exc_block_size: budget.exc_block_size,
+            topk: budget.topk,
+            ..self
+        }
+    }
+
     /// Q-LLM with one of the paper's budgets.
     pub fn preset(preset: Preset) -> Self {
         let (n_local, block_size, topk, exc_block_size) = match preset {
@@ -266,17 +279,7 @@ impl ConfigFile {
     /// Fills defaults from the preset and validates every value.
     pub fn resolve(&self) -> Result<QllmConfig> {
         let base = QllmConfig::preset(self.preset.unwrap_or(Preset::Budget1k));
-        #[allow(clippy::cast_possible_truncation)] // Range-checked just before.
-        let question_weight = match self.question_weight {
-            None => base.question_weight,
-            Some(w) if w.is_finite() && (0.0..=1e6).contains(&w) => w as f32,
-            Some(w) => {
-                return Err(Error::InvalidConfig {
-                    key: "question_weight",
-                    reason: format!("must be a number in [0, 1e6], got {w}"),
-                })
-            }
-        };
+        let question_weight = question_weight(self.question_weight, base.question_weight)?;
         let config = QllmConfig {
             mode: self.mode.unwrap_or(base.mode),
             n_init: size("n_init", self.n_init, base.n_init, 0)?,
@@ -314,7 +317,26 @@ impl ConfigFile {
 /// keeps position and buffer arithmetic far from overflow.
 const MAX_SIZE: i64 = 1 << 30;
 
-fn size(key: &'static str, value: Option<i64>, default: usize, min: i64) -> Result<usize> {
+/// Checks a `question_weight` value; `None` keeps `default`.
+pub(crate) fn question_weight(value: Option<f64>, default: f32) -> Result<f32> {
+    #[allow(clippy::cast_possible_truncation)] // Range-checked just before.
+    match value {
+        None => Ok(default),
+        Some(w) if w.is_finite() && (0.0..=1e6).contains(&w) => Ok(w as f32),
+        Some(w) => Err(Error::InvalidConfig {
+            key: "question_weight",
+            reason: format!("must be a number in [0, 1e6], got {w}"),
+        }),
+    }
+}
+
+/// Checks a size value; `None` keeps `default`.
+pub(crate) fn size(
+    key: &'static str,
+    value: Option<i64>,
+    default: usize,
+    min: i64,
+) -> Result<usize> {
     let Some(v) = value else {
         return Ok(default);
     };

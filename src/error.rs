@@ -34,6 +34,10 @@ pub enum Error {
     /// task cannot reach, a bad depth).
     #[error("evaluation: {0}")]
     Eval(String),
+    /// A request could not be prepared (its question could not be
+    /// tokenized, the probe pass failed, the engine is gone).
+    #[error("qllm request: {0}")]
+    Request(String),
 }
 
 /// Result with this crate's [`Error`].

@@ -17,6 +17,7 @@
 use std::collections::HashSet;
 use std::path::Path;
 use std::str::FromStr;
+use std::sync::Arc;
 
 use either::Either;
 use mistralrs_core::{
@@ -26,7 +27,8 @@ use mistralrs_core::{
 use serde::{Deserialize, Serialize};
 
 use crate::passkey;
-use crate::{Error, Result};
+use crate::request::{prepare, RequestOptions};
+use crate::{Error, QllmHook, Result};
 
 /// Counts the tokens of a text with the model's tokenizer.
 pub trait TokenCount {
@@ -51,7 +53,7 @@ impl EngineTokenizer {
 
     /// The tokens of `text`, without special tokens.
     pub fn encode(&self, text: &str) -> Result<Vec<u32>> {
-        let (request, mut rx) = tokenization_request(text);
+        let (request, mut rx) = tokenization_request(text, false);
         self.sender
             .blocking_send(request)
             .map_err(|_| engine_gone())?;
@@ -61,10 +63,11 @@ impl EngineTokenizer {
     }
 }
 
-/// A tokenization request for `text` (no special tokens) and where its
-/// answer arrives.
+/// A tokenization request for `text` (with special tokens if `special`) and
+/// where its answer arrives.
 fn tokenization_request(
     text: &str,
+    special: bool,
 ) -> (
     Request,
     tokio::sync::mpsc::Receiver<anyhow::Result<Vec<u32>>>,
@@ -74,7 +77,7 @@ fn tokenization_request(
         text: Either::Right(text.to_string()),
         tools: None,
         add_generation_prompt: false,
-        add_special_tokens: false,
+        add_special_tokens: special,
         enable_thinking: None,
         reasoning_effort: None,
         response: tx,
@@ -96,7 +99,17 @@ fn no_model(e: impl std::fmt::Display) -> Error {
 
 /// The tokens of `text` with `mistralrs`'s default model, from async code.
 pub async fn tokenize(mistralrs: &MistralRs, text: &str) -> Result<Vec<u32>> {
-    let (request, mut rx) = tokenization_request(text);
+    tokenize_with(mistralrs, text, false).await
+}
+
+/// The tokens of `text`, with the model's special tokens (such as BOS) when
+/// `special` is set.
+pub(crate) async fn tokenize_with(
+    mistralrs: &MistralRs,
+    text: &str,
+    special: bool,
+) -> Result<Vec<u32>> {
+    let (request, mut rx) = tokenization_request(text, special);
     mistralrs
         .get_sender(None)
         .map_err(no_model)?
@@ -111,10 +124,13 @@ pub async fn tokenize(mistralrs: &MistralRs, text: &str) -> Result<Vec<u32>> {
 
 /// Greedy completion of `prompt` (no chat template) with at most
 /// `max_new_tokens` new tokens: the text and mistral.rs's usage figures.
+/// With `qllm`, the request is first prepared with the hook and options
+/// given (its question found and probed, see [`crate::request::prepare`]).
 pub async fn complete(
     mistralrs: &MistralRs,
     prompt: String,
     max_new_tokens: usize,
+    qllm: Option<(&Arc<QllmHook>, &RequestOptions)>,
 ) -> Result<(String, Usage)> {
     let (tx, mut rx) = tokio::sync::mpsc::channel(16);
     let params = SamplingParams {
@@ -133,6 +149,10 @@ pub async fn complete(
         None,
         None,
     );
+    let _prepared = match qllm {
+        Some((hook, options)) => Some(prepare(mistralrs, hook, &request, options).await?),
+        None => None,
+    };
     mistralrs
         .get_sender(None)
         .map_err(no_model)?

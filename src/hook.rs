@@ -1,8 +1,9 @@
 //! The adapter between mistral.rs's attention hook and this crate's policies.
 
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap};
 use std::ops::Range;
-use std::sync::{Mutex, MutexGuard};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
 
 use candle_core::{Result, Tensor};
 use mistralrs_core::attention_hook::{AttentionHook, AttentionHookCtx, StepSequence};
@@ -12,9 +13,52 @@ use crate::config::{Mode, QllmConfig};
 use crate::kv::KvBuffer;
 use crate::memory::{LayerMemory, LayerStats, MaskCache, StepArgs};
 
+/// Settings of one request, registered by its caller before it is sent
+/// (see [`crate::request::prepare`]).
+#[derive(Debug, Clone)]
+pub struct RequestPlan {
+    /// The settings it runs with.
+    pub config: QllmConfig,
+    /// Tokens of its question (no special tokens), looked up in the prompt.
+    pub question: Option<Vec<u32>>,
+    /// Set for a probe pass: the request whose question vectors it computes.
+    pub probe_for: Option<usize>,
+}
+
+/// What the hook did for a request, for its response.
+#[derive(Debug, Clone, Default, PartialEq, serde::Serialize)]
+pub struct RequestReport {
+    /// Policy it ran with.
+    pub mode: String,
+    /// Tokens of the prompt.
+    pub prompt_tokens: usize,
+    /// Token span of the question in the prompt, if found.
+    pub question_span: Option<(usize, usize)>,
+    /// How the question's vectors were obtained: `probe`, `in line`, or
+    /// `none`.
+    pub question_vectors: &'static str,
+    /// Tokens held in memory blocks (first layer).
+    pub tokens_in_memory: usize,
+    /// Memory blocks held (first layer).
+    pub blocks: usize,
+    /// Blocks retrieved by any layer at the first decode step.
+    pub retrieved_blocks: Vec<usize>,
+    /// Bytes the hook held for the request at its latest step.
+    pub memory_bytes: usize,
+}
+
 /// Per-sequence state.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 struct SeqState {
+    config: Arc<QllmConfig>,
+    request_id: Option<usize>,
+    /// Question tokens of the sequence's request, if it registered any.
+    question_tokens: Option<Vec<u32>>,
+    /// Set for a probe pass: the request it computes question vectors for.
+    probe_for: Option<usize>,
+    /// Question vector of each layer from a probe pass.
+    probed: Option<Vec<Option<Vec<f32>>>>,
+    report: RequestReport,
     /// `dense` mode: the full KV of each layer.
     dense: Vec<KvBuffer>,
     /// Other modes: the context memory of each layer.
@@ -26,6 +70,33 @@ struct SeqState {
     question: Option<Range<usize>>,
     /// Whether the prompt was searched for the question.
     question_searched: bool,
+}
+
+impl SeqState {
+    fn new(config: Arc<QllmConfig>) -> Self {
+        Self {
+            report: RequestReport {
+                mode: config.mode.to_string(),
+                question_vectors: "none",
+                ..RequestReport::default()
+            },
+            config,
+            request_id: None,
+            question_tokens: None,
+            probe_for: None,
+            probed: None,
+            dense: Vec::new(),
+            layers: Vec::new(),
+            prompt_len: 0,
+            question: None,
+            question_searched: false,
+        }
+    }
+
+    fn bytes(&self) -> usize {
+        self.dense.iter().map(KvBuffer::bytes).sum::<usize>()
+            + self.layers.iter().map(LayerMemory::bytes).sum::<usize>()
+    }
 }
 
 /// Totals over all live sequences.
@@ -41,8 +112,16 @@ pub struct MemoryStats {
 /// according to its [`QllmConfig`].
 #[derive(Debug)]
 pub struct QllmHook {
-    config: QllmConfig,
+    config: Arc<QllmConfig>,
     seqs: Mutex<HashMap<usize, SeqState>>,
+    /// Settings registered per request id.
+    requests: Mutex<HashMap<usize, RequestPlan>>,
+    /// Per-layer question vectors from probe passes, by request id.
+    probes: Mutex<HashMap<usize, Vec<Option<Vec<f32>>>>>,
+    /// Reports by request id.
+    reports: Mutex<HashMap<usize, RequestReport>>,
+    /// The model's own prompt length limit (0 until a model is loaded).
+    model_max_len: AtomicUsize,
     question_tokens: Mutex<Option<Vec<u32>>>,
     causal_masks: CausalMasks,
     memory_masks: MaskCache,
@@ -52,8 +131,12 @@ impl QllmHook {
     /// A hook with no sequences yet.
     pub fn new(config: QllmConfig) -> Self {
         Self {
-            config,
+            config: Arc::new(config),
             seqs: Mutex::new(HashMap::new()),
+            requests: Mutex::default(),
+            probes: Mutex::default(),
+            reports: Mutex::default(),
+            model_max_len: AtomicUsize::new(0),
             question_tokens: Mutex::new(None),
             causal_masks: CausalMasks::default(),
             memory_masks: MaskCache::default(),
@@ -72,10 +155,40 @@ impl QllmHook {
     /// question vector once the span has been read; a question of more than
     /// `n_local` tokens is cut to its last `n_local`.
     pub fn set_question(&self, tokens: Option<Vec<u32>>) {
-        *self
-            .question_tokens
-            .lock()
-            .unwrap_or_else(|e| e.into_inner()) = tokens.filter(|t| !t.is_empty());
+        *lock(&self.question_tokens) = tokens.filter(|t| !t.is_empty());
+    }
+
+    /// Registers the settings of request `request_id` (the `id` of its
+    /// `NormalRequest`); they apply to the sequences the engine creates for
+    /// it. Remove them with [`Self::forget_request`] once it is answered.
+    pub fn register_request(&self, request_id: usize, plan: RequestPlan) {
+        lock(&self.requests).insert(request_id, plan);
+    }
+
+    /// Drops everything kept for a request: settings, probe vectors, report.
+    pub fn forget_request(&self, request_id: usize) {
+        lock(&self.requests).remove(&request_id);
+        lock(&self.probes).remove(&request_id);
+        lock(&self.reports).remove(&request_id);
+    }
+
+    /// What the hook did for a request so far.
+    pub fn request_report(&self, request_id: usize) -> Option<RequestReport> {
+        lock(&self.reports).get(&request_id).cloned()
+    }
+
+    /// Requests with registered settings, probe vectors or reports; empty
+    /// when every request was forgotten.
+    pub fn tracked_requests(&self) -> usize {
+        let mut ids: BTreeSet<usize> = lock(&self.requests).keys().copied().collect();
+        ids.extend(lock(&self.probes).keys());
+        ids.extend(lock(&self.reports).keys());
+        ids.len()
+    }
+
+    /// The loaded model's own prompt length limit, once a model is loaded.
+    pub fn model_max_len(&self) -> Option<usize> {
+        Some(self.model_max_len.load(Ordering::Relaxed)).filter(|&n| n > 0)
     }
 
     /// Memory held for all live sequences.
@@ -83,13 +196,7 @@ impl QllmHook {
         let seqs = self.lock();
         MemoryStats {
             sequences: seqs.len(),
-            bytes: seqs
-                .values()
-                .map(|s| {
-                    s.dense.iter().map(KvBuffer::bytes).sum::<usize>()
-                        + s.layers.iter().map(LayerMemory::bytes).sum::<usize>()
-                })
-                .sum(),
+            bytes: seqs.values().map(SeqState::bytes).sum(),
         }
     }
 
@@ -114,8 +221,11 @@ impl QllmHook {
     }
 
     fn lock(&self) -> MutexGuard<'_, HashMap<usize, SeqState>> {
-        // A panic elsewhere must not wedge the server; the state is per-sequence.
-        self.seqs.lock().unwrap_or_else(|e| e.into_inner())
+        lock(&self.seqs)
+    }
+
+    fn new_state(&self) -> SeqState {
+        SeqState::new(self.config.clone())
     }
 
     fn attend_dense(
@@ -146,15 +256,16 @@ impl QllmHook {
     fn attend_memory(
         &self,
         memory: &mut LayerMemory,
+        config: &QllmConfig,
         ctx: &AttentionHookCtx<'_>,
         offset: usize,
         prompt_len: usize,
         question: Option<Range<usize>>,
+        probed_question: Option<&[f32]>,
         q: &Tensor,
         k: &Tensor,
         v: &Tensor,
     ) -> Result<Tensor> {
-        let config = &self.config;
         let needed = config.n_local + config.exc_block_size - 1;
         if needed > ctx.rope.max_positions() {
             candle_core::bail!(
@@ -165,6 +276,9 @@ impl QllmHook {
         }
         if offset == 0 {
             *memory = LayerMemory::default();
+            if let Some(vector) = probed_question {
+                memory.set_question(vector.to_vec());
+            }
         } else if offset != memory.processed() {
             candle_core::bail!(
                 "qllm: layer {} got tokens at position {offset} but holds {} tokens",
@@ -207,12 +321,13 @@ impl QllmHook {
         Tensor::cat(&outputs, 2)
     }
 
-    fn find_question(&self, seq: &StepSequence<'_>) -> Option<Range<usize>> {
-        let Some(question) = self
+    /// The question span of a sequence's prompt, from its request's question
+    /// or else the one set with [`Self::set_question`].
+    fn find_question(&self, seq: &StepSequence<'_>, state: &SeqState) -> Option<Range<usize>> {
+        let Some(question) = state
             .question_tokens
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
             .clone()
+            .or_else(|| lock(&self.question_tokens).clone())
         else {
             tracing::info!(
                 "qllm: sequence {}: no question given; retrieval uses the current queries only",
@@ -222,20 +337,24 @@ impl QllmHook {
         };
         let Some(span) = find_question_span(seq.tokens, &question) else {
             tracing::warn!(
-                "qllm: sequence {}: the question ({} tokens) is not in the prompt; \
-                 retrieval runs without it",
+                "qllm: sequence {}: the question ({} tokens) is not in the prompt{}",
                 seq.seq_id,
-                question.len()
+                question.len(),
+                if state.probed.is_some() {
+                    "; retrieval uses its probed vectors"
+                } else {
+                    "; retrieval runs without it"
+                }
             );
             return None;
         };
-        let start = span.start.max(span.end.saturating_sub(self.config.n_local));
+        let n_local = state.config.n_local;
+        let start = span.start.max(span.end.saturating_sub(n_local));
         if start > span.start {
             tracing::warn!(
-                "qllm: sequence {}: question of {} tokens cut to its last {} (`n_local`)",
+                "qllm: sequence {}: question of {} tokens cut to its last {n_local} (`n_local`)",
                 seq.seq_id,
                 span.len(),
-                self.config.n_local
             );
         }
         tracing::info!(
@@ -246,6 +365,83 @@ impl QllmHook {
         );
         Some(start..span.end)
     }
+
+    /// Decides, once per prompt, where the sequence's question vectors come
+    /// from: read in line when the question comes before any block could be
+    /// retrieved, else from the probe pass when there was one.
+    fn settle_question(&self, seq: &StepSequence<'_>, state: &mut SeqState) {
+        state.question = self.find_question(seq, state);
+        state.report.question_span = state.question.as_ref().map(|s| (s.start, s.end));
+        let config = &state.config;
+        let read_in_time = state
+            .question
+            .as_ref()
+            .is_some_and(|span| span.end <= config.n_init + config.n_local);
+        if state.probe_for.is_some() || read_in_time {
+            if state.probed.take().is_some() {
+                tracing::info!(
+                    "qllm: sequence {}: question read before any retrieval; captured in line",
+                    seq.seq_id
+                );
+            }
+        }
+        state.report.question_vectors = if state.probed.is_some() {
+            "probe"
+        } else if state.question.is_some() {
+            "in line"
+        } else {
+            "none"
+        };
+        if state.probed.is_some() {
+            tracing::info!(
+                "qllm: sequence {}: retrieval uses the question's probed vectors from the start",
+                seq.seq_id
+            );
+        }
+    }
+
+    /// Publishes a probe's question vectors and the request's report once the
+    /// last layer of a step has run.
+    fn after_last_layer(&self, state: &mut SeqState, step_len: usize) {
+        if let Some(target) = state.probe_for {
+            let vectors: Vec<Option<Vec<f32>>> = state
+                .layers
+                .iter()
+                .map(|l| l.question_vector().map(<[f32]>::to_vec))
+                .collect();
+            if vectors.iter().all(Option::is_some) {
+                lock(&self.probes).insert(target, vectors);
+            }
+            return;
+        }
+        let Some(request_id) = state.request_id else {
+            return;
+        };
+        let report = &mut state.report;
+        report.prompt_tokens = state.prompt_len;
+        report.memory_bytes = state.dense.iter().map(KvBuffer::bytes).sum::<usize>()
+            + state.layers.iter().map(LayerMemory::bytes).sum::<usize>();
+        if let Some(first) = state.layers.first() {
+            let stats = first.stats();
+            report.blocks = stats.blocks;
+            report.tokens_in_memory = stats.blocks * state.config.block_size;
+        }
+        if step_len == 1 && report.retrieved_blocks.is_empty() {
+            let retrieved: BTreeSet<usize> = state
+                .layers
+                .iter()
+                .flat_map(|l| l.stats().last_retrieved)
+                .collect();
+            report.retrieved_blocks = retrieved.into_iter().collect();
+        }
+        lock(&self.reports).insert(request_id, report.clone());
+    }
+}
+
+/// Locks a mutex even if a panic elsewhere poisoned it: the data are
+/// per-request maps that stay consistent.
+fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 /// The last occurrence of `question` in `tokens`; when the whole does not
@@ -271,16 +467,49 @@ pub fn find_question_span(tokens: &[u32], question: &[u32]) -> Option<Range<usiz
 }
 
 impl AttentionHook for QllmHook {
+    fn admit_request(&self, request_id: usize, prompt_tokens: &[u32]) -> Result<()> {
+        let Some(plan) = lock(&self.requests).get(&request_id).cloned() else {
+            return Ok(());
+        };
+        let model_max = self.model_max_len.load(Ordering::Relaxed);
+        if plan.config.mode == Mode::Dense && model_max > 0 && prompt_tokens.len() > model_max {
+            // The request runs without Q-LLM: the model's own limit and
+            // upstream's message.
+            candle_core::bail!(
+                "Prompt sequence length is greater than {model_max}, perhaps consider using \
+                 `truncate_sequence`?"
+            );
+        }
+        Ok(())
+    }
+
+    fn begin_sequence(&self, seq_id: usize, request_id: usize) {
+        let plan = lock(&self.requests).get(&request_id).cloned();
+        let mut state = match &plan {
+            Some(plan) => SeqState::new(Arc::new(plan.config)),
+            None => self.new_state(),
+        };
+        state.request_id = Some(request_id);
+        if let Some(plan) = plan {
+            state.question_tokens = plan.question;
+            state.probe_for = plan.probe_for;
+            if plan.probe_for.is_none() {
+                state.probed = lock(&self.probes).get(&request_id).cloned();
+            }
+        }
+        self.lock().insert(seq_id, state);
+    }
+
     fn begin_step(&self, seqs: &[StepSequence<'_>]) -> Result<()> {
         self.memory_masks.clear();
         let mut states = self.lock();
         for seq in seqs {
-            let state = states.entry(seq.seq_id).or_default();
+            let state = states.entry(seq.seq_id).or_insert_with(|| self.new_state());
             if seq.is_prompt {
                 state.prompt_len = seq.tokens.len();
-                if !state.question_searched && self.config.mode.uses_question() {
+                if !state.question_searched && state.config.mode.uses_question() {
                     state.question_searched = true;
-                    state.question = self.find_question(seq);
+                    self.settle_question(seq, state);
                 }
             }
         }
@@ -305,13 +534,14 @@ impl AttentionHook for QllmHook {
         let mut seqs = self.lock();
         let mut rows = Vec::with_capacity(batch);
         for (row, (&seq_id, &offset)) in ctx.seq_ids.iter().zip(ctx.seqlen_offsets).enumerate() {
-            let state = seqs.entry(seq_id).or_default();
+            let state = seqs.entry(seq_id).or_insert_with(|| self.new_state());
+            let config = state.config.clone();
             let (q, k, v) = (
                 q.narrow(0, row, 1)?,
                 k.narrow(0, row, 1)?,
                 v.narrow(0, row, 1)?,
             );
-            let out = if self.config.mode == Mode::Dense {
+            let out = if config.mode == Mode::Dense {
                 if state.dense.len() != ctx.num_layers {
                     state.dense.resize_with(ctx.num_layers, KvBuffer::default);
                 }
@@ -322,18 +552,26 @@ impl AttentionHook for QllmHook {
                         .layers
                         .resize_with(ctx.num_layers, LayerMemory::default);
                 }
-                let (prompt_len, question) = (state.prompt_len, state.question.clone());
+                let probed = state
+                    .probed
+                    .as_ref()
+                    .and_then(|p| p.get(ctx.layer_idx).cloned().flatten());
                 self.attend_memory(
                     &mut state.layers[ctx.layer_idx],
+                    &config,
                     ctx,
                     offset,
-                    prompt_len,
-                    question,
+                    state.prompt_len,
+                    state.question.clone(),
+                    probed.as_deref(),
                     &q,
                     &k,
                     &v,
                 )?
             };
+            if ctx.layer_idx + 1 == ctx.num_layers {
+                self.after_last_layer(state, q.dim(2)?);
+            }
             rows.push(out);
         }
         Tensor::cat(&rows, 0)
@@ -347,7 +585,8 @@ impl AttentionHook for QllmHook {
         Some(self.config.prefill_chunk_size)
     }
 
-    fn max_context_len(&self) -> Option<usize> {
+    fn max_context_len(&self, model_max_len: usize) -> Option<usize> {
+        self.model_max_len.store(model_max_len, Ordering::Relaxed);
         (self.config.mode != Mode::Dense).then_some(self.config.max_context_len)
     }
 }

@@ -25,13 +25,15 @@ pub mod hook;
 pub mod kv;
 pub mod memory;
 pub mod passkey;
+pub mod request;
+pub mod server;
 
 use std::path::Path;
-use std::sync::Arc;
+use std::sync::{Arc, RwLock};
 
 pub use config::{BlockDType, ConfigFile, Mode, Preset, QllmConfig};
 pub use error::{Error, Result};
-pub use hook::{find_question_span, MemoryStats, QllmHook};
+pub use hook::{find_question_span, MemoryStats, QllmHook, RequestPlan, RequestReport};
 pub use memory::LayerStats;
 pub use mistralrs_core::attention_hook::AttentionHook;
 
@@ -51,5 +53,13 @@ pub fn install_config(config: QllmConfig) -> Arc<QllmHook> {
     tracing::info!("Q-LLM attention hook installed: {config:?}");
     let hook = Arc::new(QllmHook::new(config));
     mistralrs_core::attention_hook::set_attention_hook(Some(hook.clone()));
+    *INSTALLED.write().unwrap_or_else(|e| e.into_inner()) = Some(hook.clone());
     hook
+}
+
+static INSTALLED: RwLock<Option<Arc<QllmHook>>> = RwLock::new(None);
+
+/// The hook [`install`] or [`install_config`] put in place last, if any.
+pub fn installed() -> Option<Arc<QllmHook>> {
+    INSTALLED.read().unwrap_or_else(|e| e.into_inner()).clone()
 }

@@ -159,6 +159,17 @@ impl LayerMemory {
         }
     }
 
+    /// The question vector (`heads * d` values), once captured or set.
+    pub fn question_vector(&self) -> Option<&[f32]> {
+        self.question.as_deref()
+    }
+
+    /// Sets the question vector, computed elsewhere (a probe pass), so
+    /// retrieval uses it from the first block on.
+    pub fn set_question(&mut self, vector: Vec<f32>) {
+        self.question = Some(vector);
+    }
+
     /// Bytes held: KV in the model's dtype plus f32 bookkeeping.
     pub fn bytes(&self) -> usize {
         let blocks = self.blocks.bytes();

@@ -8,8 +8,14 @@
 //!     [--tasks passkey,number,kv_retrieval,niah_single,niah_multikey,hotpotqa]
 //!     [--lengths 1024,4096] [--depths 0,0.5,1] [--modes qllm,infllm,streaming,dense]
 //!     [--samples 1] [--seed 1] [--question-first] [--preset 1k] [--config qllm.toml]
-//!     [--max-new-tokens 16] [--quantized-matmul] [--out results/eval/NAME]
+//!     [--max-new-tokens 16] [--quantized-matmul] [--in-line-question]
+//!     [--out results/eval/NAME]
 //! ```
+//!
+//! Each prompt's question is given to Q-LLM as the request's question, whose
+//! vectors a probe pass computes before the prompt is read
+//! ([`qllm::request`]); `--in-line-question` instead captures them where the
+//! question is read, as the paper's code does.
 //!
 //! Finished cells are kept in `OUT/results.json` and not recomputed when the
 //! same command runs again.
@@ -25,6 +31,7 @@ use indicatif::{ProgressBar, ProgressStyle};
 use mistralrs_core::{ModelDType, ModelSelected, TokenSource};
 use mistralrs_server_core::mistralrs_for_server_builder::MistralRsForServerBuilder;
 use qllm::eval::{self, complete, Corpus, EngineTokenizer, Placement, Sample, Task};
+use qllm::request::RequestOptions;
 use qllm::{ConfigFile, Mode};
 use serde::{Deserialize, Serialize};
 
@@ -39,6 +46,10 @@ struct Settings {
     config: Option<String>,
     /// `dequantized` (f32 weights, CANDLE_DEQUANTIZE_ALL) or `quantized`.
     weights: String,
+    /// `probe` when the question's vectors come from a probe pass; absent
+    /// when they are captured where the question is read (`--in-line-question`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    question_vectors: Option<String>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -108,13 +119,14 @@ struct Args {
     config: Option<PathBuf>,
     max_new_tokens: usize,
     quantized_matmul: bool,
+    in_line_question: bool,
     out: Option<PathBuf>,
 }
 
 const USAGE: &str = "usage: eval [--quick] [--model FILE.gguf] [--tasks LIST] [--lengths LIST] \
                      [--depths LIST] [--modes LIST] [--samples N] [--seed N] [--question-first] \
                      [--preset NAME] [--config FILE] [--max-new-tokens N] [--quantized-matmul] \
-                     [--out DIR]";
+                     [--in-line-question] [--out DIR]";
 
 fn parse_args() -> Result<Args> {
     let mut args = Args {
@@ -130,6 +142,7 @@ fn parse_args() -> Result<Args> {
         config: None,
         max_new_tokens: 16,
         quantized_matmul: false,
+        in_line_question: false,
         out: None,
     };
     let mut it = std::env::args().skip(1);
@@ -150,6 +163,7 @@ fn parse_args() -> Result<Args> {
             "--samples" => args.samples = value()?.parse().context("--samples")?,
             "--seed" => args.seed = value()?.parse().context("--seed")?,
             "--question-first" => args.placement = Placement::First,
+            "--in-line-question" => args.in_line_question = true,
             "--preset" => args.preset = Some(value()?),
             "--config" => args.config = Some(value()?.into()),
             "--max-new-tokens" => {
@@ -288,6 +302,7 @@ fn main() -> Result<()> {
             "dequantized"
         }
         .into(),
+        question_vectors: (!args.in_line_question).then(|| "probe".into()),
     };
     for &mode in &args.modes {
         hook_config(&args, mode)?;
@@ -424,15 +439,25 @@ fn run_plan(
         )
         .with_context(|| format!("{} at {length} tokens", task.name()))?;
         let question = tokenizer.encode(&prompt.question)?;
+        let options = RequestOptions {
+            question: Some(prompt.question.clone()),
+            ..RequestOptions::default()
+        };
         for mode in modes {
             bar.set_message(format!("{} {length} @ {depth} {mode}", task.name()));
             hook = qllm::install_config(hook_config(args, mode)?);
-            hook.set_question(Some(question.clone()));
+            let qllm = if args.in_line_question {
+                hook.set_question(Some(question.clone()));
+                None
+            } else {
+                Some((&hook, &options))
+            };
             reset_peak_rss();
             let result = runtime.block_on(complete(
                 &mistralrs,
                 prompt.prompt.clone(),
                 args.max_new_tokens,
+                qllm,
             ));
             let cell = match result {
                 Ok((output, usage)) => Cell {

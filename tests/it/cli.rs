@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 use crate::assets;
 use crate::smollm2::PARIS_QUESTION;
 
-fn model_args(model: &Path) -> Vec<String> {
+pub fn model_args(model: &Path) -> Vec<String> {
     vec![
         "--cpu".into(),
         "--token-source".into(),
@@ -100,7 +100,7 @@ fn bad_qllm_config_exits_with_a_message_naming_the_key() {
     assert!(stderr.contains("/nonexistent/qllm.toml"), "{stderr}");
 }
 
-struct Server(Child);
+pub struct Server(pub Child);
 
 impl Drop for Server {
     fn drop(&mut self) {
@@ -109,7 +109,7 @@ impl Drop for Server {
     }
 }
 
-fn free_port() -> u16 {
+pub fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0")
         .unwrap()
         .local_addr()
@@ -117,9 +117,9 @@ fn free_port() -> u16 {
         .port()
 }
 
-fn http(port: u16, method: &str, path: &str, body: &str) -> std::io::Result<(u16, String)> {
+pub fn http(port: u16, method: &str, path: &str, body: &str) -> std::io::Result<(u16, String)> {
     let mut stream = TcpStream::connect(("127.0.0.1", port))?;
-    stream.set_read_timeout(Some(Duration::from_secs(300)))?;
+    stream.set_read_timeout(Some(Duration::from_secs(900)))?;
     write!(
         stream,
         "{method} {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",

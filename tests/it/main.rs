@@ -8,5 +8,6 @@ mod eval;
 mod passkey;
 mod policy;
 mod qllm;
+mod serve;
 mod smollm2;
 mod tiny;

@@ -98,8 +98,8 @@ impl AttentionHook for Recording {
     fn prefill_chunk_size(&self) -> Option<usize> {
         self.inner.prefill_chunk_size()
     }
-    fn max_context_len(&self) -> Option<usize> {
-        self.inner.max_context_len()
+    fn max_context_len(&self, model_max_len: usize) -> Option<usize> {
+        self.inner.max_context_len(model_max_len)
     }
 }
 
@@ -231,7 +231,7 @@ impl AttentionHook for Reference {
         Tensor::from_vec(out, (1, heads, len, d), q.device())?.to_dtype(q.dtype())
     }
 
-    fn max_context_len(&self) -> Option<usize> {
+    fn max_context_len(&self, _model_max_len: usize) -> Option<usize> {
         Some(512)
     }
 }

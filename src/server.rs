@@ -1,0 +1,204 @@
+//! Query-aware serving: the OpenAI chat and completion endpoints of
+//! `mistralrs serve` with a `qllm` request extension.
+//!
+//! [`router`] answers `POST /v1/chat/completions` and `POST /v1/completions`
+//! like mistral.rs's own handlers (which it calls), and reads one more field
+//! of the request body:
+//!
+//! ```json
+//! { "model": "default", "messages": [...],
+//!   "qllm": { "question": "What is the pass key?", "topk": 4 } }
+//! ```
+//!
+//! See [`RequestOptions`] for the keys. Each request's question is found (see
+//! [`crate::request`]), probed and registered with the hook before the
+//! request is sent; the non-streaming response carries a `qllm` object with
+//! what the hook did ([`crate::RequestReport`]), and every request logs it.
+//! Bad options get HTTP 400 with a message naming the key.
+
+use std::sync::Arc;
+
+use axum::extract::State;
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use axum::routing::post;
+use axum::{Json, Router};
+use mistralrs_core::Request;
+use mistralrs_server_core::handler_core::{create_response_channel, send_request_with_model};
+use mistralrs_server_core::openai::{ChatCompletionRequest, CompletionRequest};
+use mistralrs_server_core::types::SharedMistralRsState;
+use mistralrs_server_core::{chat_completion, completions};
+use serde_json::{json, Value};
+
+use crate::error::Error;
+use crate::hook::QllmHook;
+use crate::request::{prepare, Prepared, RequestGuard, RequestOptions};
+
+/// Name of the request extension field.
+pub const EXTENSION_FIELD: &str = "qllm";
+
+#[derive(Clone)]
+struct ServerState {
+    mistralrs: SharedMistralRsState,
+    hook: Arc<QllmHook>,
+}
+
+/// Routes for the chat and completion endpoints with the `qllm` extension.
+/// Put them in front of mistral.rs's router, e.g.
+/// `qllm::server::router(state, hook).fallback_service(app)`.
+pub fn router(mistralrs: SharedMistralRsState, hook: Arc<QllmHook>) -> Router {
+    Router::new()
+        .route("/v1/chat/completions", post(chat))
+        .route("/v1/completions", post(completion))
+        .with_state(ServerState { mistralrs, hook })
+}
+
+/// An OpenAI-style error body.
+fn error(status: StatusCode, message: impl std::fmt::Display) -> Response {
+    let body =
+        json!({ "error": { "message": message.to_string(), "type": "invalid_request_error" } });
+    (status, Json(body)).into_response()
+}
+
+/// Splits the extension off a request body and parses the rest as `T`.
+fn split_body<T: serde::de::DeserializeOwned>(
+    mut body: Value,
+) -> std::result::Result<(T, RequestOptions), Response> {
+    let options = match body.as_object_mut().and_then(|o| o.remove(EXTENSION_FIELD)) {
+        None | Some(Value::Null) => RequestOptions::default(),
+        Some(value) => serde_json::from_value(value).map_err(|e| {
+            error(
+                StatusCode::BAD_REQUEST,
+                format!("invalid `{EXTENSION_FIELD}` options: {e}"),
+            )
+        })?,
+    };
+    let request = serde_json::from_value(body).map_err(|e| {
+        error(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            format!("invalid request body: {e}"),
+        )
+    })?;
+    Ok((request, options))
+}
+
+/// Registers the request with the hook and runs its probe.
+async fn prepare_request(
+    state: &ServerState,
+    request: &Request,
+    options: &RequestOptions,
+) -> std::result::Result<Prepared, Response> {
+    let Request::Normal(normal) = request else {
+        return Err(error(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "qllm: unexpected request kind",
+        ));
+    };
+    prepare(&state.mistralrs, &state.hook, normal, options)
+        .await
+        .map_err(|e| match e {
+            Error::InvalidConfig { .. } => error(StatusCode::BAD_REQUEST, e),
+            e => error(StatusCode::INTERNAL_SERVER_ERROR, e),
+        })
+}
+
+/// Logs what the hook did for a request and returns it as JSON.
+fn report(hook: &QllmHook, guard: &RequestGuard, prepared_probe: bool) -> Value {
+    let id = guard.request_id();
+    let report = hook.request_report(id);
+    tracing::info!("qllm: request {id}: probe {prepared_probe}, {report:?}");
+    serde_json::to_value(report).unwrap_or(Value::Null)
+}
+
+/// Adds the report to a successful JSON response.
+async fn with_report(response: Response, report: Value) -> Response {
+    if response.status() != StatusCode::OK {
+        return response;
+    }
+    let (parts, body) = response.into_parts();
+    let Ok(bytes) = axum::body::to_bytes(body, usize::MAX).await else {
+        return error(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "cannot read the response",
+        );
+    };
+    match serde_json::from_slice::<Value>(&bytes) {
+        Ok(Value::Object(mut object)) => {
+            object.insert(EXTENSION_FIELD.into(), report);
+            (parts, Json(Value::Object(object))).into_response()
+        }
+        _ => (parts, axum::body::Body::from(bytes)).into_response(),
+    }
+}
+
+async fn chat(State(state): State<ServerState>, Json(body): Json<Value>) -> Response {
+    let (oairequest, options) = match split_body::<ChatCompletionRequest>(body) {
+        Ok(x) => x,
+        Err(response) => return response,
+    };
+    let model_id = (oairequest.model != "default").then(|| oairequest.model.clone());
+    let (tx, mut rx) = create_response_channel(None);
+    let mistralrs = state.mistralrs.clone();
+    let (request, is_streaming) =
+        match chat_completion::parse_request(oairequest, mistralrs.clone(), tx).await {
+            Ok(x) => x,
+            Err(e) => return chat_completion::handle_error(mistralrs, e.into()).into_response(),
+        };
+    let prepared = match prepare_request(&state, &request, &options).await {
+        Ok(p) => p,
+        Err(response) => return response,
+    };
+    if let Err(e) = send_request_with_model(&mistralrs, request, model_id.as_deref()).await {
+        return chat_completion::handle_error(mistralrs, e.into()).into_response();
+    }
+    let (guard, probed) = (prepared.guard, prepared.probed);
+    if is_streaming {
+        let hook = state.hook.clone();
+        // The guard lives as long as the stream: its settings stay until the
+        // last chunk is sent or the client goes away.
+        let on_done: chat_completion::ChatCompletionOnDoneCallback = Box::new(move |_| {
+            report(&hook, &guard, probed);
+        });
+        chat_completion::create_streamer(rx, mistralrs, None, Some(on_done)).into_response()
+    } else {
+        let response = chat_completion::process_non_streaming_response(&mut rx, mistralrs)
+            .await
+            .into_response();
+        with_report(response, report(&state.hook, &guard, probed)).await
+    }
+}
+
+async fn completion(State(state): State<ServerState>, Json(body): Json<Value>) -> Response {
+    let (oairequest, options) = match split_body::<CompletionRequest>(body) {
+        Ok(x) => x,
+        Err(response) => return response,
+    };
+    let model_id = (oairequest.model != "default").then(|| oairequest.model.clone());
+    let (tx, mut rx) = create_response_channel(None);
+    let mistralrs = state.mistralrs.clone();
+    let (request, is_streaming) =
+        match completions::parse_request(oairequest, mistralrs.clone(), tx) {
+            Ok(x) => x,
+            Err(e) => return completions::handle_error(mistralrs, e.into()).into_response(),
+        };
+    let prepared = match prepare_request(&state, &request, &options).await {
+        Ok(p) => p,
+        Err(response) => return response,
+    };
+    if let Err(e) = send_request_with_model(&mistralrs, request, model_id.as_deref()).await {
+        return completions::handle_error(mistralrs, e.into()).into_response();
+    }
+    let (guard, probed) = (prepared.guard, prepared.probed);
+    if is_streaming {
+        let hook = state.hook.clone();
+        let on_done: completions::CompletionOnDoneCallback = Box::new(move |_| {
+            report(&hook, &guard, probed);
+        });
+        completions::create_streamer(rx, mistralrs, None, Some(on_done)).into_response()
+    } else {
+        let response = completions::process_non_streaming_response(&mut rx, mistralrs)
+            .await
+            .into_response();
+        with_report(response, report(&state.hook, &guard, probed)).await
+    }
+}

@@ -1,0 +1,243 @@
+//! `mistralrs --qllm serve` with the `qllm` request extension, over real HTTP.
+
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use qllm::passkey;
+use serde_json::{json, Value};
+
+use crate::assets;
+use crate::cli::{free_port, http, model_args, Server};
+
+/// Filler units for a chat prompt of about 12K tokens (SmolLM2: about 25
+/// tokens per unit).
+const UNITS_12K: usize = 480;
+
+fn start_server() -> (Server, u16) {
+    let port = free_port();
+    let mut args: Vec<String> = vec![
+        "--qllm".into(),
+        "serve".into(),
+        "--host".into(),
+        "127.0.0.1".into(),
+        "-p".into(),
+        port.to_string(),
+    ];
+    args.extend(model_args(&assets::smollm2()));
+    let server = Server(
+        Command::new(assets::mistralrs_bin())
+            .args(&args)
+            // f32 weights read long prompts about twice as fast on CPU.
+            .env("CANDLE_DEQUANTIZE_ALL", "1")
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("server starts"),
+    );
+    let deadline = Instant::now() + Duration::from_secs(180);
+    while !matches!(http(port, "GET", "/health", ""), Ok((200, _))) {
+        assert!(Instant::now() < deadline, "server did not become healthy");
+        std::thread::sleep(Duration::from_millis(250));
+    }
+    (server, port)
+}
+
+/// The question of the chat tests: SmolLM2 answers the pass key in chat
+/// when asked for the number only (even with full attention at 2K tokens it
+/// does not when asked "What is the pass key?" alone).
+const QUESTION: &str = "What is the pass key? Answer with the number only.";
+
+/// A chat message with the pass key in the middle of about `units` filler
+/// units and the question last.
+fn needle_chat(units: usize, key: u32) -> String {
+    let half = units / 2;
+    format!(
+        "{}{}{}{}\n\n{QUESTION}",
+        passkey::INTRO,
+        passkey::FILLER.repeat(half),
+        passkey::needle(key),
+        passkey::FILLER.repeat(units - half),
+    )
+}
+
+fn chat_body(content: &str, max_tokens: usize, stream: bool, extension: Value) -> String {
+    let mut body = json!({
+        "model": "default",
+        "messages": [{"role": "user", "content": content}],
+        "max_tokens": max_tokens,
+        "temperature": 0,
+        "stream": stream,
+    });
+    if !extension.is_null() {
+        body["qllm"] = extension;
+    }
+    body.to_string()
+}
+
+fn post_json(port: u16, path: &str, body: &str) -> (u16, Value) {
+    let (status, text) = http(port, "POST", path, body).expect("request answered");
+    let value = serde_json::from_str(&text).unwrap_or_else(|e| panic!("{e}: {text}"));
+    (status, value)
+}
+
+/// The text of an SSE chat stream.
+fn streamed_text(raw: &str) -> String {
+    raw.lines()
+        .filter_map(|line| line.strip_prefix("data: "))
+        .filter(|data| *data != "[DONE]")
+        .filter_map(|data| serde_json::from_str::<Value>(data).ok())
+        .filter_map(|chunk| {
+            chunk["choices"][0]["delta"]["content"]
+                .as_str()
+                .map(str::to_string)
+        })
+        .collect()
+}
+
+/// The block that holds token `position` (1k preset: 128 sinks, 64-token
+/// blocks).
+fn block_of(position: usize) -> usize {
+    (position - 128) / 64
+}
+
+#[test]
+fn serve_answers_a_12k_needle_question_streaming_and_not() {
+    let (_server, port) = start_server();
+
+    let key = passkey::key(5, 0);
+    let (status, reply) = post_json(
+        port,
+        "/v1/chat/completions",
+        &chat_body(&needle_chat(UNITS_12K, key), 16, false, Value::Null),
+    );
+    assert_eq!(status, 200, "{reply}");
+    let answer = reply["choices"][0]["message"]["content"]
+        .as_str()
+        .unwrap_or_default();
+    let report = &reply["qllm"];
+    assert!(answer.contains(&key.to_string()), "{answer:?} {report}");
+    let prompt_tokens = report["prompt_tokens"].as_u64().unwrap();
+    assert!(
+        (11_000..13_500).contains(&prompt_tokens),
+        "{prompt_tokens} tokens, beyond SmolLM2's 8192"
+    );
+    assert_eq!(report["question_vectors"], "probe", "{report}");
+    let span = &report["question_span"];
+    let span_end = span[1].as_u64().unwrap();
+    assert!(
+        prompt_tokens - span_end < 16,
+        "question found at the end: {span} of {prompt_tokens}"
+    );
+    // The needle sits near the middle; the blocks around it are retrieved.
+    let middle = block_of(usize::try_from(prompt_tokens / 2).unwrap());
+    let retrieved: Vec<usize> = report["retrieved_blocks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|b| usize::try_from(b.as_u64().unwrap()).unwrap())
+        .collect();
+    assert!(
+        retrieved.iter().any(|b| b.abs_diff(middle) <= 6),
+        "retrieved {retrieved:?}, needle near block {middle}"
+    );
+
+    let key = passkey::key(5, 1);
+    let (status, raw) = http(
+        port,
+        "POST",
+        "/v1/chat/completions",
+        &chat_body(&needle_chat(UNITS_12K, key), 16, true, Value::Null),
+    )
+    .unwrap();
+    assert_eq!(status, 200, "{raw}");
+    let answer = streamed_text(&raw);
+    assert!(answer.contains(&key.to_string()), "{answer:?}");
+}
+
+#[test]
+fn serve_extension_question_override_off_switch_and_bad_options() {
+    let (_server, port) = start_server();
+    let content = "The capital of France is Paris. The capital of Italy is Rome.\n\n\
+                   What is the capital of Italy? Answer in one word.";
+
+    // The question found at the end of the message, then an explicit one.
+    let (status, found) = post_json(
+        port,
+        "/v1/chat/completions",
+        &chat_body(content, 4, false, Value::Null),
+    );
+    assert_eq!(status, 200, "{found}");
+    let (status, explicit) = post_json(
+        port,
+        "/v1/chat/completions",
+        &chat_body(
+            content,
+            4,
+            false,
+            json!({"question": "The capital of France is Paris."}),
+        ),
+    );
+    assert_eq!(status, 200, "{explicit}");
+    let found_span = &found["qllm"]["question_span"];
+    let explicit_span = &explicit["qllm"]["question_span"];
+    assert!(
+        explicit_span[1].as_u64().unwrap() < found_span[0].as_u64().unwrap(),
+        "explicit question {explicit_span} lies before the found one {found_span}"
+    );
+
+    // Q-LLM off: full attention, and the model's own length limit.
+    let (status, off) = post_json(
+        port,
+        "/v1/chat/completions",
+        &chat_body(content, 4, false, json!({"enabled": false})),
+    );
+    assert_eq!(status, 200, "{off}");
+    assert_eq!(off["qllm"]["mode"], "dense");
+    assert!(
+        off["choices"][0]["message"]["content"]
+            .as_str()
+            .unwrap()
+            .contains("Rome"),
+        "{off}"
+    );
+    let long = needle_chat(400, 12345);
+    let (status, refused) = post_json(
+        port,
+        "/v1/chat/completions",
+        &chat_body(&long, 4, false, json!({"enabled": false})),
+    );
+    assert_eq!(status, 422, "{refused}");
+    assert!(
+        refused.to_string().contains("greater than 8192"),
+        "{refused}"
+    );
+
+    // Bad options name the key, and the server keeps serving.
+    for (extension, key) in [
+        (json!({"topk": -1}), "`topk`"),
+        (json!({"n_local": 16}), "`exc_block_size`"),
+        (json!({"question": ""}), "`question`"),
+        (json!({"top_k": 3}), "top_k"),
+        (json!({"preset": "8k"}), "8k"),
+    ] {
+        let (status, error) = post_json(
+            port,
+            "/v1/chat/completions",
+            &chat_body(content, 4, false, extension.clone()),
+        );
+        assert_eq!(status, 400, "{extension}: {error}");
+        assert!(
+            error["error"]["message"].as_str().unwrap().contains(key),
+            "{extension}: {error}"
+        );
+    }
+    let (status, again) = post_json(
+        port,
+        "/v1/completions",
+        &json!({"model": "default", "prompt": "The capital of France is", "max_tokens": 2,
+                "temperature": 0, "qllm": {"mode": "infllm"}})
+        .to_string(),
+    );
+    assert_eq!(status, 200, "{again}");
+    assert_eq!(again["qllm"]["mode"], "infllm");
+}
