@@ -377,13 +377,11 @@ impl QllmHook {
             .question
             .as_ref()
             .is_some_and(|span| span.end <= config.n_init + config.n_local);
-        if state.probe_for.is_some() || read_in_time {
-            if state.probed.take().is_some() {
-                tracing::info!(
-                    "qllm: sequence {}: question read before any retrieval; captured in line",
-                    seq.seq_id
-                );
-            }
+        if (state.probe_for.is_some() || read_in_time) && state.probed.take().is_some() {
+            tracing::info!(
+                "qllm: sequence {}: question read before any retrieval; captured in line",
+                seq.seq_id
+            );
         }
         state.report.question_vectors = if state.probed.is_some() {
             "probe"

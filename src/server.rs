@@ -53,17 +53,24 @@ pub fn router(mistralrs: SharedMistralRsState, hook: Arc<QllmHook>) -> Router {
         .with_state(ServerState { mistralrs, hook })
 }
 
-/// An OpenAI-style error body.
-fn error(status: StatusCode, message: impl std::fmt::Display) -> Response {
-    let body =
-        json!({ "error": { "message": message.to_string(), "type": "invalid_request_error" } });
-    (status, Json(body)).into_response()
+/// An error answered with an OpenAI-style body.
+struct HttpError(StatusCode, String);
+
+impl IntoResponse for HttpError {
+    fn into_response(self) -> Response {
+        let body = json!({ "error": { "message": self.1, "type": "invalid_request_error" } });
+        (self.0, Json(body)).into_response()
+    }
+}
+
+fn error(status: StatusCode, message: impl std::fmt::Display) -> HttpError {
+    HttpError(status, message.to_string())
 }
 
 /// Splits the extension off a request body and parses the rest as `T`.
 fn split_body<T: serde::de::DeserializeOwned>(
     mut body: Value,
-) -> std::result::Result<(T, RequestOptions), Response> {
+) -> std::result::Result<(T, RequestOptions), HttpError> {
     let options = match body.as_object_mut().and_then(|o| o.remove(EXTENSION_FIELD)) {
         None | Some(Value::Null) => RequestOptions::default(),
         Some(value) => serde_json::from_value(value).map_err(|e| {
@@ -87,7 +94,7 @@ async fn prepare_request(
     state: &ServerState,
     request: &Request,
     options: &RequestOptions,
-) -> std::result::Result<Prepared, Response> {
+) -> std::result::Result<Prepared, HttpError> {
     let Request::Normal(normal) = request else {
         return Err(error(
             StatusCode::INTERNAL_SERVER_ERROR,
@@ -120,7 +127,8 @@ async fn with_report(response: Response, report: Value) -> Response {
         return error(
             StatusCode::INTERNAL_SERVER_ERROR,
             "cannot read the response",
-        );
+        )
+        .into_response();
     };
     match serde_json::from_slice::<Value>(&bytes) {
         Ok(Value::Object(mut object)) => {
@@ -134,7 +142,7 @@ async fn with_report(response: Response, report: Value) -> Response {
 async fn chat(State(state): State<ServerState>, Json(body): Json<Value>) -> Response {
     let (oairequest, options) = match split_body::<ChatCompletionRequest>(body) {
         Ok(x) => x,
-        Err(response) => return response,
+        Err(e) => return e.into_response(),
     };
     let model_id = (oairequest.model != "default").then(|| oairequest.model.clone());
     let (tx, mut rx) = create_response_channel(None);
@@ -146,7 +154,7 @@ async fn chat(State(state): State<ServerState>, Json(body): Json<Value>) -> Resp
         };
     let prepared = match prepare_request(&state, &request, &options).await {
         Ok(p) => p,
-        Err(response) => return response,
+        Err(e) => return e.into_response(),
     };
     if let Err(e) = send_request_with_model(&mistralrs, request, model_id.as_deref()).await {
         return chat_completion::handle_error(mistralrs, e.into()).into_response();
@@ -171,7 +179,7 @@ async fn chat(State(state): State<ServerState>, Json(body): Json<Value>) -> Resp
 async fn completion(State(state): State<ServerState>, Json(body): Json<Value>) -> Response {
     let (oairequest, options) = match split_body::<CompletionRequest>(body) {
         Ok(x) => x,
-        Err(response) => return response,
+        Err(e) => return e.into_response(),
     };
     let model_id = (oairequest.model != "default").then(|| oairequest.model.clone());
     let (tx, mut rx) = create_response_channel(None);
@@ -183,7 +191,7 @@ async fn completion(State(state): State<ServerState>, Json(body): Json<Value>) -
         };
     let prepared = match prepare_request(&state, &request, &options).await {
         Ok(p) => p,
-        Err(response) => return response,
+        Err(e) => return e.into_response(),
     };
     if let Err(e) = send_request_with_model(&mistralrs, request, model_id.as_deref()).await {
         return completions::handle_error(mistralrs, e.into()).into_response();
