@@ -18,17 +18,19 @@
 
 use std::sync::Arc;
 
-use axum::extract::State;
-use axum::http::StatusCode;
+use axum::extract::{DefaultBodyLimit, State};
+use axum::http::{header, Method, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::post;
 use axum::{Json, Router};
 use mistralrs_core::Request;
 use mistralrs_server_core::handler_core::{create_response_channel, send_request_with_model};
+use mistralrs_server_core::mistralrs_server_router_builder::DEFAULT_MAX_BODY_LIMIT;
 use mistralrs_server_core::openai::{ChatCompletionRequest, CompletionRequest};
 use mistralrs_server_core::types::SharedMistralRsState;
 use mistralrs_server_core::{chat_completion, completions};
 use serde_json::{json, Value};
+use tower_http::cors::{AllowOrigin, CorsLayer};
 
 use crate::error::Error;
 use crate::hook::QllmHook;
@@ -45,11 +47,18 @@ struct ServerState {
 
 /// Routes for the chat and completion endpoints with the `qllm` extension.
 /// Put them in front of mistral.rs's router, e.g.
-/// `qllm::server::router(state, hook).fallback_service(app)`.
+/// `qllm::server::router(state, hook).fallback_service(app)`. They carry the
+/// same CORS policy and body size limit as mistral.rs's default router.
 pub fn router(mistralrs: SharedMistralRsState, hook: Arc<QllmHook>) -> Router {
+    let cors = CorsLayer::new()
+        .allow_methods([Method::GET, Method::POST])
+        .allow_headers([header::CONTENT_TYPE, header::AUTHORIZATION])
+        .allow_origin(AllowOrigin::any());
     Router::new()
         .route("/v1/chat/completions", post(chat))
         .route("/v1/completions", post(completion))
+        .layer(cors)
+        .layer(DefaultBodyLimit::max(DEFAULT_MAX_BODY_LIMIT))
         .with_state(ServerState { mistralrs, hook })
 }
 
