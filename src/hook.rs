@@ -415,10 +415,10 @@ impl QllmHook {
         let Some(request_id) = state.request_id else {
             return;
         };
+        let memory_bytes = state.bytes();
         let report = &mut state.report;
         report.prompt_tokens = state.prompt_len;
-        report.memory_bytes = state.dense.iter().map(KvBuffer::bytes).sum::<usize>()
-            + state.layers.iter().map(LayerMemory::bytes).sum::<usize>();
+        report.memory_bytes = memory_bytes;
         if let Some(first) = state.layers.first() {
             let stats = first.stats();
             report.blocks = stats.blocks;
@@ -550,10 +550,12 @@ impl AttentionHook for QllmHook {
                         .layers
                         .resize_with(ctx.num_layers, LayerMemory::default);
                 }
+                // Only read when the layer starts, at offset 0: borrowed, not copied.
                 let probed = state
                     .probed
                     .as_ref()
-                    .and_then(|p| p.get(ctx.layer_idx).cloned().flatten());
+                    .and_then(|p| p.get(ctx.layer_idx))
+                    .and_then(Option::as_deref);
                 self.attend_memory(
                     &mut state.layers[ctx.layer_idx],
                     &config,
@@ -561,7 +563,7 @@ impl AttentionHook for QllmHook {
                     offset,
                     state.prompt_len,
                     state.question.clone(),
-                    probed.as_deref(),
+                    probed,
                     &q,
                     &k,
                     &v,
