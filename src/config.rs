@@ -9,6 +9,7 @@ use serde::de::IntoDeserializer;
 use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
+use crate::limits::SizeValue;
 
 /// Which attention policy the hook runs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Deserialize, Serialize)]
@@ -140,6 +141,11 @@ pub struct QllmConfig {
     pub max_context_len: usize,
     /// Storage dtype of memory blocks (the bulk of a long context's memory).
     pub block_dtype: BlockDType,
+    /// Cap on the state of all sequences together, in bytes: a request that
+    /// would go over it is refused before any work.
+    pub max_memory: Option<usize>,
+    /// Cap on the state of one request (all its sequences), in bytes.
+    pub max_request_memory: Option<usize>,
 }
 
 impl QllmConfig {
@@ -184,6 +190,8 @@ impl QllmConfig {
             prefill_chunk_size: 512,
             max_context_len: 1 << 20,
             block_dtype: BlockDType::Model,
+            max_memory: None,
+            max_request_memory: None,
         }
     }
 
@@ -205,6 +213,15 @@ impl QllmConfig {
                 format!(
                     "({}) must not exceed `block_size` ({})",
                     self.repr_topk, self.block_size
+                ),
+            );
+        }
+        if self.topk > MAX_TOPK {
+            return invalid(
+                "topk",
+                format!(
+                    "is too large: {} (at most {MAX_TOPK} blocks per retrieval)",
+                    self.topk
                 ),
             );
         }
@@ -261,6 +278,11 @@ pub struct ConfigFile {
     pub max_context_len: Option<i64>,
     /// See [`QllmConfig::block_dtype`].
     pub block_dtype: Option<BlockDType>,
+    /// See [`QllmConfig::max_memory`]: bytes, or a size such as `"8GiB"`.
+    pub max_memory: Option<SizeValue>,
+    /// See [`QllmConfig::max_request_memory`]: bytes, or a size such as
+    /// `"2GiB"`.
+    pub max_request_memory: Option<SizeValue>,
 }
 
 impl ConfigFile {
@@ -307,11 +329,26 @@ impl ConfigFile {
                 1,
             )?,
             block_dtype: self.block_dtype.unwrap_or(base.block_dtype),
+            max_memory: self
+                .max_memory
+                .as_ref()
+                .map(|v| v.bytes("max_memory"))
+                .transpose()?,
+            max_request_memory: self
+                .max_request_memory
+                .as_ref()
+                .map(|v| v.bytes("max_request_memory"))
+                .transpose()?,
         };
         config.validate()?;
         Ok(config)
     }
 }
+
+/// More blocks than any budget retrieves (4096 blocks of 64 tokens attend
+/// 256K tokens per query, which defeats the purpose); larger `topk` values
+/// are refused rather than silently capped.
+pub const MAX_TOPK: usize = 4096;
 
 /// Sizes above this are refused: no sensible setting comes near it, and it
 /// keeps position and buffer arithmetic far from overflow.
@@ -436,10 +473,28 @@ mod tests {
             ("n_local = 0", "`n_local` must be a positive integer"),
             ("topk = -1", "`topk` must be a non-negative integer"),
             ("block_size = 4000000000000", "`block_size` is too large"),
+            ("topk = 100000", "`topk` is too large: 100000 (at most 4096"),
+            ("max_memory = 0", "`max_memory` must be a positive size"),
+            (
+                "max_memory = \"8 gigs\"",
+                "`max_memory` cannot be read as a size",
+            ),
+            (
+                "max_request_memory = -1",
+                "`max_request_memory` must be a positive size",
+            ),
         ] {
             let err = parse(text).unwrap_err();
             assert!(err.contains(message), "{text}: {err}");
         }
+    }
+
+    #[test]
+    fn memory_limits_take_bytes_or_sizes_with_units() {
+        let config = parse("max_memory = \"8GiB\"\nmax_request_memory = 1000000").unwrap();
+        assert_eq!(config.max_memory, Some(8 << 30));
+        assert_eq!(config.max_request_memory, Some(1_000_000));
+        assert_eq!(parse("").unwrap().max_memory, None);
     }
 
     #[test]

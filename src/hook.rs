@@ -2,15 +2,17 @@
 
 use std::collections::{BTreeSet, HashMap};
 use std::ops::Range;
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use candle_core::{Result, Tensor};
-use mistralrs_core::attention_hook::{AttentionHook, AttentionHookCtx, StepSequence};
+use mistralrs_core::attention_hook::{
+    AttentionHook, AttentionHookCtx, HookModel, HookRequest, StepSequence,
+};
 
 use crate::attention::{causal_attention, CausalMasks};
 use crate::config::{Mode, QllmConfig};
 use crate::kv::KvBuffer;
+use crate::limits::{format_bytes, sequence_bytes_bound};
 use crate::memory::{LayerMemory, LayerStats, MaskCache, StepArgs};
 
 /// Settings of one request, registered by its caller before it is sent
@@ -52,6 +54,9 @@ pub struct RequestReport {
 struct SeqState {
     config: Arc<QllmConfig>,
     request_id: Option<usize>,
+    /// Bytes set aside for it when its request was admitted: its largest
+    /// possible state (0 when no model shape was known).
+    reserved_bytes: usize,
     /// Question tokens of the sequence's request, if it registered any.
     question_tokens: Option<Vec<u32>>,
     /// Set for a probe pass: the request it computes question vectors for.
@@ -82,6 +87,7 @@ impl SeqState {
             },
             config,
             request_id: None,
+            reserved_bytes: 0,
             question_tokens: None,
             probe_for: None,
             probed: None,
@@ -97,6 +103,12 @@ impl SeqState {
         self.dense.iter().map(KvBuffer::bytes).sum::<usize>()
             + self.layers.iter().map(LayerMemory::bytes).sum::<usize>()
     }
+
+    /// What counts against the memory caps: its reservation, or what it
+    /// holds if that is more (a request without a generation limit).
+    fn charged_bytes(&self) -> usize {
+        self.reserved_bytes.max(self.bytes())
+    }
 }
 
 /// Totals over all live sequences.
@@ -106,6 +118,9 @@ pub struct MemoryStats {
     pub sequences: usize,
     /// Bytes of KV and bookkeeping held.
     pub bytes: usize,
+    /// Bytes counted against `max_memory`: per sequence, the larger of its
+    /// reservation and what it holds.
+    pub charged_bytes: usize,
 }
 
 /// The attention hook: owns every sequence's KV and computes attention
@@ -120,8 +135,13 @@ pub struct QllmHook {
     probes: Mutex<HashMap<usize, Vec<Option<Vec<f32>>>>>,
     /// Reports by request id.
     reports: Mutex<HashMap<usize, RequestReport>>,
-    /// The model's own prompt length limit (0 until a model is loaded).
-    model_max_len: AtomicUsize,
+    /// Registered requests whose sequences the engine has created.
+    started: Mutex<BTreeSet<usize>>,
+    /// The shape of the loaded model (the largest per token if several).
+    model: Mutex<Option<HookModel>>,
+    /// The request admitted last and the bytes reserved per sequence: its
+    /// sequences are created right after, on the same thread.
+    admitted: Mutex<Option<(usize, usize)>>,
     question_tokens: Mutex<Option<Vec<u32>>>,
     causal_masks: CausalMasks,
     memory_masks: MaskCache,
@@ -136,7 +156,9 @@ impl QllmHook {
             requests: Mutex::default(),
             probes: Mutex::default(),
             reports: Mutex::default(),
-            model_max_len: AtomicUsize::new(0),
+            started: Mutex::default(),
+            model: Mutex::new(None),
+            admitted: Mutex::new(None),
             question_tokens: Mutex::new(None),
             causal_masks: CausalMasks::default(),
             memory_masks: MaskCache::default(),
@@ -170,6 +192,13 @@ impl QllmHook {
         lock(&self.requests).remove(&request_id);
         lock(&self.probes).remove(&request_id);
         lock(&self.reports).remove(&request_id);
+        lock(&self.started).remove(&request_id);
+    }
+
+    /// Whether the engine accepted a registered request and created its
+    /// sequences (it refuses requests before that).
+    pub fn request_started(&self, request_id: usize) -> bool {
+        lock(&self.started).contains(&request_id)
     }
 
     /// What the hook did for a request so far.
@@ -183,12 +212,18 @@ impl QllmHook {
         let mut ids: BTreeSet<usize> = lock(&self.requests).keys().copied().collect();
         ids.extend(lock(&self.probes).keys());
         ids.extend(lock(&self.reports).keys());
+        ids.extend(lock(&self.started).iter());
         ids.len()
     }
 
     /// The loaded model's own prompt length limit, once a model is loaded.
     pub fn model_max_len(&self) -> Option<usize> {
-        Some(self.model_max_len.load(Ordering::Relaxed)).filter(|&n| n > 0)
+        lock(&self.model).map(|m| m.max_seq_len)
+    }
+
+    /// The loaded model's shape, once a model is loaded.
+    pub fn model(&self) -> Option<HookModel> {
+        *lock(&self.model)
     }
 
     /// Memory held for all live sequences.
@@ -197,6 +232,7 @@ impl QllmHook {
         MemoryStats {
             sequences: seqs.len(),
             bytes: seqs.values().map(SeqState::bytes).sum(),
+            charged_bytes: seqs.values().map(SeqState::charged_bytes).sum(),
         }
     }
 
@@ -465,19 +501,70 @@ pub fn find_question_span(tokens: &[u32], question: &[u32]) -> Option<Range<usiz
 }
 
 impl AttentionHook for QllmHook {
-    fn admit_request(&self, request_id: usize, prompt_tokens: &[u32]) -> Result<()> {
-        let Some(plan) = lock(&self.requests).get(&request_id).cloned() else {
+    fn admit_request(&self, request: &HookRequest<'_>) -> Result<()> {
+        let plan = lock(&self.requests).get(&request.id).cloned();
+        let config = plan.as_ref().map_or(*self.config, |p| p.config);
+        let prompt_len = request.prompt_tokens.len();
+        let model = self.model();
+        if let Some(model) = model.filter(|_| config.mode == Mode::Dense) {
+            if plan.is_some() && prompt_len > model.max_seq_len {
+                // The request runs without Q-LLM: the model's own limit and
+                // upstream's message.
+                candle_core::bail!(
+                    "Prompt sequence length is greater than {}, perhaps consider using \
+                     `truncate_sequence`?",
+                    model.max_seq_len
+                );
+            }
+        }
+        if let Some(question) = plan.as_ref().and_then(|p| p.question.as_ref()) {
+            if question.len() > prompt_len {
+                candle_core::bail!(
+                    "qllm: the question ({} tokens) is longer than the prompt ({prompt_len} \
+                     tokens); the question must be part of the prompt",
+                    question.len()
+                );
+            }
+        }
+        *lock(&self.admitted) = None;
+        let Some(model) = model else {
             return Ok(());
         };
-        let model_max = self.model_max_len.load(Ordering::Relaxed);
-        if plan.config.mode == Mode::Dense && model_max > 0 && prompt_tokens.len() > model_max {
-            // The request runs without Q-LLM: the model's own limit and
-            // upstream's message.
-            candle_core::bail!(
-                "Prompt sequence length is greater than {model_max}, perhaps consider using \
-                 `truncate_sequence`?"
-            );
+        let tokens = prompt_len + request.max_new_tokens.unwrap_or(0);
+        let per_sequence = sequence_bytes_bound(&config, &model, tokens);
+        let sequences = request.sequences.max(1);
+        let request_bytes = per_sequence.saturating_mul(sequences);
+        let size = format!(
+            "{} of attention state ({tokens} tokens{})",
+            format_bytes(request_bytes),
+            if sequences > 1 {
+                format!(" x {sequences} sequences")
+            } else {
+                String::new()
+            }
+        );
+        if let Some(cap) = self.config.max_request_memory {
+            if request_bytes > cap {
+                candle_core::bail!(
+                    "qllm: the request needs up to {size}, over the per-request limit \
+                     `max_request_memory` = {}",
+                    format_bytes(cap)
+                );
+            }
         }
+        if let Some(cap) = self.config.max_memory {
+            let in_use = self.memory_stats();
+            if in_use.charged_bytes.saturating_add(request_bytes) > cap {
+                candle_core::bail!(
+                    "qllm: the request needs up to {size}, but the server's limit `max_memory` \
+                     = {} has {} in use by {} sequences; retry later or send a shorter prompt",
+                    format_bytes(cap),
+                    format_bytes(in_use.charged_bytes),
+                    in_use.sequences
+                );
+            }
+        }
+        *lock(&self.admitted) = Some((request.id, per_sequence));
         Ok(())
     }
 
@@ -488,7 +575,13 @@ impl AttentionHook for QllmHook {
             None => self.new_state(),
         };
         state.request_id = Some(request_id);
+        if let Some((admitted, bytes)) = *lock(&self.admitted) {
+            if admitted == request_id {
+                state.reserved_bytes = bytes;
+            }
+        }
         if let Some(plan) = plan {
+            lock(&self.started).insert(request_id);
             state.question_tokens = plan.question;
             state.probe_for = plan.probe_for;
             if plan.probe_for.is_none() {
@@ -585,8 +678,13 @@ impl AttentionHook for QllmHook {
         Some(self.config.prefill_chunk_size)
     }
 
-    fn max_context_len(&self, model_max_len: usize) -> Option<usize> {
-        self.model_max_len.store(model_max_len, Ordering::Relaxed);
+    fn model_loaded(&self, model: &HookModel) -> Option<usize> {
+        let mut kept = lock(&self.model);
+        let per_token = |m: &HookModel| sequence_bytes_bound(&self.config, m, 1 << 16);
+        // One hook may serve several models: size requests for the largest.
+        if kept.is_none_or(|k| per_token(model) >= per_token(&k)) {
+            *kept = Some(*model);
+        }
         (self.config.mode != Mode::Dense).then_some(self.config.max_context_len)
     }
 }
@@ -603,5 +701,82 @@ mod tests {
         assert_eq!(find_question_span(&prompt, &[8, 2, 3, 6]), Some(6..10));
         assert_eq!(find_question_span(&prompt, &[8, 8, 8]), None);
         assert_eq!(find_question_span(&prompt, &[]), None);
+    }
+
+    fn model() -> HookModel {
+        HookModel {
+            max_seq_len: 8192,
+            num_layers: 30,
+            num_attention_heads: 9,
+            num_kv_heads: 3,
+            k_head_dim: 64,
+            v_head_dim: 64,
+            dtype: candle_core::DType::F32,
+        }
+    }
+
+    fn admit(hook: &QllmHook, id: usize, tokens: usize) -> std::result::Result<(), String> {
+        let prompt = vec![1; tokens];
+        hook.admit_request(&HookRequest {
+            id,
+            prompt_tokens: &prompt,
+            max_new_tokens: Some(16),
+            sequences: 1,
+        })
+        .map_err(|e| e.to_string())
+    }
+
+    #[test]
+    fn requests_over_the_memory_caps_are_refused_and_live_ones_count() {
+        let config = QllmConfig::default();
+        let bound_16k = sequence_bytes_bound(&config, &model(), 16 * 1024 + 16);
+        let hook = QllmHook::new(QllmConfig {
+            max_request_memory: Some(bound_16k),
+            max_memory: Some(bound_16k * 3 / 2),
+            ..config
+        });
+        // No model shape yet: nothing to size requests by.
+        admit(&hook, 1, 1 << 20).unwrap();
+        assert_eq!(hook.model_loaded(&model()), Some(config.max_context_len));
+
+        let err = admit(&hook, 2, 20 * 1024).unwrap_err();
+        assert!(
+            err.contains("over the per-request limit `max_request_memory`"),
+            "{err}"
+        );
+        assert!(err.contains("20496 tokens"), "{err}");
+        admit(&hook, 3, 16 * 1024).unwrap();
+        hook.begin_sequence(30, 3);
+        assert_eq!(hook.memory_stats().charged_bytes, bound_16k);
+        // A second request of the same size does not fit beside the first.
+        let err = admit(&hook, 4, 16 * 1024).unwrap_err();
+        assert!(err.contains("the server's limit `max_memory`"), "{err}");
+        assert!(err.contains("in use by 1 sequences"), "{err}");
+        admit(&hook, 5, 4 * 1024).unwrap();
+        // Once the first ends, it does.
+        hook.end_sequence(30);
+        assert_eq!(hook.memory_stats(), MemoryStats::default());
+        admit(&hook, 6, 16 * 1024).unwrap();
+    }
+
+    #[test]
+    fn a_question_longer_than_the_prompt_is_refused() {
+        let hook = QllmHook::new(QllmConfig::default());
+        hook.register_request(
+            7,
+            RequestPlan {
+                config: QllmConfig::default(),
+                question: Some(vec![1; 10]),
+                probe_for: None,
+            },
+        );
+        let err = admit(&hook, 7, 9).unwrap_err();
+        assert!(err.contains("the question (10 tokens) is longer than the prompt (9 tokens)"));
+        admit(&hook, 7, 10).unwrap();
+        hook.begin_sequence(70, 7);
+        assert!(hook.request_started(7));
+        hook.end_sequence(70);
+        hook.forget_request(7);
+        assert_eq!(hook.tracked_requests(), 0);
     }
 }

@@ -23,6 +23,7 @@ pub mod error;
 pub mod eval;
 pub mod hook;
 pub mod kv;
+pub mod limits;
 pub mod memory;
 pub mod passkey;
 pub mod request;
@@ -39,13 +40,44 @@ pub use mistralrs_core::attention_hook::AttentionHook;
 
 /// Loads the config (defaults when `config_path` is `None`), validates it and
 /// installs the hook for every model loaded afterwards. Returns the hook so
-/// callers can read its statistics.
+/// callers can read its statistics. Without a `max_memory` in the config,
+/// Q-LLM state is capped at half the machine's memory.
 pub fn install(config_path: Option<&Path>) -> Result<Arc<QllmHook>> {
+    install_with_limits(config_path, None, None)
+}
+
+/// [`install`], with the memory caps given as sizes (e.g. `"8GiB"`, from
+/// the command line) overriding the config file's `max_memory` and
+/// `max_request_memory`.
+pub fn install_with_limits(
+    config_path: Option<&Path>,
+    max_memory: Option<&str>,
+    max_request_memory: Option<&str>,
+) -> Result<Arc<QllmHook>> {
     let file = match config_path {
         Some(path) => ConfigFile::load(path)?,
         None => ConfigFile::default(),
     };
-    Ok(install_config(file.resolve()?))
+    let mut config = file.resolve()?;
+    if let Some(size) = max_memory {
+        config.max_memory = Some(limits::parse_byte_size("max_memory", size)?);
+    }
+    if let Some(size) = max_request_memory {
+        config.max_request_memory = Some(limits::parse_byte_size("max_request_memory", size)?);
+    }
+    if config.max_memory.is_none() {
+        config.max_memory = limits::physical_memory().map(|bytes| bytes / 2);
+    }
+    tracing::info!(
+        "Q-LLM memory caps: max_memory = {}, max_request_memory = {}",
+        config
+            .max_memory
+            .map_or("none".into(), limits::format_bytes),
+        config
+            .max_request_memory
+            .map_or("none".into(), limits::format_bytes)
+    );
+    Ok(install_config(config))
 }
 
 /// Installs a hook with an already validated config.

@@ -14,22 +14,28 @@
 //! [`crate::request`]), probed and registered with the hook before the
 //! request is sent; the non-streaming response carries a `qllm` object with
 //! what the hook did ([`crate::RequestReport`]), and every request logs it.
-//! Bad options get HTTP 400 with a message naming the key.
+//! Bad options get HTTP 400 with a message naming the key; a body that is
+//! not JSON gets HTTP 400 too.
+//!
+//! `GET /v1/qllm/stats` reports the hook's live state and memory
+//! ([`Stats`]).
 
 use std::sync::Arc;
 
+use axum::body::Bytes;
 use axum::extract::{DefaultBodyLimit, State};
 use axum::http::{header, Method, StatusCode};
 use axum::response::{IntoResponse, Response};
-use axum::routing::post;
+use axum::routing::{get, post};
 use axum::{Json, Router};
-use mistralrs_core::Request;
+use mistralrs_core::{Request, Response as EngineResponse};
 use mistralrs_server_core::handler_core::{create_response_channel, send_request_with_model};
 use mistralrs_server_core::mistralrs_server_router_builder::DEFAULT_MAX_BODY_LIMIT;
 use mistralrs_server_core::openai::{ChatCompletionRequest, CompletionRequest};
 use mistralrs_server_core::types::SharedMistralRsState;
 use mistralrs_server_core::{chat_completion, completions};
 use serde_json::{json, Value};
+use tokio::sync::mpsc::Receiver;
 use tower_http::cors::{AllowOrigin, CorsLayer};
 
 use crate::error::Error;
@@ -57,6 +63,7 @@ pub fn router(mistralrs: SharedMistralRsState, hook: Arc<QllmHook>) -> Router {
     Router::new()
         .route("/v1/chat/completions", post(chat))
         .route("/v1/completions", post(completion))
+        .route("/v1/qllm/stats", get(stats))
         .layer(cors)
         .layer(DefaultBodyLimit::max(DEFAULT_MAX_BODY_LIMIT))
         .with_state(ServerState { mistralrs, hook })
@@ -76,10 +83,49 @@ fn error(status: StatusCode, message: impl std::fmt::Display) -> HttpError {
     HttpError(status, message.to_string())
 }
 
+/// What `GET /v1/qllm/stats` answers.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub struct Stats {
+    /// Sequences with state.
+    pub sequences: usize,
+    /// Bytes of state they hold.
+    pub bytes: usize,
+    /// Bytes counted against `max_memory` (reservations included).
+    pub charged_bytes: usize,
+    /// Requests with settings, probe vectors or a report still kept.
+    pub tracked_requests: usize,
+    /// The server's cap on all state, if any.
+    pub max_memory: Option<usize>,
+    /// The cap per request, if any.
+    pub max_request_memory: Option<usize>,
+    /// Resident memory of the server process.
+    pub resident_bytes: Option<usize>,
+}
+
+async fn stats(State(state): State<ServerState>) -> Json<Stats> {
+    let memory = state.hook.memory_stats();
+    let config = state.hook.config();
+    Json(Stats {
+        sequences: memory.sequences,
+        bytes: memory.bytes,
+        charged_bytes: memory.charged_bytes,
+        tracked_requests: state.hook.tracked_requests(),
+        max_memory: config.max_memory,
+        max_request_memory: config.max_request_memory,
+        resident_bytes: crate::limits::resident_memory(),
+    })
+}
+
 /// Splits the extension off a request body and parses the rest as `T`.
 fn split_body<T: serde::de::DeserializeOwned>(
-    mut body: Value,
+    body: &[u8],
 ) -> std::result::Result<(T, RequestOptions), HttpError> {
+    let mut body: Value = serde_json::from_slice(body).map_err(|e| {
+        error(
+            StatusCode::BAD_REQUEST,
+            format!("the request body is not valid JSON in UTF-8: {e}"),
+        )
+    })?;
     let options = match body.as_object_mut().and_then(|o| o.remove(EXTENSION_FIELD)) {
         None | Some(Value::Null) => RequestOptions::default(),
         Some(value) => serde_json::from_value(value).map_err(|e| {
@@ -126,6 +172,58 @@ fn report(hook: &QllmHook, guard: &RequestGuard, prepared_probe: bool) -> Value 
     serde_json::to_value(report).unwrap_or(Value::Null)
 }
 
+/// Waits until the engine has started a streaming request's sequences or
+/// refused it, so that a refused request (over a memory cap, say) gets an
+/// HTTP error rather than an event stream carrying one error message.
+/// Returns the receiver to stream from.
+async fn await_start(
+    hook: &QllmHook,
+    request_id: usize,
+    mut rx: Receiver<EngineResponse>,
+) -> std::result::Result<Receiver<EngineResponse>, HttpError> {
+    loop {
+        if hook.request_started(request_id) {
+            return Ok(rx);
+        }
+        tokio::select! {
+            first = rx.recv() => {
+                let first = match first {
+                    Some(EngineResponse::ValidationError(e)) => {
+                        return Err(error(StatusCode::UNPROCESSABLE_ENTITY, e));
+                    }
+                    Some(EngineResponse::InternalError(e)) => {
+                        return Err(error(StatusCode::INTERNAL_SERVER_ERROR, e));
+                    }
+                    Some(first) => first,
+                    None => {
+                        return Err(error(
+                            StatusCode::INTERNAL_SERVER_ERROR,
+                            "the engine dropped the request",
+                        ));
+                    }
+                };
+                // A response came before the start was seen: hand it and
+                // the rest to the streamer.
+                let (tx, forwarded) = tokio::sync::mpsc::channel(16);
+                tokio::spawn(async move {
+                    let mut next = Some(first);
+                    while let Some(response) = next {
+                        if tx.send(response).await.is_err() {
+                            break;
+                        }
+                        next = rx.recv().await;
+                    }
+                });
+                return Ok(forwarded);
+            }
+            () = tokio::time::sleep(START_POLL) => {}
+        }
+    }
+}
+
+/// How often [`await_start`] looks for the request's sequences.
+const START_POLL: std::time::Duration = std::time::Duration::from_millis(20);
+
 /// Adds the report to a successful JSON response.
 async fn with_report(response: Response, report: Value) -> Response {
     if response.status() != StatusCode::OK {
@@ -148,8 +246,8 @@ async fn with_report(response: Response, report: Value) -> Response {
     }
 }
 
-async fn chat(State(state): State<ServerState>, Json(body): Json<Value>) -> Response {
-    let (oairequest, options) = match split_body::<ChatCompletionRequest>(body) {
+async fn chat(State(state): State<ServerState>, body: Bytes) -> Response {
+    let (oairequest, options) = match split_body::<ChatCompletionRequest>(&body) {
         Ok(x) => x,
         Err(e) => return e.into_response(),
     };
@@ -170,6 +268,10 @@ async fn chat(State(state): State<ServerState>, Json(body): Json<Value>) -> Resp
     }
     let (guard, probed) = (prepared.guard, prepared.probed);
     if is_streaming {
+        let rx = match await_start(&state.hook, guard.request_id(), rx).await {
+            Ok(rx) => rx,
+            Err(e) => return e.into_response(),
+        };
         let hook = state.hook.clone();
         // The guard lives as long as the stream: its settings stay until the
         // last chunk is sent or the client goes away.
@@ -185,8 +287,8 @@ async fn chat(State(state): State<ServerState>, Json(body): Json<Value>) -> Resp
     }
 }
 
-async fn completion(State(state): State<ServerState>, Json(body): Json<Value>) -> Response {
-    let (oairequest, options) = match split_body::<CompletionRequest>(body) {
+async fn completion(State(state): State<ServerState>, body: Bytes) -> Response {
+    let (oairequest, options) = match split_body::<CompletionRequest>(&body) {
         Ok(x) => x,
         Err(e) => return e.into_response(),
     };
@@ -207,6 +309,10 @@ async fn completion(State(state): State<ServerState>, Json(body): Json<Value>) -
     }
     let (guard, probed) = (prepared.guard, prepared.probed);
     if is_streaming {
+        let rx = match await_start(&state.hook, guard.request_id(), rx).await {
+            Ok(rx) => rx,
+            Err(e) => return e.into_response(),
+        };
         let hook = state.hook.clone();
         let on_done: completions::CompletionOnDoneCallback = Box::new(move |_| {
             report(&hook, &guard, probed);

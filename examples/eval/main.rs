@@ -445,6 +445,12 @@ fn run_plan(
         };
         for mode in modes {
             bar.set_message(format!("{} {length} @ {depth} {mode}", task.name()));
+            // The engine may step a finished sequence once more before
+            // dropping it: swap hooks only once the last one holds nothing.
+            let idle_by = std::time::Instant::now() + Duration::from_secs(120);
+            while hook.memory_stats().sequences > 0 && std::time::Instant::now() < idle_by {
+                std::thread::sleep(Duration::from_millis(50));
+            }
             hook = qllm::install_config(hook_config(args, mode)?);
             let qllm = if args.in_line_question {
                 hook.set_question(Some(question.clone()));

@@ -27,6 +27,8 @@ fn small_config(mode: Mode) -> QllmConfig {
         prefill_chunk_size: 64,
         max_context_len: 1 << 20,
         block_dtype: BlockDType::Model,
+        max_memory: None,
+        max_request_memory: None,
     }
 }
 

@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use candle_core::{DType, Result, Tensor};
 use mistralrs_core::attention_hook::{
-    set_attention_hook, AttentionHook, AttentionHookCtx, StepSequence,
+    set_attention_hook, AttentionHook, AttentionHookCtx, HookModel, StepSequence,
 };
 use mistralrs_core::ModelDType;
 use qllm::{LayerStats, Mode, QllmConfig, QllmHook};
@@ -98,8 +98,8 @@ impl AttentionHook for Recording {
     fn prefill_chunk_size(&self) -> Option<usize> {
         self.inner.prefill_chunk_size()
     }
-    fn max_context_len(&self, model_max_len: usize) -> Option<usize> {
-        self.inner.max_context_len(model_max_len)
+    fn model_loaded(&self, model: &HookModel) -> Option<usize> {
+        self.inner.model_loaded(model)
     }
 }
 
@@ -231,7 +231,7 @@ impl AttentionHook for Reference {
         Tensor::from_vec(out, (1, heads, len, d), q.device())?.to_dtype(q.dtype())
     }
 
-    fn max_context_len(&self, _model_max_len: usize) -> Option<usize> {
+    fn model_loaded(&self, _model: &HookModel) -> Option<usize> {
         Some(512)
     }
 }
