@@ -38,6 +38,10 @@ pub enum Error {
     /// tokenized, the probe pass failed, the engine is gone).
     #[error("qllm request: {0}")]
     Request(String),
+    /// The engine refused a request before any work (the message says why:
+    /// a memory cap, settings the model cannot run).
+    #[error("{0}")]
+    Refused(String),
 }
 
 /// Result with this crate's [`Error`].

@@ -443,12 +443,19 @@ impl QllmHook {
                 .iter()
                 .map(|l| l.question_vector().map(<[f32]>::to_vec))
                 .collect();
-            if vectors.iter().all(Option::is_some) {
+            // Kept only while the request is registered: a late step
+            // must not bring back what `forget_request` removed.
+            if vectors.iter().all(Option::is_some) && lock(&self.requests).contains_key(&target) {
                 lock(&self.probes).insert(target, vectors);
             }
             return;
         }
-        let Some(request_id) = state.request_id else {
+        // Reports are kept for registered requests only, until they are
+        // forgotten; others (mistral.rs's own routes) would pile up.
+        let Some(request_id) = state
+            .request_id
+            .filter(|id| lock(&self.requests).contains_key(id))
+        else {
             return;
         };
         let memory_bytes = state.bytes();
@@ -470,6 +477,12 @@ impl QllmHook {
         }
         lock(&self.reports).insert(request_id, report.clone());
     }
+}
+
+/// A refusal for [`AttentionHook::admit_request`]: the message alone (the
+/// client sees it), without the backtrace candle's `bail!` may attach.
+fn refusal(message: String) -> candle_core::Error {
+    candle_core::Error::Msg(message)
 }
 
 /// Locks a mutex even if a panic elsewhere poisoned it: the data are
@@ -510,26 +523,34 @@ impl AttentionHook for QllmHook {
             if plan.is_some() && prompt_len > model.max_seq_len {
                 // The request runs without Q-LLM: the model's own limit and
                 // upstream's message.
-                candle_core::bail!(
+                return Err(refusal(format!(
                     "Prompt sequence length is greater than {}, perhaps consider using \
                      `truncate_sequence`?",
                     model.max_seq_len
-                );
+                )));
             }
         }
         if let Some(question) = plan.as_ref().and_then(|p| p.question.as_ref()) {
             if question.len() > prompt_len {
-                candle_core::bail!(
+                return Err(refusal(format!(
                     "qllm: the question ({} tokens) is longer than the prompt ({prompt_len} \
                      tokens); the question must be part of the prompt",
                     question.len()
-                );
+                )));
             }
         }
         *lock(&self.admitted) = None;
         let Some(model) = model else {
             return Ok(());
         };
+        let window = config.n_local + config.exc_block_size - 1;
+        if config.mode != Mode::Dense && window > model.max_seq_len {
+            return Err(refusal(format!(
+                "qllm: `n_local` + `exc_block_size` - 1 = {window} positions exceed the model's \
+                 RoPE table ({} positions); lower `n_local` or `exc_block_size`",
+                model.max_seq_len
+            )));
+        }
         let tokens = prompt_len + request.max_new_tokens.unwrap_or(0);
         let per_sequence = sequence_bytes_bound(&config, &model, tokens);
         let sequences = request.sequences.max(1);
@@ -545,23 +566,23 @@ impl AttentionHook for QllmHook {
         );
         if let Some(cap) = self.config.max_request_memory {
             if request_bytes > cap {
-                candle_core::bail!(
+                return Err(refusal(format!(
                     "qllm: the request needs up to {size}, over the per-request limit \
                      `max_request_memory` = {}",
                     format_bytes(cap)
-                );
+                )));
             }
         }
         if let Some(cap) = self.config.max_memory {
             let in_use = self.memory_stats();
             if in_use.charged_bytes.saturating_add(request_bytes) > cap {
-                candle_core::bail!(
+                return Err(refusal(format!(
                     "qllm: the request needs up to {size}, but the server's limit `max_memory` \
                      = {} has {} in use by {} sequences; retry later or send a shorter prompt",
                     format_bytes(cap),
                     format_bytes(in_use.charged_bytes),
                     in_use.sequences
-                );
+                )));
             }
         }
         *lock(&self.admitted) = Some((request.id, per_sequence));
@@ -596,7 +617,10 @@ impl AttentionHook for QllmHook {
         let mut states = self.lock();
         for seq in seqs {
             let state = states.entry(seq.seq_id).or_insert_with(|| self.new_state());
-            if seq.is_prompt {
+            // A sequence's prompt is what its first step reads: the engine
+            // may run a decoding sequence in a later prompt step (after
+            // re-admitting it), with one new token.
+            if seq.is_prompt && state.prompt_len == 0 {
                 state.prompt_len = seq.tokens.len();
                 if !state.question_searched && state.config.mode.uses_question() {
                     state.question_searched = true;

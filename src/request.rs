@@ -334,9 +334,10 @@ async fn probe(
         .map_err(|_| Error::Request("the engine stopped before the probe".into()))?;
     match rx.recv().await {
         Some(Response::CompletionDone(_)) => Ok(()),
-        Some(Response::InternalError(e) | Response::ValidationError(e)) => Err(Error::Request(
-            format!("the question's probe pass failed: {e}"),
-        )),
+        Some(Response::ValidationError(e)) => Err(Error::Refused(e.to_string())),
+        Some(Response::InternalError(e)) => Err(Error::Request(format!(
+            "the question's probe pass failed: {e}"
+        ))),
         Some(Response::CompletionModelError(e, _)) => Err(Error::Request(format!(
             "the question's probe pass failed: {e}"
         ))),

@@ -160,6 +160,7 @@ async fn prepare_request(
         .await
         .map_err(|e| match e {
             Error::InvalidConfig { .. } => error(StatusCode::BAD_REQUEST, e),
+            Error::Refused(_) => error(StatusCode::UNPROCESSABLE_ENTITY, e),
             e => error(StatusCode::INTERNAL_SERVER_ERROR, e),
         })
 }

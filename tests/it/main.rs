@@ -8,6 +8,7 @@ mod eval;
 mod passkey;
 mod policy;
 mod qllm;
+mod reliability;
 mod serve;
 mod smollm2;
 mod tiny;
