@@ -716,6 +716,7 @@ impl AttentionHook for QllmHook {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::limits::tests::smollm2;
 
     #[test]
     fn question_is_found_last_and_with_loose_edges() {
@@ -725,18 +726,6 @@ mod tests {
         assert_eq!(find_question_span(&prompt, &[8, 2, 3, 6]), Some(6..10));
         assert_eq!(find_question_span(&prompt, &[8, 8, 8]), None);
         assert_eq!(find_question_span(&prompt, &[]), None);
-    }
-
-    fn model() -> HookModel {
-        HookModel {
-            max_seq_len: 8192,
-            num_layers: 30,
-            num_attention_heads: 9,
-            num_kv_heads: 3,
-            k_head_dim: 64,
-            v_head_dim: 64,
-            dtype: candle_core::DType::F32,
-        }
     }
 
     fn admit(hook: &QllmHook, id: usize, tokens: usize) -> std::result::Result<(), String> {
@@ -753,7 +742,7 @@ mod tests {
     #[test]
     fn requests_over_the_memory_caps_are_refused_and_live_ones_count() {
         let config = QllmConfig::default();
-        let bound_16k = sequence_bytes_bound(&config, &model(), 16 * 1024 + 16);
+        let bound_16k = sequence_bytes_bound(&config, &smollm2(), 16 * 1024 + 16);
         let hook = QllmHook::new(QllmConfig {
             max_request_memory: Some(bound_16k),
             max_memory: Some(bound_16k * 3 / 2),
@@ -761,7 +750,7 @@ mod tests {
         });
         // No model shape yet: nothing to size requests by.
         admit(&hook, 1, 1 << 20).unwrap();
-        assert_eq!(hook.model_loaded(&model()), Some(config.max_context_len));
+        assert_eq!(hook.model_loaded(&smollm2()), Some(config.max_context_len));
 
         let err = admit(&hook, 2, 20 * 1024).unwrap_err();
         assert!(

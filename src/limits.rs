@@ -103,30 +103,28 @@ pub fn format_bytes(bytes: usize) -> String {
     }
 }
 
-/// The machine's physical memory (Linux `/proc/meminfo`), if known.
-pub fn physical_memory() -> Option<usize> {
-    let meminfo = std::fs::read_to_string("/proc/meminfo").ok()?;
-    let kib: usize = meminfo
+/// A `Key: N kB` line of a Linux `/proc` file (`/proc/meminfo`,
+/// `/proc/PID/status`), in bytes.
+pub fn proc_bytes(path: &str, key: &str) -> Option<usize> {
+    let text = std::fs::read_to_string(path).ok()?;
+    let kib: usize = text
         .lines()
-        .find(|l| l.starts_with("MemTotal:"))?
+        .find_map(|l| l.strip_prefix(key)?.strip_prefix(':'))?
         .split_whitespace()
-        .nth(1)?
+        .next()?
         .parse()
         .ok()?;
     Some(kib * 1024)
 }
 
-/// Resident memory of this process (Linux `/proc/self/status`), if known.
+/// The machine's physical memory, if known.
+pub fn physical_memory() -> Option<usize> {
+    proc_bytes("/proc/meminfo", "MemTotal")
+}
+
+/// Resident memory of this process, if known.
 pub fn resident_memory() -> Option<usize> {
-    let status = std::fs::read_to_string("/proc/self/status").ok()?;
-    let kib: usize = status
-        .lines()
-        .find(|l| l.starts_with("VmRSS:"))?
-        .split_whitespace()
-        .nth(1)?
-        .parse()
-        .ok()?;
-    Some(kib * 1024)
+    proc_bytes("/proc/self/status", "VmRSS")
 }
 
 /// Granularity of [`crate::kv::KvBuffer`] growth, in tokens.
@@ -187,7 +185,7 @@ pub fn sequence_bytes_bound(config: &QllmConfig, model: &HookModel, tokens: usiz
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
     #[test]
@@ -241,7 +239,8 @@ mod tests {
         assert_eq!(format_bytes(12 << 20), "12.0 MiB");
     }
 
-    fn smollm2() -> HookModel {
+    /// SmolLM2-135M's shape with f32 activations.
+    pub(crate) fn smollm2() -> HookModel {
         HookModel {
             max_seq_len: 8192,
             num_layers: 30,

@@ -118,15 +118,28 @@ pub fn free_port() -> u16 {
 }
 
 pub fn http(port: u16, method: &str, path: &str, body: &str) -> std::io::Result<(u16, String)> {
+    http_bytes(port, method, path, body.as_bytes())
+}
+
+/// An HTTP/1.1 request whose body may be any bytes; the status and the body
+/// of the reply (decoded lossily).
+pub fn http_bytes(
+    port: u16,
+    method: &str,
+    path: &str,
+    body: &[u8],
+) -> std::io::Result<(u16, String)> {
     let mut stream = TcpStream::connect(("127.0.0.1", port))?;
     stream.set_read_timeout(Some(Duration::from_secs(900)))?;
     write!(
         stream,
-        "{method} {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        "{method} {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
         body.len()
     )?;
-    let mut response = String::new();
-    stream.read_to_string(&mut response)?;
+    stream.write_all(body)?;
+    let mut response = Vec::new();
+    stream.read_to_end(&mut response)?;
+    let response = String::from_utf8_lossy(&response);
     let status = response
         .split(' ')
         .nth(1)
@@ -139,33 +152,36 @@ pub fn http(port: u16, method: &str, path: &str, body: &str) -> std::io::Result<
     Ok((status, body))
 }
 
+/// Starts `mistralrs --qllm GLOBAL... serve` on a free port of 127.0.0.1
+/// with `model` and waits until it is healthy; f32 weights when
+/// `dequantize` (long prompts read about twice as fast on CPU).
+pub fn start_server(global: &[String], model: &Path, dequantize: bool) -> (Server, u16) {
+    let port = free_port();
+    let mut args: Vec<String> = vec!["--qllm".into()];
+    args.extend(global.iter().cloned());
+    args.extend(["serve", "--host", "127.0.0.1", "-p"].map(String::from));
+    args.push(port.to_string());
+    args.extend(model_args(model));
+    let mut command = Command::new(assets::mistralrs_bin());
+    command
+        .args(&args)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null());
+    if dequantize {
+        command.env("CANDLE_DEQUANTIZE_ALL", "1");
+    }
+    let server = Server(command.spawn().expect("server starts"));
+    let deadline = Instant::now() + Duration::from_secs(180);
+    while !matches!(http(port, "GET", "/health", ""), Ok((200, _))) {
+        assert!(Instant::now() < deadline, "server did not become healthy");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    (server, port)
+}
+
 #[test]
 fn serve_with_qllm_answers_a_chat_completion_over_http() {
-    let port = free_port();
-    let mut args: Vec<String> = vec![
-        "--qllm".into(),
-        "serve".into(),
-        "--host".into(),
-        "127.0.0.1".into(),
-    ];
-    args.extend(["-p".into(), port.to_string()]);
-    args.extend(model_args(&assets::smollm2()));
-    let server = Server(
-        Command::new(assets::mistralrs_bin())
-            .args(&args)
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("server starts"),
-    );
-    let deadline = Instant::now() + Duration::from_secs(180);
-    loop {
-        if let Ok((200, _)) = http(port, "GET", "/health", "") {
-            break;
-        }
-        assert!(Instant::now() < deadline, "server did not become healthy");
-        std::thread::sleep(Duration::from_millis(250));
-    }
+    let (server, port) = start_server(&[], &assets::smollm2(), false);
     let body = format!(
         r#"{{"model":"default","messages":[{{"role":"user","content":"{PARIS_QUESTION}"}}],"max_tokens":16,"temperature":0}}"#
     );

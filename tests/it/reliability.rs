@@ -2,15 +2,13 @@
 //! concurrent requests, with the tiny model: its random weights answer
 //! nonsense, but deterministically and fast enough for a hundred requests.
 
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{BufRead, BufReader, Write};
 use std::net::TcpStream;
-use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
 
-use crate::assets;
-use crate::cli::{free_port, model_args, Server};
+use crate::cli::{http_bytes, start_server, Server};
 use crate::tiny;
 
 struct TinyServer {
@@ -35,26 +33,9 @@ fn serve_tiny(extra: &[&str]) -> TinyServer {
     let model = tiny::write(dir.path(), 2, 0.3);
     let config = dir.path().join("qllm.toml");
     std::fs::write(&config, "preset = \"512\"\n").unwrap();
-    let port = free_port();
-    let mut args: Vec<String> = vec!["--qllm".into(), "--qllm-config".into()];
-    args.push(config.to_string_lossy().into_owned());
-    args.extend(extra.iter().map(|s| s.to_string()));
-    args.extend(["serve", "--host", "127.0.0.1", "-p"].map(String::from));
-    args.push(port.to_string());
-    args.extend(model_args(&model));
-    let server = Server(
-        Command::new(assets::mistralrs_bin())
-            .args(&args)
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("server starts"),
-    );
-    let deadline = Instant::now() + Duration::from_secs(120);
-    while !matches!(request(port, "GET", "/health", b""), Ok((200, _))) {
-        assert!(Instant::now() < deadline, "server did not become healthy");
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    let mut global = vec!["--qllm-config".to_string(), config.to_string_lossy().into()];
+    global.extend(extra.iter().map(|s| s.to_string()));
+    let (server, port) = start_server(&global, &model, false);
     TinyServer {
         port,
         _server: server,
@@ -62,34 +43,11 @@ fn serve_tiny(extra: &[&str]) -> TinyServer {
     }
 }
 
-fn request(port: u16, method: &str, path: &str, body: &[u8]) -> std::io::Result<(u16, String)> {
-    let mut stream = TcpStream::connect(("127.0.0.1", port))?;
-    stream.set_read_timeout(Some(Duration::from_secs(300)))?;
-    write!(
-        stream,
-        "{method} {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
-        body.len()
-    )?;
-    stream.write_all(body)?;
-    let mut response = Vec::new();
-    stream.read_to_end(&mut response)?;
-    let response = String::from_utf8_lossy(&response);
-    let status = response
-        .split(' ')
-        .nth(1)
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(0);
-    let body = response
-        .split_once("\r\n\r\n")
-        .map(|(_, b)| b.to_string())
-        .unwrap_or_default();
-    Ok((status, body))
-}
-
 /// Posts a completion request; the reply's status and JSON (or text, for a
 /// stream).
 fn complete(port: u16, body: &Value) -> (u16, String) {
-    request(port, "POST", "/v1/completions", body.to_string().as_bytes()).expect("request answered")
+    http_bytes(port, "POST", "/v1/completions", body.to_string().as_bytes())
+        .expect("request answered")
 }
 
 fn json_of(text: &str) -> Value {
@@ -128,7 +86,7 @@ fn streamed_text(raw: &str) -> String {
 }
 
 fn stats(port: u16) -> Value {
-    let (status, text) = request(port, "GET", "/v1/qllm/stats", b"").unwrap();
+    let (status, text) = http_bytes(port, "GET", "/v1/qllm/stats", b"").unwrap();
     assert_eq!(status, 200, "{text}");
     json_of(&text)
 }
@@ -220,9 +178,9 @@ fn bad_input_gets_clear_errors_and_the_server_keeps_serving() {
     let mut body = br#"{"model":"default","prompt":"the "#.to_vec();
     body.extend([0xff, 0xfe]);
     body.extend(br#"","max_tokens":4}"#);
-    let reply = request(port, "POST", "/v1/completions", &body).unwrap();
+    let reply = http_bytes(port, "POST", "/v1/completions", &body).unwrap();
     assert_refused(reply, 400, &["not valid JSON in UTF-8"]);
-    let reply = request(port, "POST", "/v1/completions", br#"{"model":"default"}"#).unwrap();
+    let reply = http_bytes(port, "POST", "/v1/completions", br#"{"model":"default"}"#).unwrap();
     assert_refused(reply, 422, &["prompt"]);
     let mut body = completion(0, 4, false);
     body["prompt"] = json!("");

@@ -1,45 +1,17 @@
 //! `mistralrs --qllm serve` with the `qllm` request extension, over real HTTP.
 
-use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
-
 use qllm::passkey;
 use serde_json::{json, Value};
 
 use crate::assets;
-use crate::cli::{free_port, http, model_args, Server};
+use crate::cli::{self, http, Server};
 
 /// Filler units for a chat prompt of about 12K tokens (SmolLM2: about 25
 /// tokens per unit).
 const UNITS_12K: usize = 480;
 
 fn start_server() -> (Server, u16) {
-    let port = free_port();
-    let mut args: Vec<String> = vec![
-        "--qllm".into(),
-        "serve".into(),
-        "--host".into(),
-        "127.0.0.1".into(),
-        "-p".into(),
-        port.to_string(),
-    ];
-    args.extend(model_args(&assets::smollm2()));
-    let server = Server(
-        Command::new(assets::mistralrs_bin())
-            .args(&args)
-            // f32 weights read long prompts about twice as fast on CPU.
-            .env("CANDLE_DEQUANTIZE_ALL", "1")
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("server starts"),
-    );
-    let deadline = Instant::now() + Duration::from_secs(180);
-    while !matches!(http(port, "GET", "/health", ""), Ok((200, _))) {
-        assert!(Instant::now() < deadline, "server did not become healthy");
-        std::thread::sleep(Duration::from_millis(250));
-    }
-    (server, port)
+    cli::start_server(&[], &assets::smollm2(), true)
 }
 
 /// The question of the chat tests: SmolLM2 answers the pass key in chat
