@@ -152,15 +152,21 @@ pub fn http_bytes(
     Ok((status, body))
 }
 
-/// Starts `mistralrs --qllm GLOBAL... serve` on a free port of 127.0.0.1
-/// with `model` and waits until it is healthy; f32 weights when
+/// Starts `mistralrs --qllm GLOBAL... serve SERVE...` on a free port of
+/// 127.0.0.1 with `model` and waits until it is healthy; f32 weights when
 /// `dequantize` (long prompts read about twice as fast on CPU).
-pub fn start_server(global: &[String], model: &Path, dequantize: bool) -> (Server, u16) {
+pub fn start_server(
+    global: &[String],
+    serve: &[&str],
+    model: &Path,
+    dequantize: bool,
+) -> (Server, u16) {
     let port = free_port();
     let mut args: Vec<String> = vec!["--qllm".into()];
     args.extend(global.iter().cloned());
     args.extend(["serve", "--host", "127.0.0.1", "-p"].map(String::from));
     args.push(port.to_string());
+    args.extend(serve.iter().map(|s| s.to_string()));
     args.extend(model_args(model));
     let mut command = Command::new(assets::mistralrs_bin());
     command
@@ -181,7 +187,7 @@ pub fn start_server(global: &[String], model: &Path, dequantize: bool) -> (Serve
 
 #[test]
 fn serve_with_qllm_answers_a_chat_completion_over_http() {
-    let (server, port) = start_server(&[], &assets::smollm2(), false);
+    let (server, port) = start_server(&[], &[], &assets::smollm2(), false);
     let body = format!(
         r#"{{"model":"default","messages":[{{"role":"user","content":"{PARIS_QUESTION}"}}],"max_tokens":16,"temperature":0}}"#
     );

@@ -11,7 +11,7 @@ use crate::cli::{self, http, Server};
 const UNITS_12K: usize = 480;
 
 fn start_server() -> (Server, u16) {
-    cli::start_server(&[], &assets::smollm2(), true)
+    cli::start_server(&[], &[], &assets::smollm2(), true)
 }
 
 /// The question of the chat tests: SmolLM2 answers the pass key in chat
