@@ -5,6 +5,12 @@ use candle_core::{Result, Tensor};
 /// Granularity of buffer growth, in tokens.
 const GROW_TOKENS: usize = 512;
 
+/// Capacity, in tokens, a buffer grows to when it needs room for `needed`:
+/// twice that, in steps of [`GROW_TOKENS`].
+pub(crate) fn grown_capacity(needed: usize) -> usize {
+    (2 * needed).next_multiple_of(GROW_TOKENS)
+}
+
 /// Keys and values of one layer of one sequence: `(1, kv_heads, capacity, d)`
 /// buffers of which positions `start..start + len` are live.
 #[derive(Debug, Default)]
@@ -38,7 +44,7 @@ impl KvBuffer {
         let needed = self.len + added;
         let capacity = self.buffers.as_ref().map_or(0, |(k, _)| k.dims()[2]);
         if self.start + needed > capacity {
-            let new_capacity = (2 * needed).next_multiple_of(GROW_TOKENS);
+            let new_capacity = grown_capacity(needed);
             let move_live = |old: Option<&Tensor>, like: &Tensor| -> Result<Tensor> {
                 let (b, h, _, d) = like.dims4()?;
                 let fresh = Tensor::zeros((b, h, new_capacity, d), like.dtype(), like.device())?;

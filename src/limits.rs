@@ -8,6 +8,8 @@ use serde::Deserialize;
 
 use crate::config::{Mode, QllmConfig};
 use crate::error::{Error, Result};
+use crate::kv::grown_capacity;
+use crate::memory::SLAB_BLOCKS;
 
 /// A size as written in a config file: bytes, or a string with a unit.
 #[derive(Debug, Clone, PartialEq, Deserialize)]
@@ -127,18 +129,13 @@ pub fn resident_memory() -> Option<usize> {
     proc_bytes("/proc/self/status", "VmRSS")
 }
 
-/// Granularity of [`crate::kv::KvBuffer`] growth, in tokens.
-const KV_GROW_TOKENS: usize = 512;
-/// Blocks per slab of the block store.
-const SLAB_BLOCKS: usize = 16;
-
-/// Capacity, in tokens, of a KV buffer that has held at most `tokens`: it
-/// grows to twice what it needs, in steps of [`KV_GROW_TOKENS`].
+/// Largest capacity, in tokens, of a KV buffer that has held at most
+/// `tokens` (see [`crate::kv::KvBuffer::append`]).
 fn kv_capacity(tokens: usize) -> usize {
     if tokens == 0 {
         0
     } else {
-        (2 * tokens).next_multiple_of(KV_GROW_TOKENS)
+        grown_capacity(tokens)
     }
 }
 

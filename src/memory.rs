@@ -28,7 +28,7 @@ use crate::config::{Mode, QllmConfig};
 use crate::kv::KvBuffer;
 
 /// Blocks per slab of a [`BlockStore`].
-const SLAB_BLOCKS: usize = 16;
+pub(crate) const SLAB_BLOCKS: usize = 16;
 
 /// The memory blocks of one layer: `block_size` consecutive evicted tokens
 /// each, pre-RoPE, in slabs of [`SLAB_BLOCKS`] blocks. One allocation per

@@ -220,12 +220,9 @@ fn context_length(model: &Path) -> Result<usize> {
 
 /// Peak resident memory since the last [`reset_peak_rss`].
 fn peak_rss_mib() -> f64 {
-    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
-    status
-        .lines()
-        .find(|l| l.starts_with("VmHWM:"))
-        .and_then(|l| l.split_whitespace().nth(1)?.parse::<f64>().ok())
-        .map_or(f64::NAN, |kib| kib / 1024.0)
+    #[allow(clippy::cast_precision_loss)] // Display only.
+    qllm::limits::proc_bytes("/proc/self/status", "VmHWM")
+        .map_or(f64::NAN, |bytes| bytes as f64 / (1024.0 * 1024.0))
 }
 
 fn reset_peak_rss() {
