@@ -1,7 +1,8 @@
 //! The `dense` hook reproduces mistral.rs's own attention exactly.
 
+use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use candle_core::{Result, Tensor};
 use mistralrs_core::attention_hook::{
@@ -13,15 +14,35 @@ use qllm::{QllmConfig, QllmHook};
 use crate::engine::{engine_lock, generate_tokens, load_gguf, max_abs_diff, runtime};
 use crate::tiny;
 
-/// Delegates to the real hook and records the widest batch it served.
+/// Delegates to the real hook and records the widest batch it served, the
+/// steps each sequence took and the sequences that ended.
 struct Recording {
     inner: QllmHook,
     max_rows: AtomicUsize,
+    /// (prompt steps, decode steps) by sequence id.
+    steps: Mutex<BTreeMap<usize, (usize, usize)>>,
+    ended: Mutex<Vec<usize>>,
+}
+
+impl Recording {
+    fn new(inner: QllmHook) -> Self {
+        Self {
+            inner,
+            max_rows: AtomicUsize::new(0),
+            steps: Mutex::default(),
+            ended: Mutex::default(),
+        }
+    }
 }
 
 impl AttentionHook for Recording {
     fn begin_step(&self, seqs: &[StepSequence<'_>]) -> Result<()> {
         self.max_rows.fetch_max(seqs.len(), Ordering::Relaxed);
+        let mut steps = self.steps.lock().unwrap();
+        for seq in seqs {
+            let (prompt, decode) = steps.entry(seq.seq_id).or_default();
+            *if seq.is_prompt { prompt } else { decode } += 1;
+        }
         self.inner.begin_step(seqs)
     }
     fn attend(
@@ -34,6 +55,7 @@ impl AttentionHook for Recording {
         self.inner.attend(ctx, q, k, v)
     }
     fn end_sequence(&self, seq_id: usize) {
+        self.ended.lock().unwrap().push(seq_id);
         self.inner.end_sequence(seq_id)
     }
     fn prefill_chunk_size(&self) -> Option<usize> {
@@ -95,10 +117,7 @@ fn dense_hook_matches_builtin_attention_for_a_batch_of_two() {
         prefill_chunk_size: 16,
         ..QllmConfig::dense()
     };
-    let hook = Arc::new(Recording {
-        inner: QllmHook::new(config),
-        max_rows: AtomicUsize::new(0),
-    });
+    let hook = Arc::new(Recording::new(QllmHook::new(config)));
     set_attention_hook(Some(hook.clone()));
     let (engine, hooked) = rt.block_on(run_pair(&file, true));
 
@@ -126,4 +145,55 @@ fn dense_hook_matches_builtin_attention_for_a_batch_of_two() {
     );
     rt.block_on(async move { drop(engine) });
     set_attention_hook(None);
+}
+
+#[test]
+fn each_sequence_gets_one_prompt_step_and_a_step_per_further_token() {
+    let _guard = engine_lock();
+    let dir = tempfile::tempdir().unwrap();
+    let file = tiny::write(dir.path(), 7, 0.3);
+    let rt = runtime();
+    let hook = Arc::new(Recording::new(QllmHook::new(QllmConfig::dense())));
+    set_attention_hook(Some(hook.clone()));
+    // Sent at once, prompts of different lengths: the engine's bucketing
+    // parks one while the other runs. One request is finished by its prompt
+    // step (one token); the other decodes three more.
+    let [a, b] = prompts();
+    let b: Vec<u32> = b.iter().chain(&b).copied().collect();
+    let engine = rt.block_on(async {
+        let mistralrs = load_gguf(&file, ModelDType::F32).await;
+        // Only the two requests' sequences count, not any the engine ran
+        // while loading.
+        hook.steps.lock().unwrap().clear();
+        hook.ended.lock().unwrap().clear();
+        tokio::join!(
+            generate_tokens(&mistralrs, a, 1, &[EOS]),
+            generate_tokens(&mistralrs, b, 4, &[EOS]),
+        );
+        mistralrs
+    });
+    // Finished sequences end in the step that finishes them; give the engine
+    // time to get there, and to take any step it should not.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while hook.ended.lock().unwrap().len() < 2 && std::time::Instant::now() < deadline {
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    std::thread::sleep(std::time::Duration::from_millis(200));
+    let steps = hook.steps.lock().unwrap().clone();
+    let mut ended = hook.ended.lock().unwrap().clone();
+    ended.sort_unstable();
+    rt.block_on(async move { drop(engine) });
+    set_attention_hook(None);
+    assert_eq!(
+        ended,
+        steps.keys().copied().collect::<Vec<_>>(),
+        "{steps:?}"
+    );
+    let mut per_sequence: Vec<(usize, usize)> = steps.into_values().collect();
+    per_sequence.sort_unstable();
+    assert_eq!(
+        per_sequence,
+        [(1, 0), (1, 3)],
+        "(prompt, decode) steps per sequence"
+    );
 }
