@@ -12,7 +12,7 @@ use mistralrs_core::attention_hook::{
 use crate::attention::{causal_attention, CausalMasks};
 use crate::config::{Mode, QllmConfig};
 use crate::kv::KvBuffer;
-use crate::limits::{format_bytes, sequence_bytes_bound};
+use crate::limits::{format_bytes, release_free_memory, sequence_bytes_bound};
 use crate::memory::{LayerMemory, LayerStats, MaskCache, StepArgs};
 
 /// Settings of one request, registered by its caller before it is sent
@@ -48,6 +48,10 @@ pub struct RequestReport {
     /// Bytes the hook held for the request at its latest step.
     pub memory_bytes: usize,
 }
+
+/// A sequence that ends holding at least this much hands the freed memory
+/// back to the operating system (a few milliseconds at most).
+const RELEASE_AFTER_BYTES: usize = 1 << 20;
 
 /// Per-sequence state.
 #[derive(Debug)]
@@ -601,6 +605,10 @@ impl AttentionHook for QllmHook {
                 state.reserved_bytes = bytes;
             }
         }
+        tracing::debug!(
+            "qllm: sequence {seq_id} of request {request_id} begins, {} reserved",
+            format_bytes(state.reserved_bytes)
+        );
         if let Some(plan) = plan {
             lock(&self.started).insert(request_id);
             state.question_tokens = plan.question;
@@ -616,7 +624,16 @@ impl AttentionHook for QllmHook {
         self.memory_masks.clear();
         let mut states = self.lock();
         for seq in seqs {
-            let state = states.entry(seq.seq_id).or_insert_with(|| self.new_state());
+            tracing::trace!(
+                "qllm: step of sequence {} ({} tokens, prompt {})",
+                seq.seq_id,
+                seq.tokens.len(),
+                seq.is_prompt
+            );
+            let state = states.entry(seq.seq_id).or_insert_with(|| {
+                tracing::debug!("qllm: sequence {} stepped before it began", seq.seq_id);
+                self.new_state()
+            });
             // A sequence's prompt is what its first step reads: the engine
             // may run a decoding sequence in a later prompt step (after
             // re-admitting it), with one new token.
@@ -695,7 +712,19 @@ impl AttentionHook for QllmHook {
     }
 
     fn end_sequence(&self, seq_id: usize) {
-        self.lock().remove(&seq_id);
+        let Some(state) = self.lock().remove(&seq_id) else {
+            return;
+        };
+        let freed = state.bytes();
+        tracing::debug!(
+            "qllm: sequence {seq_id} of request {:?} ends, {} freed",
+            state.request_id,
+            format_bytes(freed)
+        );
+        drop(state);
+        if freed >= RELEASE_AFTER_BYTES {
+            release_free_memory();
+        }
     }
 
     fn prefill_chunk_size(&self) -> Option<usize> {

@@ -169,10 +169,20 @@ pub fn start_server(
     args.extend(serve.iter().map(|s| s.to_string()));
     args.extend(model_args(model));
     let mut command = Command::new(assets::mistralrs_bin());
-    command
-        .args(&args)
-        .stdout(Stdio::null())
-        .stderr(Stdio::null());
+    command.args(&args);
+    // QLLM_TEST_SERVER_LOG=<dir> keeps each server's log there, for
+    // debugging; by default it is discarded.
+    match std::env::var_os("QLLM_TEST_SERVER_LOG") {
+        Some(dir) => {
+            let log = Path::new(&dir).join(format!("server-{port}.log"));
+            let file = std::fs::File::create(&log).expect("server log file");
+            let stderr = file.try_clone().expect("server log file");
+            command.stdout(file).stderr(stderr);
+        }
+        None => {
+            command.stdout(Stdio::null()).stderr(Stdio::null());
+        }
+    }
     if dequantize {
         command.env("CANDLE_DEQUANTIZE_ALL", "1");
     }
