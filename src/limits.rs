@@ -129,6 +129,17 @@ pub fn resident_memory() -> Option<usize> {
     proc_bytes("/proc/self/status", "VmRSS")
 }
 
+/// Hands heap memory that is free back to the operating system. glibc keeps
+/// freed chunks for reuse, so without this the KV of a long request that
+/// has ended would stay resident; other allocators return memory themselves.
+pub fn release_free_memory() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: malloc_trim only releases memory that no allocation uses.
+    unsafe {
+        libc::malloc_trim(0);
+    }
+}
+
 /// Largest capacity, in tokens, of a KV buffer that has held at most
 /// `tokens` (see [`crate::kv::KvBuffer::append`]).
 fn kv_capacity(tokens: usize) -> usize {

@@ -143,6 +143,23 @@ pub fn find_question(messages: &RequestMessage) -> Option<Question> {
     question_in_text(&text)
 }
 
+/// Bytes of text in a request's messages (the prompt without its template),
+/// if it is given as text.
+fn prompt_bytes(messages: &RequestMessage) -> Option<usize> {
+    match messages {
+        RequestMessage::Chat { messages, .. } | RequestMessage::MultimodalChat { messages, .. } => {
+            Some(
+                messages
+                    .iter()
+                    .map(|m| message_text(m.get("content")).len())
+                    .sum(),
+            )
+        }
+        RequestMessage::Completion { text, .. } => Some(text.len()),
+        _ => None,
+    }
+}
+
 /// The text parts of a message's content.
 fn message_text(content: Option<&mistralrs_core::MessageContent>) -> String {
     match content {
@@ -254,6 +271,17 @@ pub async fn prepare(
         }),
         None => find_question(&request.messages),
     };
+    if let (Some(q), Some(prompt_bytes)) = (&question, prompt_bytes(&request.messages)) {
+        // Caught here, before the probe pass would run it through the model;
+        // the hook compares tokens once the engine has tokenized the prompt.
+        if q.text.len() > prompt_bytes {
+            return Err(Error::Refused(format!(
+                "qllm: the question ({} bytes) is longer than the prompt ({prompt_bytes} \
+                 bytes); the question must be part of the prompt",
+                q.text.len()
+            )));
+        }
+    }
     let mut question_tokens = Vec::new();
     if let (Some(q), true) = (&question, config.mode.uses_question()) {
         question_tokens = tokenize_with(mistralrs, &q.text, false).await?;
