@@ -36,6 +36,8 @@ struct Args {
 const USAGE: &str = "usage: load [--model FILE.gguf] [--clients N] [--lengths LIST] \
                      [--max-tokens N] [--timeout-s N] [--bin PATH]";
 
+/// How long the server may take to free the last requests' state.
+const STATE_FREED_WITHIN: Duration = Duration::from_secs(60);
 fn parse_args() -> Result<Args> {
     let mut args = Args {
         model: PathBuf::from("assets/SmolLM2-135M-Instruct.Q4_1.gguf"),
@@ -267,11 +269,25 @@ fn main() -> Result<()> {
             .map_err(|_| anyhow::anyhow!("a client panicked"))?;
     }
     let wall = started.elapsed();
+    // The engine frees finished sequences at the end of the step that
+    // finished them, just after their answers went out: wait for that.
+    let answered = Instant::now();
+    let state_of = || {
+        get(port, "/v1/qllm/stats")
+            .ok()
+            .and_then(|(_, body)| serde_json::from_str::<Value>(&body).ok())
+            .unwrap_or(Value::Null)
+    };
+    let mut stats = state_of();
+    while !(stats["sequences"] == 0 && stats["tracked_requests"] == 0)
+        && answered.elapsed() < STATE_FREED_WITHIN
+    {
+        std::thread::sleep(Duration::from_millis(50));
+        stats = state_of();
+    }
+    let state_freed = stats["sequences"] == 0 && stats["tracked_requests"] == 0;
+    let freed_after = answered.elapsed();
     let peak_rss = peak_rss_mib(pid).unwrap_or(f64::NAN);
-    let stats = get(port, "/v1/qllm/stats")
-        .ok()
-        .and_then(|(_, body)| serde_json::from_str::<Value>(&body).ok())
-        .unwrap_or(Value::Null);
     drop(server);
 
     let outcomes = outcomes.lock().unwrap();
@@ -300,7 +316,11 @@ fn main() -> Result<()> {
     );
     println!("wall time               {:.0} s", wall.as_secs_f64());
     println!("server peak RSS         {peak_rss:.0} MiB (idle {idle_rss:.0} MiB)");
-    println!("q-llm state at the end  {stats}");
+    println!(
+        "q-llm state at the end  {stats} ({} {:.1} s after the last answer)",
+        if state_freed { "empty" } else { "still held" },
+        freed_after.as_secs_f64()
+    );
     for &length in &args.lengths {
         let mut at: Vec<f64> = outcomes
             .iter()
@@ -316,6 +336,12 @@ fn main() -> Result<()> {
     }
     if errors > 0 || served < planned {
         bail!("{errors} errors, {served} of {planned} requests served");
+    }
+    if !state_freed {
+        bail!(
+            "the server still held Q-LLM state {} s after the last answer",
+            STATE_FREED_WITHIN.as_secs()
+        );
     }
     Ok(())
 }
