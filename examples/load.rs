@@ -38,6 +38,7 @@ const USAGE: &str = "usage: load [--model FILE.gguf] [--clients N] [--lengths LI
 
 /// How long the server may take to free the last requests' state.
 const STATE_FREED_WITHIN: Duration = Duration::from_secs(60);
+
 fn parse_args() -> Result<Args> {
     let mut args = Args {
         model: PathBuf::from("assets/SmolLM2-135M-Instruct.Q4_1.gguf"),
@@ -278,14 +279,13 @@ fn main() -> Result<()> {
             .and_then(|(_, body)| serde_json::from_str::<Value>(&body).ok())
             .unwrap_or(Value::Null)
     };
+    let is_empty = |stats: &Value| stats["sequences"] == 0 && stats["tracked_requests"] == 0;
     let mut stats = state_of();
-    while !(stats["sequences"] == 0 && stats["tracked_requests"] == 0)
-        && answered.elapsed() < STATE_FREED_WITHIN
-    {
+    while !is_empty(&stats) && answered.elapsed() < STATE_FREED_WITHIN {
         std::thread::sleep(Duration::from_millis(50));
         stats = state_of();
     }
-    let state_freed = stats["sequences"] == 0 && stats["tracked_requests"] == 0;
+    let state_freed = is_empty(&stats);
     let freed_after = answered.elapsed();
     let peak_rss = peak_rss_mib(pid).unwrap_or(f64::NAN);
     drop(server);

@@ -634,9 +634,9 @@ impl AttentionHook for QllmHook {
                 tracing::debug!("qllm: sequence {} stepped before it began", seq.seq_id);
                 self.new_state()
             });
-            // A sequence's prompt is what its first step reads: the engine
-            // may run a decoding sequence in a later prompt step (after
-            // re-admitting it), with one new token.
+            // A sequence's prompt is what its first step reads; set once,
+            // so that a later prompt step (an engine that re-runs a parked
+            // sequence) cannot move it.
             if seq.is_prompt && state.prompt_len == 0 {
                 state.prompt_len = seq.tokens.len();
                 if !state.question_searched && state.config.mode.uses_question() {
