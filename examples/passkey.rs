@@ -212,7 +212,7 @@ async fn main() -> Result<()> {
             let (prompt, needle_token) = build_prompt(&mistralrs, target, depth, key).await?;
             let (answer, usage) =
                 match complete(&mistralrs, prompt, args.max_new_tokens, None).await {
-                    Ok(done) => done,
+                    Ok(done) => (done.text, done.usage),
                     Err(e) => {
                         println!(
                             "{}\t{target}\t{depth}\t{needle_token}\t{key}\terror\t\t\t{e}",

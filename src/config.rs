@@ -87,6 +87,39 @@ impl FromStr for Preset {
     }
 }
 
+/// Where memory tokens sit for RoPE.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Positions {
+    /// The paper's: every token outside the local window (sinks, retrieved
+    /// blocks, older recent tokens) at one distance, `n_local` - 1, from
+    /// the query.
+    #[default]
+    Fixed,
+    /// Sinks, retrieved blocks (in their original order), older recent
+    /// tokens and the local window at consecutive positions, as ReAttention
+    /// and LongHeads place them: a retrieved sentence keeps its word order.
+    /// Still within `n_init + (topk + 1) * block_size + 2 * exc_block_size +
+    /// n_local` positions.
+    Ordered,
+}
+
+impl FromStr for Positions {
+    type Err = String;
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        from_config_str(s)
+    }
+}
+
+impl std::fmt::Display for Positions {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Positions::Fixed => "fixed",
+            Positions::Ordered => "ordered",
+        })
+    }
+}
+
 /// The dtype memory blocks are stored in.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -134,6 +167,12 @@ pub struct QllmConfig {
     pub repr_topk: usize,
     /// Weight of the question vector in the retrieval score.
     pub question_weight: f32,
+    /// Where memory tokens sit for RoPE.
+    pub positions: Positions,
+    /// Blocks after each retrieved block attended with it (EM-LLM's
+    /// contiguity), within the same `topk` budget: a fact cut by a block
+    /// boundary is read whole.
+    pub neighbours: usize,
     /// Prompts longer than this are fed to the model in chunks of this size.
     pub prefill_chunk_size: usize,
     /// Longest prompt accepted (replaces the model's own limit; not in
@@ -187,11 +226,28 @@ impl QllmConfig {
             topk,
             repr_topk: 4,
             question_weight: 1.0,
+            positions: Positions::Fixed,
+            neighbours: 0,
             prefill_chunk_size: 512,
             max_context_len: 1 << 20,
             block_dtype: BlockDType::Model,
             max_memory: None,
             max_request_memory: None,
+        }
+    }
+
+    /// RoPE positions the policy may use: the model's table must cover them.
+    pub fn positions_needed(&self) -> usize {
+        match self.positions {
+            Positions::Fixed => self.n_local + self.exc_block_size - 1,
+            // Sinks, retrieved blocks, older recent tokens (fewer than a block
+            // plus an execution block) and the window of an execution block.
+            Positions::Ordered => {
+                self.n_init
+                    + (self.topk + 1) * self.block_size
+                    + 2 * self.exc_block_size
+                    + self.n_local
+            }
         }
     }
 
@@ -222,6 +278,16 @@ impl QllmConfig {
                 format!(
                     "is too large: {} (at most {MAX_TOPK} blocks per retrieval)",
                     self.topk
+                ),
+            );
+        }
+        if self.neighbours >= self.topk.max(1) {
+            return invalid(
+                "neighbours",
+                format!(
+                    "({}) must be less than `topk` ({}): each retrieved block brings that many \
+                     neighbours within the `topk` budget",
+                    self.neighbours, self.topk
                 ),
             );
         }
@@ -272,6 +338,10 @@ pub struct ConfigFile {
     pub repr_topk: Option<i64>,
     /// See [`QllmConfig::question_weight`].
     pub question_weight: Option<f64>,
+    /// See [`QllmConfig::positions`].
+    pub positions: Option<Positions>,
+    /// See [`QllmConfig::neighbours`].
+    pub neighbours: Option<i64>,
     /// See [`QllmConfig::prefill_chunk_size`].
     pub prefill_chunk_size: Option<i64>,
     /// See [`QllmConfig::max_context_len`].
@@ -316,6 +386,8 @@ impl ConfigFile {
             topk: size("topk", self.topk, base.topk, 0)?,
             repr_topk: size("repr_topk", self.repr_topk, base.repr_topk, 1)?,
             question_weight,
+            positions: self.positions.unwrap_or(base.positions),
+            neighbours: size("neighbours", self.neighbours, base.neighbours, 0)?,
             prefill_chunk_size: size(
                 "prefill_chunk_size",
                 self.prefill_chunk_size,
@@ -510,6 +582,19 @@ mod tests {
         assert!(err.contains("`question_weight`"), "{err}");
         let err = parse("question_weight = nan").unwrap_err();
         assert!(err.contains("`question_weight`"), "{err}");
+        let err = parse("topk = 4\nneighbours = 4").unwrap_err();
+        assert!(err.contains("`neighbours` (4) must be less than `topk` (4)"), "{err}");
+    }
+
+    #[test]
+    fn positions_are_parsed_and_bound_the_rope_table_needed() {
+        let config = parse("positions = \"ordered\"\nneighbours = 1").unwrap();
+        assert_eq!((config.positions, config.neighbours), (Positions::Ordered, 1));
+        // 1k preset: 128 sinks + 9 blocks of 64 + 2 x 512 + 512.
+        assert_eq!(config.positions_needed(), 128 + 9 * 64 + 1024 + 512);
+        assert_eq!(QllmConfig::default().positions_needed(), 512 + 512 - 1);
+        let err = parse("positions = \"absolute\"").unwrap_err();
+        assert!(err.contains("absolute"), "{err}");
     }
 
     #[test]

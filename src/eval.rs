@@ -28,7 +28,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::passkey;
 use crate::request::{prepare, RequestOptions};
-use crate::{Error, QllmHook, Result};
+use crate::{Error, QllmHook, RequestReport, Result};
 
 /// Counts the tokens of a text with the model's tokenizer.
 pub trait TokenCount {
@@ -122,16 +122,27 @@ pub(crate) async fn tokenize_with(
         .map_err(tokenization_failed)
 }
 
+/// A finished completion.
+#[derive(Debug, Clone)]
+pub struct Completion {
+    /// The generated text.
+    pub text: String,
+    /// mistral.rs's usage figures.
+    pub usage: Usage,
+    /// What the hook did, for a request prepared with it.
+    pub report: Option<RequestReport>,
+}
+
 /// Greedy completion of `prompt` (no chat template) with at most
-/// `max_new_tokens` new tokens: the text and mistral.rs's usage figures.
-/// With `qllm`, the request is first prepared with the hook and options
-/// given (its question found and probed, see [`crate::request::prepare`]).
+/// `max_new_tokens` new tokens. With `qllm`, the request is first prepared
+/// with the hook and options given (its question found and probed, see
+/// [`crate::request::prepare`]), and the hook's report is returned.
 pub async fn complete(
     mistralrs: &MistralRs,
     prompt: String,
     max_new_tokens: usize,
     qllm: Option<(&Arc<QllmHook>, &RequestOptions)>,
-) -> Result<(String, Usage)> {
+) -> Result<Completion> {
     let (tx, mut rx) = tokio::sync::mpsc::channel(16);
     let params = SamplingParams {
         max_len: Some(max_new_tokens),
@@ -149,8 +160,9 @@ pub async fn complete(
         None,
         None,
     );
-    let _prepared = match qllm {
-        Some((hook, options)) => Some(prepare(mistralrs, hook, &request, options).await?),
+    let request_id = request.id;
+    let prepared = match qllm {
+        Some((hook, options)) => Some((hook, prepare(mistralrs, hook, &request, options).await?)),
         None => None,
     };
     mistralrs
@@ -159,8 +171,17 @@ pub async fn complete(
         .send(Request::Normal(Box::new(request)))
         .await
         .map_err(|_| engine_gone())?;
-    match rx.recv().await.ok_or_else(engine_gone)? {
-        Response::CompletionDone(done) => Ok((done.choices[0].text.clone(), done.usage)),
+    let response = rx.recv().await.ok_or_else(engine_gone)?;
+    // Read before the guard in `prepared` forgets the request.
+    let report = prepared
+        .as_ref()
+        .and_then(|(hook, _)| hook.request_report(request_id));
+    match response {
+        Response::CompletionDone(done) => Ok(Completion {
+            text: done.choices[0].text.clone(),
+            usage: done.usage,
+            report,
+        }),
         Response::InternalError(e) | Response::ValidationError(e) => {
             Err(Error::Eval(format!("request failed: {e}")))
         }
@@ -191,17 +212,21 @@ pub enum Task {
     NiahMultikey,
     /// A HotpotQA question over its gold paragraphs and distractors (RULER `qa_2`).
     Hotpotqa,
+    /// One invented, self-contained sentence (a person and a place, a year,
+    /// an object or a number) in the essays, asked about in plain words.
+    Fact,
 }
 
 impl Task {
     /// Every task, in a fixed order.
-    pub const ALL: [Task; 6] = [
+    pub const ALL: [Task; 7] = [
         Task::Passkey,
         Task::Number,
         Task::KvRetrieval,
         Task::NiahSingle,
         Task::NiahMultikey,
         Task::Hotpotqa,
+        Task::Fact,
     ];
 
     /// The task's name, as on the command line and in results.
@@ -213,12 +238,13 @@ impl Task {
             Task::NiahSingle => "niah_single",
             Task::NiahMultikey => "niah_multikey",
             Task::Hotpotqa => "hotpotqa",
+            Task::Fact => "fact",
         }
     }
 
     /// Whether the task reads Paul Graham's essays.
     pub fn needs_essays(self) -> bool {
-        matches!(self, Task::NiahSingle | Task::NiahMultikey)
+        matches!(self, Task::NiahSingle | Task::NiahMultikey | Task::Fact)
     }
 }
 
@@ -335,6 +361,8 @@ pub struct Sample {
     pub question: String,
     /// What a right answer contains.
     pub answers: Vec<String>,
+    /// The asked needle's text, as it appears in the prompt.
+    pub needle: String,
     /// Tokens of the prompt.
     pub prompt_tokens: usize,
     /// Token position where the asked needle starts.
@@ -578,6 +606,7 @@ pub fn generate(
         prompt,
         question: spec.question,
         answers: spec.answers,
+        needle: spec.needles.swap_remove(0).0.trim().to_string(),
     })
 }
 
@@ -708,6 +737,37 @@ fn build_spec(
                 cut_last_unit: true,
             }
         }
+        Task::Fact => {
+            if corpus.essay_units.is_empty() {
+                return Err(Error::Eval(
+                    "fact needs the essays (run scripts/fetch-assets.sh essays)".into(),
+                ));
+            }
+            let fact = invented_fact(rng);
+            let start = rng.below(corpus.essay_units.len());
+            Spec {
+                head: format!(
+                    "Read the following text carefully. A question about it follows.\n\n{}",
+                    ask_first(&fact.question)
+                ),
+                units: corpus
+                    .essay_units
+                    .iter()
+                    .cycle()
+                    .skip(start)
+                    .take(max_units)
+                    .cloned()
+                    .collect(),
+                needles: vec![(format!(" {} ", fact.sentence), 0.0)],
+                tail: format!(
+                    "\n\nAnswer the question using the text above.\nQuestion: {}\nAnswer: {}",
+                    fact.question, fact.answer_prefix
+                ),
+                question: fact.question,
+                answers: vec![fact.answer],
+                cut_last_unit: true,
+            }
+        }
         Task::Hotpotqa => {
             if corpus.hotpot.is_empty() {
                 return Err(Error::Eval(
@@ -770,6 +830,92 @@ fn build_spec(
             }
         }
     })
+}
+
+/// A made-up sentence, its question, the start of the answer and what the
+/// answer must contain.
+struct Fact {
+    sentence: String,
+    question: String,
+    answer_prefix: String,
+    answer: String,
+}
+
+const FIRST_NAMES: [&str; 12] = [
+    "Orvel", "Maribeth", "Tamsin", "Leopold", "Ysolde", "Barnaby", "Imelda", "Casimir", "Odette",
+    "Fenwick", "Rosalind", "Thaddeus",
+];
+const LAST_NAMES: [&str; 12] = [
+    "Danquist", "Fairweather", "Holloway", "Brennick", "Castellane", "Mortimer", "Ashgrove",
+    "Pennywhistle", "Valdane", "Quillfeather", "Strand", "Okonkwo",
+];
+const PLACES: [&str; 12] = [
+    "Lisbon", "Tromso", "Cartagena", "Nagasaki", "Valparaiso", "Marrakesh", "Reykjavik",
+    "Dubrovnik", "Hobart", "Quebec", "Tbilisi", "Zanzibar",
+];
+const OBJECTS: [&str; 12] = [
+    "teapot", "violin case", "flowerpot", "biscuit tin", "rain boot", "birdhouse", "hatbox",
+    "toolbox", "piano bench", "fishing basket", "clock tower", "umbrella stand",
+];
+const TOWNS: [&str; 8] = [
+    "Bramblecote",
+    "Eastwinter",
+    "Harrowmere",
+    "Kestrelford",
+    "Millhaven",
+    "Pellingworth",
+    "Stonebridge Ash",
+    "Wexcombe",
+];
+
+fn invented_fact(rng: &mut Rng) -> Fact {
+    let pick = |rng: &mut Rng, list: &[&str]| list[rng.below(list.len())].to_string();
+    let name = format!("{} {}", pick(rng, &FIRST_NAMES), pick(rng, &LAST_NAMES));
+    match rng.below(4) {
+        0 => {
+            let city = pick(rng, &PLACES);
+            Fact {
+                sentence: format!(
+                    "My old friend {name} moved to {city} last spring to open a small bakery."
+                ),
+                question: format!("Which city did {name} move to?"),
+                answer_prefix: format!("{name} moved to"),
+                answer: city,
+            }
+        }
+        1 => {
+            let object = pick(rng, &OBJECTS);
+            Fact {
+                sentence: format!(
+                    "{name} always hides the spare key to the cottage inside the {object}."
+                ),
+                question: format!("Where does {name} hide the spare key to the cottage?"),
+                answer_prefix: format!("{name} hides the spare key inside the"),
+                answer: object,
+            }
+        }
+        2 => {
+            let town = pick(rng, &TOWNS);
+            let year = 1700 + rng.below(250);
+            Fact {
+                sentence: format!(
+                    "The village of {town} was founded in the year {year} by a family of weavers."
+                ),
+                question: format!("In which year was the village of {town} founded?"),
+                answer_prefix: format!("The village of {town} was founded in the year"),
+                answer: year.to_string(),
+            }
+        }
+        _ => {
+            let count = 12 + rng.below(80);
+            Fact {
+                sentence: format!("{name} keeps exactly {count} goats on a farm near the river."),
+                question: format!("How many goats does {name} keep?"),
+                answer_prefix: format!("{name} keeps exactly"),
+                answer: count.to_string(),
+            }
+        }
+    }
 }
 
 /// Appends the longest word prefix of unit `n` that keeps the prompt within

@@ -10,10 +10,12 @@ use mistralrs_core::attention_hook::{
 };
 
 use crate::attention::{causal_attention, CausalMasks};
-use crate::config::{Mode, QllmConfig};
+use crate::config::{Mode, Positions, QllmConfig};
 use crate::kv::KvBuffer;
 use crate::limits::{format_bytes, release_free_memory, sequence_bytes_bound};
 use crate::memory::{LayerMemory, LayerStats, MaskCache, StepArgs};
+use crate::rope::{positions, rotate_f32};
+use crate::trace::{NeedleReport, NeedleTrace};
 
 /// Settings of one request, registered by its caller before it is sent
 /// (see [`crate::request::prepare`]).
@@ -25,6 +27,9 @@ pub struct RequestPlan {
     pub question: Option<Vec<u32>>,
     /// Set for a probe pass: the request whose question vectors it computes.
     pub probe_for: Option<usize>,
+    /// Tokens of a span to trace (debug): the report then says whether the
+    /// memory blocks holding it were retrieved, per layer.
+    pub needle: Option<Vec<u32>>,
 }
 
 /// What the hook did for a request, for its response.
@@ -47,6 +52,10 @@ pub struct RequestReport {
     pub retrieved_blocks: Vec<usize>,
     /// Bytes the hook held for the request at its latest step.
     pub memory_bytes: usize,
+    /// Whether the blocks holding the traced span were retrieved, when the
+    /// request asked for a trace.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub needle: Option<NeedleReport>,
 }
 
 /// A sequence that ends holding at least this much hands the freed memory
@@ -79,6 +88,10 @@ struct SeqState {
     question: Option<Range<usize>>,
     /// Whether the prompt was searched for the question.
     question_searched: bool,
+    /// Tokens of the span to trace, from the request.
+    needle_tokens: Option<Vec<u32>>,
+    /// The trace, once the span was found in the prompt.
+    needle: Option<NeedleTrace>,
 }
 
 impl SeqState {
@@ -100,6 +113,8 @@ impl SeqState {
             prompt_len: 0,
             question: None,
             question_searched: false,
+            needle_tokens: None,
+            needle: None,
         }
     }
 
@@ -286,10 +301,14 @@ impl QllmHook {
                 state.len()
             );
         }
-        let (q, k) = ctx.rope.forward(q, k, &[offset])?;
+        let at = positions(offset..offset + q.dim(2)?, q.device())?;
+        let q = rotate_f32(ctx.rope, q, &at)?;
+        // Stored in the model's dtype, as the built-in cache does.
+        let k = rotate_f32(ctx.rope, k, &at)?.to_dtype(v.dtype())?;
         state.append(&k, v)?;
-        let (k, v) = state.get()?.expect("appended above");
-        causal_attention(&q, &k, &v, ctx.softmax_scale, &self.causal_masks)
+        let (k_all, v_all) = state.get()?.expect("appended above");
+        causal_attention(&q, &k_all, &v_all, ctx.softmax_scale, &self.causal_masks)?
+            .to_dtype(v.dtype())
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -302,16 +321,16 @@ impl QllmHook {
         prompt_len: usize,
         question: Option<Range<usize>>,
         probed_question: Option<&[f32]>,
+        mut needle: Option<&mut NeedleTrace>,
         q: &Tensor,
         k: &Tensor,
         v: &Tensor,
     ) -> Result<Tensor> {
-        let needed = config.n_local + config.exc_block_size - 1;
+        let needed = config.positions_needed();
         if needed > ctx.rope.max_positions() {
             candle_core::bail!(
-                "qllm: `n_local` + `exc_block_size` - 1 = {needed} positions exceed the model's \
-                 RoPE table ({} positions); lower `n_local` or `exc_block_size`",
-                ctx.rope.max_positions()
+                "{}",
+                rope_table_too_small(config, ctx.rope.max_positions())
             );
         }
         if offset == 0 {
@@ -342,6 +361,7 @@ impl QllmHook {
                 stop = stop.min(prompt_len - 1);
             }
             let n = stop.min(offset + len) - pos;
+            let blocks = memory.block_count();
             outputs.push(memory.attend(
                 config,
                 &args,
@@ -349,6 +369,9 @@ impl QllmHook {
                 &k.narrow(2, start, n)?,
                 &v.narrow(2, start, n)?,
             )?);
+            if let Some(trace) = needle.as_deref_mut() {
+                trace.observe(ctx.layer_idx, pos..pos + n, memory.last_retrieved(), blocks);
+            }
             start += n;
         }
         if len == 1 && tracing::enabled!(tracing::Level::DEBUG) {
@@ -438,6 +461,44 @@ impl QllmHook {
         }
     }
 
+    /// Finds the traced span in the prompt, if the request asked for one.
+    fn start_needle_trace(seq: &StepSequence<'_>, state: &mut SeqState) {
+        let Some(needle) = state.needle_tokens.take() else {
+            return;
+        };
+        let config = &state.config;
+        if !config.mode.keeps_blocks() {
+            tracing::warn!(
+                "qllm: sequence {}: `{}` keeps no memory blocks; the needle is not traced",
+                seq.seq_id,
+                config.mode
+            );
+            return;
+        }
+        match find_question_span(seq.tokens, &needle) {
+            Some(span) => {
+                tracing::info!(
+                    "qllm: sequence {}: tracing the needle at tokens {}..{}",
+                    seq.seq_id,
+                    span.start,
+                    span.end
+                );
+                state.needle = Some(NeedleTrace::new(
+                    span,
+                    state.question.as_ref().map(|q| q.end),
+                    seq.tokens.len(),
+                    config.n_init,
+                    config.block_size,
+                ));
+            }
+            None => tracing::warn!(
+                "qllm: sequence {}: the needle ({} tokens) is not in the prompt",
+                seq.seq_id,
+                needle.len()
+            ),
+        }
+    }
+
     /// Publishes a probe's question vectors and the request's report once the
     /// last layer of a step has run.
     fn after_last_layer(&self, state: &mut SeqState, step_len: usize) {
@@ -471,6 +532,24 @@ impl QllmHook {
             report.blocks = stats.blocks;
             report.tokens_in_memory = stats.blocks * state.config.block_size;
         }
+        if let Some(trace) = &state.needle {
+            let needle = trace.report();
+            if step_len == 1 && needle.at_decode.len() == 1 {
+                tracing::debug!(
+                    "qllm: request {request_id}: needle at tokens {}..{} (blocks {:?}) retrieved \
+                     by {} of {} layers at the question, {} at the first decode step; per layer \
+                     {}",
+                    needle.span.0,
+                    needle.span.1,
+                    needle.blocks,
+                    needle.at_question,
+                    needle.layers,
+                    needle.at_decode[0],
+                    needle.per_layer_first_decode
+                );
+            }
+            report.needle = Some(needle);
+        }
         if step_len == 1 && report.retrieved_blocks.is_empty() {
             let retrieved: BTreeSet<usize> = state
                 .layers
@@ -487,6 +566,23 @@ impl QllmHook {
 /// client sees it), without the backtrace candle's `bail!` may attach.
 fn refusal(message: String) -> candle_core::Error {
     candle_core::Error::Msg(message)
+}
+
+/// The refusal of a config whose positions the model's RoPE table does not
+/// cover, naming the keys that set them.
+fn rope_table_too_small(config: &QllmConfig, table: usize) -> String {
+    let needed = config.positions_needed();
+    match config.positions {
+        Positions::Fixed => format!(
+            "qllm: `n_local` + `exc_block_size` - 1 = {needed} positions exceed the model's RoPE \
+             table ({table} positions); lower `n_local` or `exc_block_size`"
+        ),
+        Positions::Ordered => format!(
+            "qllm: `positions = \"ordered\"` needs `n_init` + (`topk` + 1) x `block_size` + 2 x \
+             `exc_block_size` + `n_local` = {needed} positions, more than the model's RoPE table \
+             ({table} positions); lower them or use `positions = \"fixed\"`"
+        ),
+    }
 }
 
 /// Locks a mutex even if a panic elsewhere poisoned it: the data are
@@ -547,13 +643,8 @@ impl AttentionHook for QllmHook {
         let Some(model) = model else {
             return Ok(());
         };
-        let window = config.n_local + config.exc_block_size - 1;
-        if config.mode != Mode::Dense && window > model.max_seq_len {
-            return Err(refusal(format!(
-                "qllm: `n_local` + `exc_block_size` - 1 = {window} positions exceed the model's \
-                 RoPE table ({} positions); lower `n_local` or `exc_block_size`",
-                model.max_seq_len
-            )));
+        if config.mode != Mode::Dense && config.positions_needed() > model.max_seq_len {
+            return Err(refusal(rope_table_too_small(&config, model.max_seq_len)));
         }
         let tokens = prompt_len + request.max_new_tokens.unwrap_or(0);
         let per_sequence = sequence_bytes_bound(&config, &model, tokens);
@@ -612,6 +703,7 @@ impl AttentionHook for QllmHook {
         if let Some(plan) = plan {
             lock(&self.started).insert(request_id);
             state.question_tokens = plan.question;
+            state.needle_tokens = plan.needle;
             state.probe_for = plan.probe_for;
             if plan.probe_for.is_none() {
                 state.probed = lock(&self.probes).get(&request_id).cloned();
@@ -643,6 +735,7 @@ impl AttentionHook for QllmHook {
                     state.question_searched = true;
                     self.settle_question(seq, state);
                 }
+                Self::start_needle_trace(seq, state);
             }
         }
         Ok(())
@@ -698,6 +791,7 @@ impl AttentionHook for QllmHook {
                     state.prompt_len,
                     state.question.clone(),
                     probed,
+                    state.needle.as_mut(),
                     &q,
                     &k,
                     &v,
@@ -810,6 +904,7 @@ mod tests {
                 config: QllmConfig::default(),
                 question: Some(vec![1; 10]),
                 probe_for: None,
+                needle: None,
             },
         );
         let err = admit(&hook, 7, 9).unwrap_err();

@@ -27,12 +27,14 @@ pub mod limits;
 pub mod memory;
 pub mod passkey;
 pub mod request;
+pub mod rope;
 pub mod server;
+pub mod trace;
 
 use std::path::Path;
 use std::sync::{Arc, RwLock};
 
-pub use config::{BlockDType, ConfigFile, Mode, Preset, QllmConfig};
+pub use config::{BlockDType, ConfigFile, Mode, Positions, Preset, QllmConfig};
 pub use error::{Error, Result};
 pub use hook::{find_question_span, MemoryStats, QllmHook, RequestPlan, RequestReport};
 pub use memory::LayerStats;

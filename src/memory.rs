@@ -24,8 +24,9 @@ use std::sync::Mutex;
 use candle_core::{DType, Device, Result, Tensor};
 use mistralrs_core::layers::RotaryEmbedding;
 
-use crate::config::{Mode, QllmConfig};
+use crate::config::{Mode, Positions, QllmConfig};
 use crate::kv::KvBuffer;
+use crate::rope::{positions, rotate_f32};
 
 /// Blocks per slab of a [`BlockStore`].
 pub(crate) const SLAB_BLOCKS: usize = 16;
@@ -159,6 +160,16 @@ impl LayerMemory {
         }
     }
 
+    /// Block indices retrieved for the latest execution block, ascending.
+    pub fn last_retrieved(&self) -> &[usize] {
+        &self.last_retrieved
+    }
+
+    /// Memory blocks held.
+    pub fn block_count(&self) -> usize {
+        self.blocks.len()
+    }
+
     /// The question vector (`heads * d` values), once captured or set.
     pub fn question_vector(&self) -> Option<&[f32]> {
         self.question.as_deref()
@@ -207,25 +218,19 @@ impl LayerMemory {
 
         let device = q.device();
         let at_global = positions(std::iter::repeat_n(n_local - 1, e), device)?;
-        let q_global = args.rope.rotate(q, &at_global)?.to_dtype(DType::F32)?;
+        let q_global = rotate_f32(args.rope, q, &at_global)?;
 
         let retrieved = self.retrieve(config, &q_global)?;
 
-        // Keys in the window of some query of this block, rotated within it.
+        // Keys in the window of some query of this block.
         let local_start = self.recent_start.max((p0 + 1).saturating_sub(n_local));
         let local_len = end - local_start;
         let (k_local, v_local) = self
             .recent
             .range(local_start - self.recent_start, local_len)?;
-        let k_local = args
-            .rope
-            .rotate(&k_local, &positions(0..local_len, device)?)?;
-        let q_local = args
-            .rope
-            .rotate(q, &positions(p0 - local_start..end - local_start, device)?)?;
 
         // Keys past the window of some query: sinks, retrieved blocks and the
-        // oldest recent tokens, unrotated.
+        // oldest recent tokens, in that (the original) order.
         let global_recent_end = self.recent_start.max(end.saturating_sub(n_local));
         let global_recent = global_recent_end - self.recent_start;
         // Gathered in f32: blocks may be stored in another dtype than the
@@ -250,15 +255,43 @@ impl LayerMemory {
         }
         let n_global = self.init.len() + retrieved.len() * config.block_size + global_recent;
 
-        let q_local = q_local
-            .to_dtype(DType::F32)?
-            .reshape((kv_heads, group * e, d))?;
-        let k_local = k_local.to_dtype(DType::F32)?.squeeze(0)?;
+        // Positions. Fixed (the paper's): the window at `0..local_len`,
+        // queries at their place in it; memory keys unrotated and queries at
+        // `n_local - 1`, so every memory token sits at that distance.
+        // Ordered: memory keys at `0..n_global`, the window right after them.
+        let window_base = match config.positions {
+            Positions::Fixed => 0,
+            Positions::Ordered => n_global,
+        };
+        let k_local = rotate_f32(
+            args.rope,
+            &k_local,
+            &positions(window_base..window_base + local_len, device)?,
+        )?;
+        let q_local = rotate_f32(
+            args.rope,
+            q,
+            &positions(
+                window_base + p0 - local_start..window_base + end - local_start,
+                device,
+            )?,
+        )?;
+        let q_memory = match config.positions {
+            Positions::Fixed => &q_global,
+            Positions::Ordered => &q_local,
+        };
+
+        let q_local = q_local.reshape((kv_heads, group * e, d))?;
+        let k_local = k_local.squeeze(0)?;
         let local_scores = q_local.matmul(&k_local.t()?)?;
         let (scores, values) = if n_global > 0 {
-            let k_global = Tensor::cat(&global_k, 2)?.squeeze(0)?;
-            let q_global = q_global.reshape((kv_heads, group * e, d))?;
-            let global_scores = q_global.matmul(&k_global.t()?)?;
+            let mut k_global = Tensor::cat(&global_k, 2)?;
+            if config.positions == Positions::Ordered {
+                k_global = rotate_f32(args.rope, &k_global, &positions(0..n_global, device)?)?;
+            }
+            let k_global = k_global.squeeze(0)?;
+            let q_memory = q_memory.reshape((kv_heads, group * e, d))?;
+            let global_scores = q_memory.matmul(&k_global.t()?)?;
             global_v.push(v_local.to_dtype(DType::F32)?);
             (
                 Tensor::cat(&[global_scores, local_scores], 2)?,
@@ -333,7 +366,7 @@ impl LayerMemory {
             }
         }
         let scores = block_scores(&self.representatives, &query);
-        self.last_retrieved = top_k(&scores, config.topk);
+        self.last_retrieved = top_k_with_neighbours(&scores, config.topk, config.neighbours);
         Ok(self.last_retrieved.clone())
     }
 
@@ -482,6 +515,27 @@ pub fn top_k(scores: &[f32], k: usize) -> Vec<usize> {
     order
 }
 
+/// `k` blocks: the best-scoring ones, each followed by its next
+/// `neighbours` blocks (those that exist), in score order until `k` are
+/// chosen; ascending. With `neighbours = 0`, [`top_k`].
+pub fn top_k_with_neighbours(scores: &[f32], k: usize, neighbours: usize) -> Vec<usize> {
+    if neighbours == 0 || k >= scores.len() {
+        return top_k(scores, k);
+    }
+    let mut order: Vec<usize> = (0..scores.len()).collect();
+    order.sort_by(|&a, &b| scores[b].total_cmp(&scores[a]).then(a.cmp(&b)));
+    let mut chosen = std::collections::BTreeSet::new();
+    for hit in order {
+        for b in hit..=(hit + neighbours).min(scores.len() - 1) {
+            if chosen.len() == k {
+                return chosen.into_iter().collect();
+            }
+            chosen.insert(b);
+        }
+    }
+    chosen.into_iter().collect()
+}
+
 fn dot(a: &[f32], b: &[f32]) -> f32 {
     // Eight independent sums so the compiler can vectorise.
     let mut acc = [0f32; 8];
@@ -494,14 +548,6 @@ fn dot(a: &[f32], b: &[f32]) -> f32 {
     }
     let tail: f32 = a_rest.iter().zip(b_rest).map(|(x, y)| x * y).sum();
     acc.iter().sum::<f32>() + tail
-}
-
-fn positions(values: impl Iterator<Item = usize>, device: &Device) -> Result<Tensor> {
-    let values = values
-        .map(|p| u32::try_from(p).map_err(|_| candle_core::Error::Msg(format!("position {p}"))))
-        .collect::<Result<Vec<u32>>>()?;
-    let n = values.len();
-    Tensor::from_vec(values, n, device)
 }
 
 /// Everything that shapes an execution block's mask. All layers of a step
@@ -585,6 +631,20 @@ mod tests {
     }
 
     #[test]
+    fn neighbours_follow_their_hits_within_the_budget() {
+        let scores = [0.0, 5.0, 0.1, 0.2, 4.0, 0.3];
+        assert_eq!(top_k_with_neighbours(&scores, 4, 1), vec![1, 2, 4, 5]);
+        // The budget runs out after the best hit and its neighbour.
+        assert_eq!(top_k_with_neighbours(&scores, 2, 1), vec![1, 2]);
+        assert_eq!(top_k_with_neighbours(&scores, 3, 1), vec![1, 2, 4]);
+        // The last block has no successor; a neighbour already chosen is
+        // not counted twice.
+        assert_eq!(top_k_with_neighbours(&[1.0, 2.0, 3.0, 0.0], 3, 1), vec![1, 2, 3]);
+        assert_eq!(top_k_with_neighbours(&scores, 2, 0), top_k(&scores, 2));
+        assert_eq!(top_k_with_neighbours(&scores, 9, 1), (0..6).collect::<Vec<_>>());
+    }
+
+    #[test]
     fn block_scores_sum_over_heads() {
         let representatives = [1.0, 0.0, 0.0, 1.0, 2.0, 2.0];
         assert_eq!(
@@ -604,5 +664,202 @@ mod tests {
         let scores = [0.9, 0.1, 0.2, 0.8, 0.5, 0.5];
         let repr = mean_of_most_attended(&keys, 2, 3, 2, &scores, 2, 2);
         assert_eq!(repr, vec![3.0, 2.5, 2.5, 3.0]);
+    }
+
+    /// Q-LLM's attention for one execution block, written out from the
+    /// method's definition given the blocks retrieved (`retrieved`, out of
+    /// `blocks` formed, `init` sinks held): query `pos` sees key `j <= pos`
+    /// exactly when `pos - j < n_local` (the window, at window positions),
+    /// or `j` is a sink, in a retrieved block, or not yet in any block.
+    /// Memory keys sit at distance `n_local - 1` (`Fixed`) or at their rank
+    /// among the execution block's memory keys (`Ordered`), with the window
+    /// right after them.
+    #[allow(clippy::too_many_arguments)]
+    fn reference_attention(
+        config: &QllmConfig,
+        rope: &RotaryEmbedding,
+        q: &Tensor,
+        keys: &Tensor,
+        values: &Tensor,
+        p0: usize,
+        init: usize,
+        blocks: usize,
+        retrieved: &[usize],
+        softmax_scale: f32,
+    ) -> Vec<f32> {
+        let (_, heads, e, d) = q.dims4().unwrap();
+        let kv_heads = keys.dim(1).unwrap();
+        let group = heads / kv_heads;
+        let end = p0 + e;
+        let (n_local, bs) = (config.n_local, config.block_size);
+        let recent_start = init + blocks * bs;
+        let in_memory = |j: usize| {
+            j < init || j >= recent_start || retrieved.contains(&((j - init) / bs))
+        };
+        // The execution block's memory keys: older than every query's window.
+        let memory: Vec<usize> = (0..end.saturating_sub(n_local)).filter(|&j| in_memory(j)).collect();
+        let local_start = recent_start.max((p0 + 1).saturating_sub(n_local));
+        let base = match config.positions {
+            Positions::Fixed => 0,
+            Positions::Ordered => memory.len(),
+        };
+        let rows = |t: &Tensor| -> Vec<Vec<Vec<f32>>> {
+            t.squeeze(0).unwrap().to_dtype(DType::F32).unwrap().to_vec3().unwrap()
+        };
+        let at = |p: Vec<usize>| positions(p.into_iter(), &Device::Cpu).unwrap();
+        let n = keys.dim(2).unwrap();
+        let raw = rows(keys);
+        let vals = rows(values);
+        let key_at = |p: Vec<usize>| rows(&rotate_f32(rope, keys, &at(p)).unwrap());
+        // Window keys at window positions, memory keys at their rank.
+        let k_window = key_at((0..n).map(|j| base + j.saturating_sub(local_start)).collect());
+        let k_ranked = key_at((0..n).map(|j| memory.iter().position(|&m| m == j).unwrap_or(0)).collect());
+        let q_window = rows(&rotate_f32(rope, q, &at((p0..end).map(|p| base + p - local_start).collect())).unwrap());
+        let q_far = rows(&rotate_f32(rope, q, &at(vec![n_local - 1; e])).unwrap());
+        let mut out = vec![0f32; heads * e * d];
+        for h in 0..heads {
+            let g = h / group;
+            for i in 0..e {
+                let pos = p0 + i;
+                let mut seen = Vec::new();
+                for j in 0..=pos {
+                    let score = if pos - j < n_local {
+                        dot(&q_window[h][i], &k_window[g][j])
+                    } else if in_memory(j) {
+                        match config.positions {
+                            Positions::Fixed => dot(&q_far[h][i], &raw[g][j]),
+                            Positions::Ordered => dot(&q_window[h][i], &k_ranked[g][j]),
+                        }
+                    } else {
+                        continue;
+                    };
+                    seen.push((j, score * softmax_scale));
+                }
+                let max = seen.iter().fold(f32::MIN, |m, &(_, s)| m.max(s));
+                let total: f32 = seen.iter().map(|(_, s)| (s - max).exp()).sum();
+                let row = &mut out[(h * e + i) * d..(h * e + i + 1) * d];
+                for &(j, s) in &seen {
+                    let w = (s - max).exp() / total;
+                    for (o, x) in row.iter_mut().zip(&vals[g][j]) {
+                        *o += w * x;
+                    }
+                }
+            }
+        }
+        out
+    }
+
+    fn random(shape: (usize, usize, usize, usize), seed: u64, scale: f64) -> Tensor {
+        let mut state = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+        let n = shape.0 * shape.1 * shape.2 * shape.3;
+        let data: Vec<f32> = (0..n)
+            .map(|_| {
+                state ^= state << 13;
+                state ^= state >> 7;
+                state ^= state << 17;
+                #[allow(clippy::cast_precision_loss)]
+                let u = (state >> 40) as f32 / (1u64 << 24) as f32;
+                u * 2.0 - 1.0
+            })
+            .collect();
+        (Tensor::from_vec(data, shape, &Device::Cpu).unwrap() * scale).unwrap()
+    }
+
+    /// Runs 120 prompt tokens in execution blocks of 8, then 12 decode
+    /// steps, through `LayerMemory` and the written-out reference, with
+    /// `topk` 2 of up to 23 blocks; returns the largest difference and
+    /// whether retrieval was selective.
+    fn compare_with_reference(config: &QllmConfig) -> (f32, bool) {
+        let (heads, kv_heads, d) = (4, 2, 16);
+        let rope = RotaryEmbedding::new(10000.0, d, 256, &Device::Cpu, true, DType::F32).unwrap();
+        let masks = MaskCache::default();
+        let args = StepArgs {
+            rope: &rope,
+            softmax_scale: 0.25,
+            question: None,
+            masks: &masks,
+        };
+        let total = 132;
+        // Peaky queries and keys so retrieval has clear winners.
+        let q_all = random((1, heads, total, d), 1, 2.0);
+        let k_all = random((1, kv_heads, total, d), 2, 2.0);
+        let v_all = random((1, kv_heads, total, d), 3, 1.0);
+        let mut memory = LayerMemory::default();
+        let (mut worst, mut selective) = (0f32, false);
+        let mut p0 = 0;
+        while p0 < total {
+            let e = if p0 < 120 { 8 } else { 1 };
+            let (init, blocks) = (memory.stats().init, memory.block_count());
+            let q = q_all.narrow(2, p0, e).unwrap();
+            let out = memory
+                .attend(config, &args, &q, &k_all.narrow(2, p0, e).unwrap(), &v_all.narrow(2, p0, e).unwrap())
+                .unwrap();
+            let retrieved = memory.last_retrieved().to_vec();
+            selective |= blocks > retrieved.len() && !retrieved.is_empty();
+            let expected = reference_attention(
+                config,
+                &rope,
+                &q,
+                &k_all.narrow(2, 0, p0 + e).unwrap(),
+                &v_all.narrow(2, 0, p0 + e).unwrap(),
+                p0,
+                init,
+                blocks,
+                &retrieved,
+                args.softmax_scale,
+            );
+            let got = out.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+            for (a, b) in got.iter().zip(&expected) {
+                worst = worst.max((a - b).abs());
+            }
+            masks.clear();
+            p0 += e;
+        }
+        (worst, selective)
+    }
+
+    fn selective_config(positions: Positions, neighbours: usize) -> QllmConfig {
+        QllmConfig {
+            n_init: 4,
+            n_local: 16,
+            block_size: 4,
+            exc_block_size: 8,
+            topk: 2,
+            repr_topk: 2,
+            positions,
+            neighbours,
+            ..QllmConfig::default()
+        }
+    }
+
+    #[test]
+    fn selective_retrieval_matches_the_written_out_reference() {
+        for (positions, neighbours) in [
+            (Positions::Fixed, 0),
+            (Positions::Ordered, 0),
+            (Positions::Fixed, 1),
+            (Positions::Ordered, 1),
+        ] {
+            let config = selective_config(positions, neighbours);
+            let (diff, selective) = compare_with_reference(&config);
+            assert!(selective, "{positions} {neighbours}: every block was retrieved");
+            assert!(diff <= 1e-4, "{positions}, {neighbours} neighbours: max abs difference {diff}");
+        }
+    }
+
+    #[test]
+    fn ordered_positions_change_what_memory_tokens_contribute() {
+        // The reference would pass for both position schemes if they gave the
+        // same numbers; they must not.
+        let fixed = selective_config(Positions::Fixed, 0);
+        let ordered = selective_config(Positions::Ordered, 0);
+        let rope = RotaryEmbedding::new(10000.0, 16, 256, &Device::Cpu, true, DType::F32).unwrap();
+        let q = random((1, 4, 8, 16), 1, 2.0);
+        let k = random((1, 2, 40, 16), 2, 2.0);
+        let v = random((1, 2, 40, 16), 3, 1.0);
+        let a = reference_attention(&fixed, &rope, &q, &k, &v, 32, 4, 2, &[0], 0.25);
+        let b = reference_attention(&ordered, &rope, &q, &k, &v, 32, 4, 2, &[0], 0.25);
+        let diff = a.iter().zip(&b).fold(0f32, |m, (x, y)| m.max((x - y).abs()));
+        assert!(diff > 1e-3, "{diff}");
     }
 }

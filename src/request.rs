@@ -20,7 +20,7 @@ use std::sync::Arc;
 use mistralrs_core::{MistralRs, NormalRequest, Request, RequestMessage, Response, SamplingParams};
 use serde::Deserialize;
 
-use crate::config::{question_weight, size, Mode, Preset, QllmConfig};
+use crate::config::{question_weight, size, Mode, Positions, Preset, QllmConfig};
 use crate::error::{Error, Result};
 use crate::eval::tokenize_with;
 use crate::hook::{QllmHook, RequestPlan};
@@ -48,8 +48,15 @@ pub struct RequestOptions {
     pub n_local: Option<i64>,
     /// Weight of the question in block retrieval.
     pub question_weight: Option<f64>,
+    /// Where memory tokens sit for RoPE (`fixed`, `ordered`).
+    pub positions: Option<Positions>,
+    /// Neighbour blocks attended with each retrieved block.
+    pub neighbours: Option<i64>,
     /// The question; overrides the one found in the prompt.
     pub question: Option<String>,
+    /// Debug: a passage of the prompt to trace; the response's report then
+    /// says, per layer, whether the memory blocks holding it were retrieved.
+    pub needle: Option<String>,
 }
 
 impl RequestOptions {
@@ -70,10 +77,14 @@ impl RequestOptions {
         config.topk = size("topk", self.topk, config.topk, 0)?;
         config.n_local = size("n_local", self.n_local, config.n_local, 1)?;
         config.question_weight = question_weight(self.question_weight, config.question_weight)?;
-        if let Some(question) = &self.question {
-            if question.trim().is_empty() {
+        if let Some(positions) = self.positions {
+            config.positions = positions;
+        }
+        config.neighbours = size("neighbours", self.neighbours, config.neighbours, 0)?;
+        for (key, text) in [("question", &self.question), ("needle", &self.needle)] {
+            if text.as_ref().is_some_and(|t| t.trim().is_empty()) {
                 return Err(Error::InvalidConfig {
-                    key: "question",
+                    key,
                     reason: "is empty".into(),
                 });
             }
@@ -299,10 +310,15 @@ pub async fn prepare(
         hook: hook.clone(),
         request_id: request.id,
     };
+    let needle = match &options.needle {
+        Some(text) => Some(tokenize_with(mistralrs, text, false).await?),
+        None => None,
+    };
     let plan = RequestPlan {
         config,
         question: (!question_tokens.is_empty()).then(|| question_tokens.clone()),
         probe_for: None,
+        needle,
     };
     hook.register_request(request.id, plan.clone());
     let probed =
@@ -339,6 +355,7 @@ async fn probe(
         probe_id,
         RequestPlan {
             probe_for: Some(request_id),
+            needle: None,
             ..plan.clone()
         },
     );

@@ -5,7 +5,7 @@
 //!
 //! ```text
 //! cargo run --release --example eval -- [--quick] [--model FILE.gguf]
-//!     [--tasks passkey,number,kv_retrieval,niah_single,niah_multikey,hotpotqa]
+//!     [--tasks passkey,number,kv_retrieval,niah_single,niah_multikey,hotpotqa,fact]
 //!     [--lengths 1024,4096] [--depths 0,0.5,1] [--modes qllm,infllm,streaming,dense]
 //!     [--samples 1] [--seed 1] [--question-first] [--preset 1k] [--config qllm.toml]
 //!     [--max-new-tokens 16] [--quantized-matmul] [--in-line-question]
@@ -32,6 +32,7 @@ use mistralrs_core::{ModelDType, ModelSelected, TokenSource};
 use mistralrs_server_core::mistralrs_for_server_builder::MistralRsForServerBuilder;
 use qllm::eval::{self, complete, Corpus, EngineTokenizer, Placement, Sample, Task};
 use qllm::request::RequestOptions;
+use qllm::trace::NeedleReport;
 use qllm::{ConfigFile, Mode};
 use serde::{Deserialize, Serialize};
 
@@ -70,6 +71,9 @@ struct Cell {
     decode_tok_s: f64,
     peak_rss_mib: f64,
     error: Option<String>,
+    /// Whether the needle's memory blocks were retrieved, per layer.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    needle: Option<NeedleReport>,
 }
 
 impl Cell {
@@ -438,6 +442,7 @@ fn run_plan(
         let question = tokenizer.encode(&prompt.question)?;
         let options = RequestOptions {
             question: Some(prompt.question.clone()),
+            needle: Some(prompt.needle.clone()),
             ..RequestOptions::default()
         };
         for mode in modes {
@@ -463,23 +468,24 @@ fn run_plan(
                 qllm,
             ));
             let cell = match result {
-                Ok((output, usage)) => Cell {
+                Ok(done) => Cell {
                     task,
                     mode,
                     length,
                     depth,
                     sample,
-                    prompt_tokens: usage.prompt_tokens,
+                    prompt_tokens: done.usage.prompt_tokens,
                     needle_token: prompt.needle_token,
                     answers: prompt.answers.clone(),
-                    score: eval::score(&prompt.answers, &output),
-                    output,
-                    prefill_s: f64::from(usage.total_prompt_time_sec),
-                    decode_s: f64::from(usage.total_completion_time_sec),
-                    prefill_tok_s: f64::from(usage.avg_prompt_tok_per_sec),
-                    decode_tok_s: f64::from(usage.avg_compl_tok_per_sec),
+                    score: eval::score(&prompt.answers, &done.text),
+                    output: done.text,
+                    prefill_s: f64::from(done.usage.total_prompt_time_sec),
+                    decode_s: f64::from(done.usage.total_completion_time_sec),
+                    prefill_tok_s: f64::from(done.usage.avg_prompt_tok_per_sec),
+                    decode_tok_s: f64::from(done.usage.avg_compl_tok_per_sec),
                     peak_rss_mib: peak_rss_mib(),
                     error: None,
+                    needle: done.report.and_then(|r| r.needle),
                 },
                 Err(e) => Cell {
                     task,
@@ -498,14 +504,16 @@ fn run_plan(
                     decode_tok_s: 0.0,
                     peak_rss_mib: peak_rss_mib(),
                     error: Some(format!("{e:#}")),
+                    needle: None,
                 },
             };
             let line = format!(
-                "{:<13} {:<9} {length:>6} @ {depth:<4} score {:.2}  prefill {:>6.1} tok/s  \
+                "{:<13} {:<9} {length:>6} @ {depth:<4} score {:.2}  {}  prefill {:>6.1} tok/s  \
                  decode {:>5.1} tok/s  {:>6.0} MiB  {:?}",
                 task.name(),
                 mode.to_string(),
                 cell.score,
+                needle_summary(cell.needle.as_ref()),
                 cell.prefill_tok_s,
                 cell.decode_tok_s,
                 cell.peak_rss_mib,
@@ -531,6 +539,22 @@ fn run_plan(
     bar.finish_and_clear();
     drop(hook);
     Ok(())
+}
+
+/// "needle retrieved by N of L layers" at the first decode step (and at the
+/// question), with the blocks it lies in.
+fn needle_summary(needle: Option<&NeedleReport>) -> String {
+    match needle {
+        Some(n) => format!(
+            "needle in blocks {:?}: retrieved by {}/{} layers at the question, {}/{} at decode",
+            n.blocks,
+            n.at_question,
+            n.layers,
+            n.at_decode.first().copied().unwrap_or(0),
+            n.layers
+        ),
+        None => "needle not traced".into(),
+    }
 }
 
 /// Mean score per task, mode and length, as a table.

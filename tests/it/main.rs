@@ -2,6 +2,7 @@
 
 mod assets;
 mod cli;
+mod dtypes;
 mod engine;
 mod equivalence;
 mod eval;

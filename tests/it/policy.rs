@@ -24,6 +24,8 @@ fn small_config(mode: Mode) -> QllmConfig {
         topk: 2,
         repr_topk: 2,
         question_weight: 1.0,
+        positions: qllm::Positions::Fixed,
+        neighbours: 0,
         prefill_chunk_size: 64,
         max_context_len: 1 << 20,
         block_dtype: BlockDType::Model,

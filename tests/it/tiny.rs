@@ -1,6 +1,6 @@
-//! A tiny llama GGUF with random f32 weights and an embedded unigram
-//! tokenizer, written with candle's GGUF writer and read back by mistral.rs's
-//! real loader.
+//! Tiny GGUFs (llama or qwen2) with random f32 weights and an embedded
+//! unigram tokenizer, written with candle's GGUF writer and read back by
+//! mistral.rs's real loader.
 
 use std::path::{Path, PathBuf};
 
@@ -43,9 +43,34 @@ pub fn vocab_size() -> usize {
     vocab().len()
 }
 
-/// Writes the model into `dir` and returns its path. `scale` sets the spread
-/// of the random weights (larger makes attention peakier).
+/// The GGUF architectures the hook is wired into.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Arch {
+    /// Interleaved RoPE, no attention biases.
+    Llama,
+    /// GPT-NeoX RoPE (tables kept in f32 by mistral.rs), q/k/v biases.
+    Qwen2,
+}
+
+impl Arch {
+    pub const ALL: [Arch; 2] = [Arch::Llama, Arch::Qwen2];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Arch::Llama => "llama",
+            Arch::Qwen2 => "qwen2",
+        }
+    }
+}
+
+/// Writes the llama model into `dir` and returns its path. `scale` sets the
+/// spread of the random weights (larger makes attention peakier).
 pub fn write(dir: &Path, seed: u64, scale: f32) -> PathBuf {
+    write_arch(dir, Arch::Llama, seed, scale)
+}
+
+/// [`write`] for any wired architecture.
+pub fn write_arch(dir: &Path, arch: Arch, seed: u64, scale: f32) -> PathBuf {
     let device = Device::Cpu;
     let tokens = vocab();
     let n_vocab = tokens.len();
@@ -97,6 +122,11 @@ pub fn write(dir: &Path, seed: u64, scale: f32) -> PathBuf {
             format!("{p}.attn_v.weight"),
             random(&[s.kv_heads * head_dim, s.embd], scale),
         ));
+        if arch == Arch::Qwen2 {
+            tensors.push((format!("{p}.attn_q.bias"), random(&[s.heads * head_dim], scale)));
+            tensors.push((format!("{p}.attn_k.bias"), random(&[s.kv_heads * head_dim], scale)));
+            tensors.push((format!("{p}.attn_v.bias"), random(&[s.kv_heads * head_dim], scale)));
+        }
         tensors.push((
             format!("{p}.attn_output.weight"),
             random(&[s.embd, s.heads * head_dim], scale),
@@ -139,35 +169,39 @@ pub fn write(dir: &Path, seed: u64, scale: f32) -> PathBuf {
             })
         })
         .collect();
-    let metadata: Vec<(&str, Value)> = vec![
-        ("general.architecture", Value::String("llama".into())),
-        ("general.name", Value::String("tiny-llama".into())),
-        ("llama.context_length", Value::U32(CONTEXT_LEN)),
-        ("llama.embedding_length", u32v(s.embd)),
-        ("llama.block_count", u32v(s.layers)),
-        ("llama.feed_forward_length", u32v(s.ffn)),
-        ("llama.attention.head_count", u32v(s.heads)),
-        ("llama.attention.head_count_kv", u32v(s.kv_heads)),
-        ("llama.rope.dimension_count", u32v(head_dim)),
-        ("llama.rope.freq_base", Value::F32(10000.0)),
-        ("llama.attention.layer_norm_rms_epsilon", Value::F32(1e-5)),
-        ("tokenizer.ggml.model", Value::String("llama".into())),
-        ("tokenizer.ggml.tokens", Value::Array(tokens.iter().map(|t| Value::String(t.clone())).collect())),
-        ("tokenizer.ggml.scores", Value::Array(scores)),
-        ("tokenizer.ggml.token_type", Value::Array(types)),
-        ("tokenizer.ggml.unknown_token_id", Value::U32(0)),
-        ("tokenizer.ggml.bos_token_id", Value::U32(1)),
-        ("tokenizer.ggml.eos_token_id", Value::U32(2)),
-        (
-            "tokenizer.chat_template",
+    let a = arch.name();
+    let key = |k: &str| format!("{a}.{k}");
+    let metadata: Vec<(String, Value)> = vec![
+        ("general.architecture".into(), Value::String(a.into())),
+        ("general.name".into(), Value::String(format!("tiny-{a}"))),
+        (key("context_length"), Value::U32(CONTEXT_LEN)),
+        (key("embedding_length"), u32v(s.embd)),
+        (key("block_count"), u32v(s.layers)),
+        (key("feed_forward_length"), u32v(s.ffn)),
+        (key("attention.head_count"), u32v(s.heads)),
+        (key("attention.head_count_kv"), u32v(s.kv_heads)),
+        (key("rope.dimension_count"), u32v(head_dim)),
+        (key("rope.freq_base"), Value::F32(10000.0)),
+        (key("attention.layer_norm_rms_epsilon"), Value::F32(1e-5)),
+        ("tokenizer.ggml.model".into(), Value::String("llama".into())),
+        ("tokenizer.ggml.tokens".into(), Value::Array(tokens.iter().map(|t| Value::String(t.clone())).collect())),
+        ("tokenizer.ggml.scores".into(), Value::Array(scores)),
+        ("tokenizer.ggml.token_type".into(), Value::Array(types)),
+        ("tokenizer.ggml.unknown_token_id".into(), Value::U32(0)),
+        ("tokenizer.ggml.bos_token_id".into(), Value::U32(1)),
+        ("tokenizer.ggml.eos_token_id".into(), Value::U32(2)),
+        ("tokenizer.chat_template".into(),
             Value::String(
                 "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}{% if add_generation_prompt %}assistant:{% endif %}".into(),
             ),
         ),
     ];
-    let path = dir.join(FILE_NAME);
+    let path = dir.join(match arch {
+        Arch::Llama => FILE_NAME.to_string(),
+        Arch::Qwen2 => format!("tiny-{a}.gguf"),
+    });
     let mut file = std::fs::File::create(&path).unwrap();
-    let md: Vec<(&str, &Value)> = metadata.iter().map(|(k, v)| (*k, v)).collect();
+    let md: Vec<(&str, &Value)> = metadata.iter().map(|(k, v)| (k.as_str(), v)).collect();
     let ts: Vec<(&str, &QTensor)> = tensors.iter().map(|(k, v)| (k.as_str(), v)).collect();
     gguf_file::write(&mut file, &md, &ts).unwrap();
     path
