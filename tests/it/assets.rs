@@ -16,6 +16,17 @@ pub fn smollm2() -> PathBuf {
     path
 }
 
+/// Qwen2.5-Coder-1.5B-Instruct (GGUF `qwen2`, Q4_K_M, 32K context).
+pub fn qwen15b() -> PathBuf {
+    let path = root().join("assets/qwen2.5-coder-1.5b-instruct-q4_k_m.gguf");
+    assert!(
+        path.exists(),
+        "{} is missing: run scripts/fetch-assets.sh qwen15b",
+        path.display()
+    );
+    path
+}
+
 /// The patched `mistralrs` CLI, built by `scripts/test.sh`.
 pub fn mistralrs_bin() -> PathBuf {
     let path = std::env::var_os("QLLM_MISTRALRS_BIN")

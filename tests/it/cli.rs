@@ -206,3 +206,20 @@ fn serve_with_qllm_answers_a_chat_completion_over_http() {
     assert_eq!(status, 200, "{reply}");
     assert!(reply.contains("Paris"), "{reply}");
 }
+
+/// mistral.rs picks F16 for this model on CPUs without a `--dtype`; GGUF
+/// qwen2 keeps its RoPE tables in f32, which the hook used to reject
+/// ("unsupported dtype for rope F16 F32 F32") on every request.
+#[test]
+fn serve_with_qllm_answers_with_a_qwen2_model_at_the_default_dtype() {
+    let (server, port) = start_server(&[], &[], &assets::qwen15b(), false);
+    for extension in ["", r#","qllm":{"enabled":false}"#, r#","qllm":{"mode":"dense"}"#] {
+        let body = format!(
+            r#"{{"model":"default","messages":[{{"role":"user","content":"{PARIS_QUESTION}"}}],"max_tokens":8,"temperature":0{extension}}}"#
+        );
+        let (status, reply) = http(port, "POST", "/v1/chat/completions", &body).unwrap();
+        assert_eq!(status, 200, "{extension}: {reply}");
+        assert!(reply.contains("Paris"), "{extension}: {reply}");
+    }
+    drop(server);
+}
