@@ -583,13 +583,19 @@ mod tests {
         let err = parse("question_weight = nan").unwrap_err();
         assert!(err.contains("`question_weight`"), "{err}");
         let err = parse("topk = 4\nneighbours = 4").unwrap_err();
-        assert!(err.contains("`neighbours` (4) must be less than `topk` (4)"), "{err}");
+        assert!(
+            err.contains("`neighbours` (4) must be less than `topk` (4)"),
+            "{err}"
+        );
     }
 
     #[test]
     fn positions_are_parsed_and_bound_the_rope_table_needed() {
         let config = parse("positions = \"ordered\"\nneighbours = 1").unwrap();
-        assert_eq!((config.positions, config.neighbours), (Positions::Ordered, 1));
+        assert_eq!(
+            (config.positions, config.neighbours),
+            (Positions::Ordered, 1)
+        );
         // 1k preset: 128 sinks + 9 blocks of 64 + 2 x 512 + 512.
         assert_eq!(config.positions_needed(), 128 + 9 * 64 + 1024 + 512);
         assert_eq!(QllmConfig::default().positions_needed(), 512 + 512 - 1);

@@ -328,10 +328,7 @@ impl QllmHook {
     ) -> Result<Tensor> {
         let needed = config.positions_needed();
         if needed > ctx.rope.max_positions() {
-            candle_core::bail!(
-                "{}",
-                rope_table_too_small(config, ctx.rope.max_positions())
-            );
+            candle_core::bail!("{}", rope_table_too_small(config, ctx.rope.max_positions()));
         }
         if offset == 0 {
             *memory = LayerMemory::default();

@@ -639,9 +639,15 @@ mod tests {
         assert_eq!(top_k_with_neighbours(&scores, 3, 1), vec![1, 2, 4]);
         // The last block has no successor; a neighbour already chosen is
         // not counted twice.
-        assert_eq!(top_k_with_neighbours(&[1.0, 2.0, 3.0, 0.0], 3, 1), vec![1, 2, 3]);
+        assert_eq!(
+            top_k_with_neighbours(&[1.0, 2.0, 3.0, 0.0], 3, 1),
+            vec![1, 2, 3]
+        );
         assert_eq!(top_k_with_neighbours(&scores, 2, 0), top_k(&scores, 2));
-        assert_eq!(top_k_with_neighbours(&scores, 9, 1), (0..6).collect::<Vec<_>>());
+        assert_eq!(
+            top_k_with_neighbours(&scores, 9, 1),
+            (0..6).collect::<Vec<_>>()
+        );
     }
 
     #[test]
@@ -693,18 +699,24 @@ mod tests {
         let end = p0 + e;
         let (n_local, bs) = (config.n_local, config.block_size);
         let recent_start = init + blocks * bs;
-        let in_memory = |j: usize| {
-            j < init || j >= recent_start || retrieved.contains(&((j - init) / bs))
-        };
+        let in_memory =
+            |j: usize| j < init || j >= recent_start || retrieved.contains(&((j - init) / bs));
         // The execution block's memory keys: older than every query's window.
-        let memory: Vec<usize> = (0..end.saturating_sub(n_local)).filter(|&j| in_memory(j)).collect();
+        let memory: Vec<usize> = (0..end.saturating_sub(n_local))
+            .filter(|&j| in_memory(j))
+            .collect();
         let local_start = recent_start.max((p0 + 1).saturating_sub(n_local));
         let base = match config.positions {
             Positions::Fixed => 0,
             Positions::Ordered => memory.len(),
         };
         let rows = |t: &Tensor| -> Vec<Vec<Vec<f32>>> {
-            t.squeeze(0).unwrap().to_dtype(DType::F32).unwrap().to_vec3().unwrap()
+            t.squeeze(0)
+                .unwrap()
+                .to_dtype(DType::F32)
+                .unwrap()
+                .to_vec3()
+                .unwrap()
         };
         let at = |p: Vec<usize>| positions(p.into_iter(), &Device::Cpu).unwrap();
         let n = keys.dim(2).unwrap();
@@ -712,9 +724,24 @@ mod tests {
         let vals = rows(values);
         let key_at = |p: Vec<usize>| rows(&rotate_f32(rope, keys, &at(p)).unwrap());
         // Window keys at window positions, memory keys at their rank.
-        let k_window = key_at((0..n).map(|j| base + j.saturating_sub(local_start)).collect());
-        let k_ranked = key_at((0..n).map(|j| memory.iter().position(|&m| m == j).unwrap_or(0)).collect());
-        let q_window = rows(&rotate_f32(rope, q, &at((p0..end).map(|p| base + p - local_start).collect())).unwrap());
+        let k_window = key_at(
+            (0..n)
+                .map(|j| base + j.saturating_sub(local_start))
+                .collect(),
+        );
+        let k_ranked = key_at(
+            (0..n)
+                .map(|j| memory.iter().position(|&m| m == j).unwrap_or(0))
+                .collect(),
+        );
+        let q_window = rows(
+            &rotate_f32(
+                rope,
+                q,
+                &at((p0..end).map(|p| base + p - local_start).collect()),
+            )
+            .unwrap(),
+        );
         let q_far = rows(&rotate_f32(rope, q, &at(vec![n_local - 1; e])).unwrap());
         let mut out = vec![0f32; heads * e * d];
         for h in 0..heads {
@@ -792,7 +819,13 @@ mod tests {
             let (init, blocks) = (memory.stats().init, memory.block_count());
             let q = q_all.narrow(2, p0, e).unwrap();
             let out = memory
-                .attend(config, &args, &q, &k_all.narrow(2, p0, e).unwrap(), &v_all.narrow(2, p0, e).unwrap())
+                .attend(
+                    config,
+                    &args,
+                    &q,
+                    &k_all.narrow(2, p0, e).unwrap(),
+                    &v_all.narrow(2, p0, e).unwrap(),
+                )
                 .unwrap();
             let retrieved = memory.last_retrieved().to_vec();
             selective |= blocks > retrieved.len() && !retrieved.is_empty();
@@ -842,8 +875,14 @@ mod tests {
         ] {
             let config = selective_config(positions, neighbours);
             let (diff, selective) = compare_with_reference(&config);
-            assert!(selective, "{positions} {neighbours}: every block was retrieved");
-            assert!(diff <= 1e-4, "{positions}, {neighbours} neighbours: max abs difference {diff}");
+            assert!(
+                selective,
+                "{positions} {neighbours}: every block was retrieved"
+            );
+            assert!(
+                diff <= 1e-4,
+                "{positions}, {neighbours} neighbours: max abs difference {diff}"
+            );
         }
     }
 
@@ -859,7 +898,10 @@ mod tests {
         let v = random((1, 2, 40, 16), 3, 1.0);
         let a = reference_attention(&fixed, &rope, &q, &k, &v, 32, 4, 2, &[0], 0.25);
         let b = reference_attention(&ordered, &rope, &q, &k, &v, 32, 4, 2, &[0], 0.25);
-        let diff = a.iter().zip(&b).fold(0f32, |m, (x, y)| m.max((x - y).abs()));
+        let diff = a
+            .iter()
+            .zip(&b)
+            .fold(0f32, |m, (x, y)| m.max((x - y).abs()));
         assert!(diff > 1e-3, "{diff}");
     }
 }

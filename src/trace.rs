@@ -95,7 +95,10 @@ impl NeedleTrace {
         block_size: usize,
     ) -> Self {
         let blocks = blocks_of(&span, n_init, block_size);
-        let question_at = question_end.unwrap_or(prompt_len).clamp(1, prompt_len.max(1)) - 1;
+        let question_at = question_end
+            .unwrap_or(prompt_len)
+            .clamp(1, prompt_len.max(1))
+            - 1;
         Self {
             span,
             blocks,
@@ -139,7 +142,12 @@ impl NeedleTrace {
         let count = |pick: &dyn Fn(&LayerTrace) -> Option<Sight>, want: Sight| {
             self.layers.iter().filter(|l| pick(l) == Some(want)).count()
         };
-        let steps = self.layers.iter().map(|l| l.decode.len()).min().unwrap_or(0);
+        let steps = self
+            .layers
+            .iter()
+            .map(|l| l.decode.len())
+            .min()
+            .unwrap_or(0);
         let at_decode = (0..steps)
             .map(|s| count(&|l| l.decode.get(s).copied(), Sight::Whole))
             .collect();

@@ -213,7 +213,11 @@ fn serve_with_qllm_answers_a_chat_completion_over_http() {
 #[test]
 fn serve_with_qllm_answers_with_a_qwen2_model_at_the_default_dtype() {
     let (server, port) = start_server(&[], &[], &assets::qwen15b(), false);
-    for extension in ["", r#","qllm":{"enabled":false}"#, r#","qllm":{"mode":"dense"}"#] {
+    for extension in [
+        "",
+        r#","qllm":{"enabled":false}"#,
+        r#","qllm":{"mode":"dense"}"#,
+    ] {
         let body = format!(
             r#"{{"model":"default","messages":[{{"role":"user","content":"{PARIS_QUESTION}"}}],"max_tokens":8,"temperature":0{extension}}}"#
         );

@@ -92,13 +92,24 @@ fn the_hook_runs_in_every_dtype_for_every_architecture() {
             let dense = logits(&file, dtype, Some(dense_hook), &prompts);
             let d_dense = max_abs_diff(&builtin, &dense);
 
-            let covering = logits(&file, dtype, Some(Arc::new(QllmHook::new(qllm(64)))), &prompts);
+            let covering = logits(
+                &file,
+                dtype,
+                Some(Arc::new(QllmHook::new(qllm(64)))),
+                &prompts,
+            );
             let d_qllm = max_abs_diff(&dense, &covering);
             report.push(format!(
                 "{arch:?} {dtype:?}: dense vs built-in {d_dense:.2e}, qllm vs dense {d_qllm:.2e}"
             ));
-            assert!(d_dense <= tol, "{arch:?} {dtype:?}: dense hook vs built-in {d_dense} > {tol}");
-            assert!(d_qllm <= tol, "{arch:?} {dtype:?}: qllm vs dense {d_qllm} > {tol}");
+            assert!(
+                d_dense <= tol,
+                "{arch:?} {dtype:?}: dense hook vs built-in {d_dense} > {tol}"
+            );
+            assert!(
+                d_qllm <= tol,
+                "{arch:?} {dtype:?}: qllm vs dense {d_qllm} > {tol}"
+            );
 
             // Past the trained context (512) with a 32-token window: every
             // step runs, and the logits stay finite.

@@ -123,9 +123,18 @@ pub fn write_arch(dir: &Path, arch: Arch, seed: u64, scale: f32) -> PathBuf {
             random(&[s.kv_heads * head_dim, s.embd], scale),
         ));
         if arch == Arch::Qwen2 {
-            tensors.push((format!("{p}.attn_q.bias"), random(&[s.heads * head_dim], scale)));
-            tensors.push((format!("{p}.attn_k.bias"), random(&[s.kv_heads * head_dim], scale)));
-            tensors.push((format!("{p}.attn_v.bias"), random(&[s.kv_heads * head_dim], scale)));
+            tensors.push((
+                format!("{p}.attn_q.bias"),
+                random(&[s.heads * head_dim], scale),
+            ));
+            tensors.push((
+                format!("{p}.attn_k.bias"),
+                random(&[s.kv_heads * head_dim], scale),
+            ));
+            tensors.push((
+                format!("{p}.attn_v.bias"),
+                random(&[s.kv_heads * head_dim], scale),
+            ));
         }
         tensors.push((
             format!("{p}.attn_output.weight"),
