@@ -367,7 +367,13 @@ impl QllmHook {
                 &v.narrow(2, start, n)?,
             )?);
             if let Some(trace) = needle.as_deref_mut() {
-                trace.observe(ctx.layer_idx, pos..pos + n, memory.last_retrieved(), blocks);
+                trace.observe(
+                    ctx.layer_idx,
+                    pos..pos + n,
+                    memory.last_retrieved(),
+                    memory.last_scores(),
+                    blocks,
+                );
             }
             start += n;
         }

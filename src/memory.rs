@@ -126,6 +126,8 @@ pub struct LayerMemory {
     /// `(heads, t, d)` f32 pieces.
     question_queries: Vec<Tensor>,
     last_retrieved: Vec<usize>,
+    /// Retrieval score of every block at the latest execution block.
+    last_scores: Vec<f32>,
 }
 
 /// Per-step inputs shared by all layers.
@@ -163,6 +165,12 @@ impl LayerMemory {
     /// Block indices retrieved for the latest execution block, ascending.
     pub fn last_retrieved(&self) -> &[usize] {
         &self.last_retrieved
+    }
+
+    /// Retrieval score of every block at the latest execution block (empty
+    /// when nothing was retrieved).
+    pub fn last_scores(&self) -> &[f32] {
+        &self.last_scores
     }
 
     /// Memory blocks held.
@@ -354,6 +362,7 @@ impl LayerMemory {
     /// queries are `q_global` (`(1, heads, e, d)` f32).
     fn retrieve(&mut self, config: &QllmConfig, q_global: &Tensor) -> Result<Vec<usize>> {
         self.last_retrieved.clear();
+        self.last_scores.clear();
         if !config.mode.keeps_blocks() || self.blocks.is_empty() || config.topk == 0 {
             return Ok(Vec::new());
         }
@@ -365,8 +374,9 @@ impl LayerMemory {
                 }
             }
         }
-        let scores = block_scores(&self.representatives, &query);
-        self.last_retrieved = top_k_with_neighbours(&scores, config.topk, config.neighbours);
+        self.last_scores = block_scores(&self.representatives, &query);
+        self.last_retrieved =
+            top_k_with_neighbours(&self.last_scores, config.topk, config.neighbours);
         Ok(self.last_retrieved.clone())
     }
 

@@ -63,9 +63,22 @@ pub fn sight(needle_blocks: &Range<usize>, retrieved: &[usize], blocks: usize) -
     }
 }
 
+/// Rank (0 = best) of the needle's best-scoring formed block among all
+/// blocks, by `scores`; `None` before any of its blocks exists.
+pub fn rank(needle_blocks: &Range<usize>, scores: &[f32]) -> Option<usize> {
+    let best = needle_blocks
+        .clone()
+        .filter(|&b| b < scores.len())
+        .map(|b| scores[b])
+        .max_by(f32::total_cmp)?;
+    Some(scores.iter().filter(|&&s| s > best).count())
+}
+
 #[derive(Debug, Clone, Default)]
 struct LayerTrace {
     at_question: Option<Sight>,
+    rank_at_question: Option<usize>,
+    rank_at_first_decode: Option<usize>,
     decode: Vec<Sight>,
     /// Prefill execution blocks after the needle's first block was formed,
     /// and how many of them saw it whole.
@@ -115,14 +128,19 @@ impl NeedleTrace {
         layer: usize,
         positions: Range<usize>,
         retrieved: &[usize],
+        scores: &[f32],
         blocks: usize,
     ) {
         if self.layers.len() <= layer {
             self.layers.resize_with(layer + 1, LayerTrace::default);
         }
         let seen = sight(&self.blocks, retrieved, blocks);
+        let rank = rank(&self.blocks, scores);
         let trace = &mut self.layers[layer];
         if positions.start >= self.prompt_len {
+            if trace.decode.is_empty() {
+                trace.rank_at_first_decode = rank;
+            }
             if trace.decode.len() < TRACED_DECODE_STEPS {
                 trace.decode.push(seen);
             }
@@ -130,6 +148,7 @@ impl NeedleTrace {
         }
         if positions.contains(&self.question_at) {
             trace.at_question = Some(seen);
+            trace.rank_at_question = rank;
         }
         if !self.blocks.is_empty() && blocks > self.blocks.start {
             trace.prefill_chances += 1;
@@ -173,6 +192,8 @@ impl NeedleTrace {
                 .iter()
                 .map(|l| l.decode.first().map_or('?', |s| s.symbol()))
                 .collect(),
+            ranks_at_question: self.layers.iter().map(|l| l.rank_at_question).collect(),
+            ranks_at_first_decode: self.layers.iter().map(|l| l.rank_at_first_decode).collect(),
         }
     }
 }
@@ -203,6 +224,13 @@ pub struct NeedleReport {
     pub per_layer_at_question: String,
     /// The same at the first decode step.
     pub per_layer_first_decode: String,
+    /// Per layer, the rank (0 = best) of the needle's best block by the
+    /// retrieval score at the question: how far scoring was from picking it.
+    #[serde(default)]
+    pub ranks_at_question: Vec<Option<usize>>,
+    /// The same at the first decode step.
+    #[serde(default)]
+    pub ranks_at_first_decode: Vec<Option<usize>>,
 }
 
 #[cfg(test)]
@@ -235,15 +263,21 @@ mod tests {
         // Prompt of 100 tokens, question at 90..99, execution blocks of 16.
         let mut trace = NeedleTrace::new(20..30, Some(99), 100, 4, 8);
         let layers: [&[usize]; 3] = [&[2, 3], &[3, 7], &[0, 1]];
+        // Scores consistent with those picks: block 3 is 2nd, then 4th best.
+        let scores = [
+            [0.0, 0.0, 9.0, 8.0, 0.0, 0.0, 0.0, 0.0, 0.0],
+            [0.0, 0.0, 0.0, 8.0, 0.0, 0.0, 0.0, 9.0, 0.0],
+            [9.0, 8.0, 1.0, 2.0, 7.0, 6.0, 0.0, 0.0, 0.0],
+        ];
         for (layer, retrieved) in layers.iter().enumerate() {
             for start in (0..96usize).step_by(16) {
                 // Blocks exist once their tokens have left a 16-token window.
                 let blocks = start.saturating_sub(20) / 8;
-                trace.observe(layer, start..start + 16, retrieved, blocks);
+                trace.observe(layer, start..start + 16, retrieved, &[], blocks);
             }
-            trace.observe(layer, 96..99, retrieved, 9);
-            trace.observe(layer, 99..100, retrieved, 9);
-            trace.observe(layer, 100..101, retrieved, 9);
+            trace.observe(layer, 96..99, retrieved, &scores[layer], 9);
+            trace.observe(layer, 99..100, retrieved, &scores[layer], 9);
+            trace.observe(layer, 100..101, retrieved, &scores[layer], 9);
         }
         let report = trace.report();
         assert_eq!(report.blocks, vec![2, 3]);
@@ -253,6 +287,8 @@ mod tests {
         assert_eq!(report.per_layer_at_question, "+~-");
         assert_eq!(report.at_decode, vec![1]);
         assert_eq!(report.per_layer_first_decode, "+~-");
+        assert_eq!(report.ranks_at_question, vec![Some(0), Some(1), Some(4)]);
+        assert_eq!(report.ranks_at_first_decode, report.ranks_at_question);
         // Layer 0 saw it whole at every chance, the others never.
         let share = report.prefill_share.unwrap();
         assert!((share - 1.0 / 3.0).abs() < 1e-9, "{share}");

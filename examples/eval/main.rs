@@ -545,14 +545,22 @@ fn run_plan(
 /// question), with the blocks it lies in.
 fn needle_summary(needle: Option<&NeedleReport>) -> String {
     match needle {
-        Some(n) => format!(
-            "needle in blocks {:?}: retrieved by {}/{} layers at the question, {}/{} at decode",
-            n.blocks,
-            n.at_question,
-            n.layers,
-            n.at_decode.first().copied().unwrap_or(0),
-            n.layers
-        ),
+        Some(n) => {
+            let mut ranks: Vec<usize> = n.ranks_at_question.iter().flatten().copied().collect();
+            ranks.sort_unstable();
+            let median = ranks
+                .get(ranks.len() / 2)
+                .map_or("-".to_string(), ToString::to_string);
+            format!(
+                "needle in blocks {:?}: retrieved by {}/{} layers at the question (median rank \
+                 {median}), {}/{} at decode",
+                n.blocks,
+                n.at_question,
+                n.layers,
+                n.at_decode.first().copied().unwrap_or(0),
+                n.layers
+            )
+        }
         None => "needle not traced".into(),
     }
 }
