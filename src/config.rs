@@ -87,6 +87,42 @@ impl FromStr for Preset {
     }
 }
 
+/// How memory blocks are ranked for retrieval.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Deserialize, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Scoring {
+    /// The paper's: the dot product of the (question-weighted) query with a
+    /// block's representative, summed over all heads.
+    #[default]
+    Dot,
+    /// TokenSelect's: the same dot product per KV head (its query heads
+    /// summed), softmax-normalised over the blocks per KV head, then summed:
+    /// every head votes with the same weight, whatever its logits' scale.
+    HeadSoftmax,
+    /// A block's best token: the highest dot product of the query with any
+    /// of its keys (summed over heads), as token-level selection does. Reads
+    /// every stored key per retrieval, so it costs in proportion to the
+    /// context.
+    TokenMax,
+}
+
+impl FromStr for Scoring {
+    type Err = String;
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        from_config_str(s)
+    }
+}
+
+impl std::fmt::Display for Scoring {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Scoring::Dot => "dot",
+            Scoring::HeadSoftmax => "head_softmax",
+            Scoring::TokenMax => "token_max",
+        })
+    }
+}
+
 /// Where memory tokens sit for RoPE.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Deserialize, Serialize)]
 #[serde(rename_all = "lowercase")]
@@ -169,6 +205,8 @@ pub struct QllmConfig {
     pub question_weight: f32,
     /// Where memory tokens sit for RoPE.
     pub positions: Positions,
+    /// How blocks are ranked for retrieval.
+    pub scoring: Scoring,
     /// Blocks after each retrieved block attended with it (EM-LLM's
     /// contiguity), within the same `topk` budget: a fact cut by a block
     /// boundary is read whole.
@@ -227,6 +265,7 @@ impl QllmConfig {
             repr_topk: 4,
             question_weight: 1.0,
             positions: Positions::Fixed,
+            scoring: Scoring::Dot,
             neighbours: 0,
             prefill_chunk_size: 512,
             max_context_len: 1 << 20,
@@ -340,6 +379,8 @@ pub struct ConfigFile {
     pub question_weight: Option<f64>,
     /// See [`QllmConfig::positions`].
     pub positions: Option<Positions>,
+    /// See [`QllmConfig::scoring`].
+    pub scoring: Option<Scoring>,
     /// See [`QllmConfig::neighbours`].
     pub neighbours: Option<i64>,
     /// See [`QllmConfig::prefill_chunk_size`].
@@ -387,6 +428,7 @@ impl ConfigFile {
             repr_topk: size("repr_topk", self.repr_topk, base.repr_topk, 1)?,
             question_weight,
             positions: self.positions.unwrap_or(base.positions),
+            scoring: self.scoring.unwrap_or(base.scoring),
             neighbours: size("neighbours", self.neighbours, base.neighbours, 0)?,
             prefill_chunk_size: size(
                 "prefill_chunk_size",
@@ -599,6 +641,11 @@ mod tests {
         // 1k preset: 128 sinks + 9 blocks of 64 + 2 x 512 + 512.
         assert_eq!(config.positions_needed(), 128 + 9 * 64 + 1024 + 512);
         assert_eq!(QllmConfig::default().positions_needed(), 512 + 512 - 1);
+        let config = parse("scoring = \"head_softmax\"").unwrap();
+        assert_eq!(config.scoring, Scoring::HeadSoftmax);
+        assert!(parse("scoring = \"cosine\"")
+            .unwrap_err()
+            .contains("cosine"));
         let err = parse("positions = \"absolute\"").unwrap_err();
         assert!(err.contains("absolute"), "{err}");
     }

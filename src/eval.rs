@@ -361,8 +361,8 @@ pub struct Sample {
     pub question: String,
     /// What a right answer contains.
     pub answers: Vec<String>,
-    /// The asked needle's text, as it appears in the prompt.
-    pub needle: String,
+    /// Token position where the asked needle ends.
+    pub needle_end: usize,
     /// Tokens of the prompt.
     pub prompt_tokens: usize,
     /// Token position where the asked needle starts.
@@ -602,11 +602,11 @@ pub fn generate(
     Ok(Sample {
         prompt_tokens: count(&prompt)?,
         needle_token: count(&prompt[..offset])?,
+        needle_end: count(&prompt[..offset + spec.needles[0].0.len()])?,
         needle_target,
         prompt,
         question: spec.question,
         answers: spec.answers,
-        needle: spec.needles.swap_remove(0).0.trim().to_string(),
     })
 }
 

@@ -27,9 +27,18 @@ pub struct RequestPlan {
     pub question: Option<Vec<u32>>,
     /// Set for a probe pass: the request whose question vectors it computes.
     pub probe_for: Option<usize>,
-    /// Tokens of a span to trace (debug): the report then says whether the
-    /// memory blocks holding it were retrieved, per layer.
-    pub needle: Option<Vec<u32>>,
+    /// A span to trace (debug): the report then says whether the memory
+    /// blocks holding it were retrieved, per layer.
+    pub needle: Option<Needle>,
+}
+
+/// The span of a prompt to trace.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Needle {
+    /// Its tokens (no special tokens), looked up in the prompt.
+    Tokens(Vec<u32>),
+    /// Its token positions.
+    Span(Range<usize>),
 }
 
 /// What the hook did for a request, for its response.
@@ -88,8 +97,8 @@ struct SeqState {
     question: Option<Range<usize>>,
     /// Whether the prompt was searched for the question.
     question_searched: bool,
-    /// Tokens of the span to trace, from the request.
-    needle_tokens: Option<Vec<u32>>,
+    /// The span to trace, from the request.
+    needle_tokens: Option<Needle>,
     /// The trace, once the span was found in the prompt.
     needle: Option<NeedleTrace>,
 }
@@ -478,7 +487,13 @@ impl QllmHook {
             );
             return;
         }
-        match find_question_span(seq.tokens, &needle) {
+        let span = match &needle {
+            Needle::Tokens(tokens) => find_question_span(seq.tokens, tokens),
+            Needle::Span(span) => {
+                (span.end <= seq.tokens.len() && !span.is_empty()).then(|| span.clone())
+            }
+        };
+        match span {
             Some(span) => {
                 tracing::info!(
                     "qllm: sequence {}: tracing the needle at tokens {}..{}",
@@ -495,9 +510,8 @@ impl QllmHook {
                 ));
             }
             None => tracing::warn!(
-                "qllm: sequence {}: the needle ({} tokens) is not in the prompt",
-                seq.seq_id,
-                needle.len()
+                "qllm: sequence {}: the needle {needle:?} is not in the prompt",
+                seq.seq_id
             ),
         }
     }

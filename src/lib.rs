@@ -34,9 +34,9 @@ pub mod trace;
 use std::path::Path;
 use std::sync::{Arc, RwLock};
 
-pub use config::{BlockDType, ConfigFile, Mode, Positions, Preset, QllmConfig};
+pub use config::{BlockDType, ConfigFile, Mode, Positions, Preset, QllmConfig, Scoring};
 pub use error::{Error, Result};
-pub use hook::{find_question_span, MemoryStats, QllmHook, RequestPlan, RequestReport};
+pub use hook::{find_question_span, MemoryStats, Needle, QllmHook, RequestPlan, RequestReport};
 pub use memory::LayerStats;
 pub use mistralrs_core::attention_hook::AttentionHook;
 

@@ -24,7 +24,7 @@ use std::sync::Mutex;
 use candle_core::{DType, Device, Result, Tensor};
 use mistralrs_core::layers::RotaryEmbedding;
 
-use crate::config::{Mode, Positions, QllmConfig};
+use crate::config::{Mode, Positions, QllmConfig, Scoring};
 use crate::kv::KvBuffer;
 use crate::rope::{positions, rotate_f32};
 
@@ -75,6 +75,28 @@ impl BlockStore {
         let block_size = ks.dim(2)? / SLAB_BLOCKS;
         let at = (i % SLAB_BLOCKS) * block_size;
         Ok((ks.narrow(2, at, block_size)?, vs.narrow(2, at, block_size)?))
+    }
+
+    /// Per block, the highest `q · k` over its tokens, where `q` is
+    /// `(kv_heads, d)` f32 (each KV head's query heads summed) and the dot
+    /// product is summed over KV heads.
+    fn token_max_scores(&self, q: &Tensor) -> Result<Vec<f32>> {
+        let q = q.unsqueeze(1)?;
+        let mut scores = Vec::with_capacity(self.len);
+        for (i, (keys, _)) in self.slabs.iter().enumerate() {
+            let filled = (self.len - i * SLAB_BLOCKS).min(SLAB_BLOCKS);
+            let block_size = keys.dim(2)? / SLAB_BLOCKS;
+            let keys = keys
+                .narrow(2, 0, filled * block_size)?
+                .squeeze(0)?
+                .to_dtype(DType::F32)?;
+            let per_token = q
+                .matmul(&keys.t()?)?
+                .sum(0)?
+                .reshape((filled, block_size))?;
+            scores.extend(per_token.max(1)?.to_vec1::<f32>()?);
+        }
+        Ok(scores)
     }
 
     /// Bytes allocated, including the free slots of the last slab.
@@ -228,7 +250,7 @@ impl LayerMemory {
         let at_global = positions(std::iter::repeat_n(n_local - 1, e), device)?;
         let q_global = rotate_f32(args.rope, q, &at_global)?;
 
-        let retrieved = self.retrieve(config, &q_global)?;
+        let retrieved = self.retrieve(config, &q_global, group)?;
 
         // Keys in the window of some query of this block.
         let local_start = self.recent_start.max((p0 + 1).saturating_sub(n_local));
@@ -360,7 +382,12 @@ impl LayerMemory {
 
     /// Picks the blocks for the execution block whose globally rotated
     /// queries are `q_global` (`(1, heads, e, d)` f32).
-    fn retrieve(&mut self, config: &QllmConfig, q_global: &Tensor) -> Result<Vec<usize>> {
+    fn retrieve(
+        &mut self,
+        config: &QllmConfig,
+        q_global: &Tensor,
+        group: usize,
+    ) -> Result<Vec<usize>> {
         self.last_retrieved.clear();
         self.last_scores.clear();
         if !config.mode.keeps_blocks() || self.blocks.is_empty() || config.topk == 0 {
@@ -374,7 +401,21 @@ impl LayerMemory {
                 }
             }
         }
-        self.last_scores = block_scores(&self.representatives, &query);
+        let d = q_global.dim(3)?;
+        self.last_scores = match config.scoring {
+            Scoring::Dot => block_scores(&self.representatives, &query),
+            Scoring::HeadSoftmax => {
+                #[allow(clippy::cast_precision_loss)] // a head size
+                let scale = 1.0 / (d as f32).sqrt();
+                head_softmax_block_scores(&self.representatives, &query, d * group, scale)
+            }
+            Scoring::TokenMax => {
+                let heads = query.len() / d;
+                let q = Tensor::from_slice(&query, (heads / group, group, d), q_global.device())?
+                    .sum(1)?;
+                self.blocks.token_max_scores(&q)?
+            }
+        };
         self.last_retrieved =
             top_k_with_neighbours(&self.last_scores, config.topk, config.neighbours);
         Ok(self.last_retrieved.clone())
@@ -512,6 +553,33 @@ pub fn block_scores(representatives: &[f32], query: &[f32]) -> Vec<f32> {
         .chunks_exact(query.len())
         .map(|row| dot(row, query))
         .collect()
+}
+
+/// Relevance of each block by TokenSelect's rule: per KV head (a `width`
+/// slice of `heads * d`: its query heads together), the dot product of the
+/// block's representative with `query`, times `scale`, softmax-normalised
+/// over the blocks; then summed over KV heads.
+pub fn head_softmax_block_scores(
+    representatives: &[f32],
+    query: &[f32],
+    width: usize,
+    scale: f32,
+) -> Vec<f32> {
+    let blocks = representatives.len() / query.len();
+    let mut total = vec![0f32; blocks];
+    let mut logits = vec![0f32; blocks];
+    for (g, q) in query.chunks_exact(width).enumerate() {
+        for (b, logit) in logits.iter_mut().enumerate() {
+            let at = b * query.len() + g * width;
+            *logit = dot(&representatives[at..at + width], q) * scale;
+        }
+        let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+        let sum: f32 = logits.iter().map(|l| (l - max).exp()).sum();
+        for (t, l) in total.iter_mut().zip(&logits) {
+            *t += (l - max).exp() / sum;
+        }
+    }
+    total
 }
 
 /// Indices of the `k` highest scores, ascending (ties go to the older block).
@@ -658,6 +726,55 @@ mod tests {
             top_k_with_neighbours(&scores, 9, 1),
             (0..6).collect::<Vec<_>>()
         );
+    }
+
+    #[test]
+    fn head_softmax_gives_every_kv_head_one_vote() {
+        // Three KV heads of width 1, three blocks. Head 0 favours block 0 by
+        // a wide margin; heads 1 and 2 favour block 2 by less. Summed dot
+        // products follow head 0; normalised, each head has one vote.
+        let representatives = [10.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 3.0, 3.0];
+        let query = [1.0, 1.0, 1.0];
+        assert_eq!(top_k(&block_scores(&representatives, &query), 1), vec![0]);
+        let scores = head_softmax_block_scores(&representatives, &query, 1, 1.0);
+        assert!(
+            (scores.iter().sum::<f32>() - 3.0).abs() < 1e-5,
+            "{scores:?}"
+        );
+        assert_eq!(top_k(&scores, 1), vec![2]);
+        // Written out for block 1.
+        let e = |x: f32| x.exp();
+        let expected = 1.0 / (e(10.0) + 2.0) + 2.0 / (2.0 + e(3.0));
+        assert!((scores[1] - expected).abs() < 1e-6, "{scores:?}");
+    }
+
+    #[test]
+    fn token_max_scores_take_each_blocks_best_token() {
+        // 20 blocks of 3 tokens (two slabs), 2 KV heads of size 4.
+        let (blocks, bs, kv_heads, d) = (20, 3, 2, 4);
+        let keys = random((1, kv_heads, blocks * bs, d), 5, 1.0);
+        let mut store = BlockStore::default();
+        for b in 0..blocks {
+            let k = keys.narrow(2, b * bs, bs).unwrap();
+            store.push(&k, &k).unwrap();
+        }
+        let q = random((1, 1, kv_heads, d), 6, 1.0)
+            .reshape((kv_heads, d))
+            .unwrap();
+        let got = store.token_max_scores(&q).unwrap();
+        let k = keys.squeeze(0).unwrap().to_vec3::<f32>().unwrap();
+        let q = q.to_vec2::<f32>().unwrap();
+        let expected: Vec<f32> = (0..blocks)
+            .map(|b| {
+                (b * bs..(b + 1) * bs)
+                    .map(|t| (0..kv_heads).map(|g| dot(&q[g], &k[g][t])).sum::<f32>())
+                    .fold(f32::NEG_INFINITY, f32::max)
+            })
+            .collect();
+        assert_eq!(got.len(), blocks);
+        for (a, b) in got.iter().zip(&expected) {
+            assert!((a - b).abs() < 1e-5, "{got:?} vs {expected:?}");
+        }
     }
 
     #[test]
@@ -877,13 +994,17 @@ mod tests {
 
     #[test]
     fn selective_retrieval_matches_the_written_out_reference() {
-        for (positions, neighbours) in [
-            (Positions::Fixed, 0),
-            (Positions::Ordered, 0),
-            (Positions::Fixed, 1),
-            (Positions::Ordered, 1),
+        for (positions, neighbours, scoring) in [
+            (Positions::Fixed, 0, Scoring::Dot),
+            (Positions::Ordered, 0, Scoring::Dot),
+            (Positions::Fixed, 1, Scoring::Dot),
+            (Positions::Ordered, 1, Scoring::HeadSoftmax),
+            (Positions::Fixed, 0, Scoring::TokenMax),
         ] {
-            let config = selective_config(positions, neighbours);
+            let config = QllmConfig {
+                scoring,
+                ..selective_config(positions, neighbours)
+            };
             let (diff, selective) = compare_with_reference(&config);
             assert!(
                 selective,

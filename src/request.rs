@@ -20,10 +20,10 @@ use std::sync::Arc;
 use mistralrs_core::{MistralRs, NormalRequest, Request, RequestMessage, Response, SamplingParams};
 use serde::Deserialize;
 
-use crate::config::{question_weight, size, Mode, Positions, Preset, QllmConfig};
+use crate::config::{question_weight, size, Mode, Positions, Preset, QllmConfig, Scoring};
 use crate::error::{Error, Result};
 use crate::eval::tokenize_with;
-use crate::hook::{QllmHook, RequestPlan};
+use crate::hook::{Needle, QllmHook, RequestPlan};
 
 /// Longest question taken from a message by [`find_question`], in bytes.
 /// The hook also keeps at most `n_local` of its tokens.
@@ -52,11 +52,17 @@ pub struct RequestOptions {
     pub positions: Option<Positions>,
     /// Neighbour blocks attended with each retrieved block.
     pub neighbours: Option<i64>,
+    /// How blocks are ranked (`dot`, `head_softmax`).
+    pub scoring: Option<Scoring>,
     /// The question; overrides the one found in the prompt.
     pub question: Option<String>,
     /// Debug: a passage of the prompt to trace; the response's report then
     /// says, per layer, whether the memory blocks holding it were retrieved.
     pub needle: Option<String>,
+    /// Debug, from Rust callers that know it: the token span to trace,
+    /// instead of `needle`'s text.
+    #[serde(skip)]
+    pub needle_span: Option<std::ops::Range<usize>>,
 }
 
 impl RequestOptions {
@@ -79,6 +85,9 @@ impl RequestOptions {
         config.question_weight = question_weight(self.question_weight, config.question_weight)?;
         if let Some(positions) = self.positions {
             config.positions = positions;
+        }
+        if let Some(scoring) = self.scoring {
+            config.scoring = scoring;
         }
         config.neighbours = size("neighbours", self.neighbours, config.neighbours, 0)?;
         for (key, text) in [("question", &self.question), ("needle", &self.needle)] {
@@ -310,9 +319,10 @@ pub async fn prepare(
         hook: hook.clone(),
         request_id: request.id,
     };
-    let needle = match &options.needle {
-        Some(text) => Some(tokenize_with(mistralrs, text, false).await?),
-        None => None,
+    let needle = match (&options.needle_span, &options.needle) {
+        (Some(span), _) => Some(Needle::Span(span.clone())),
+        (None, Some(text)) => Some(Needle::Tokens(tokenize_with(mistralrs, text, false).await?)),
+        (None, None) => None,
     };
     let plan = RequestPlan {
         config,

@@ -442,7 +442,7 @@ fn run_plan(
         let question = tokenizer.encode(&prompt.question)?;
         let options = RequestOptions {
             question: Some(prompt.question.clone()),
-            needle: Some(prompt.needle.clone()),
+            needle_span: Some(prompt.needle_token..prompt.needle_end),
             ..RequestOptions::default()
         };
         for mode in modes {

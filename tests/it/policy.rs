@@ -25,6 +25,7 @@ fn small_config(mode: Mode) -> QllmConfig {
         repr_topk: 2,
         question_weight: 1.0,
         positions: qllm::Positions::Fixed,
+        scoring: qllm::Scoring::Dot,
         neighbours: 0,
         prefill_chunk_size: 64,
         max_context_len: 1 << 20,
