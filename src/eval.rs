@@ -758,7 +758,7 @@ fn build_spec(
                     .take(max_units)
                     .cloned()
                     .collect(),
-                needles: vec![(format!(" {} ", fact.sentence), 0.0)],
+                needles: vec![(format!(" {}", fact.sentence), 0.0)],
                 tail: format!(
                     "\n\nAnswer the question using the text above.\nQuestion: {}\nAnswer: {}",
                     fact.question, fact.answer_prefix
