@@ -12,17 +12,10 @@ use mistralrs_core::ModelDType;
 use qllm::{QllmConfig, QllmHook};
 
 use crate::engine::{engine_lock, generate_tokens, load_gguf, max_abs_diff, runtime};
-use crate::tiny::{self, Arch};
+use crate::tiny::{self, prompt, Arch};
 
 const DECODE_STEPS: usize = 8;
 const EOS: u32 = 2;
-
-fn prompt(len: u32, salt: u32) -> Vec<u32> {
-    let vocab = tiny::vocab_size() as u32;
-    (0..len)
-        .map(|i| 3 + (i * 37 + salt * 11 + i * i % 7) % (vocab - 3))
-        .collect()
-}
 
 /// Logits of each prompt (run one after the other) with `hook` installed.
 fn logits(

@@ -15,17 +15,10 @@ use mistralrs_core::ModelDType;
 use qllm::{LayerStats, Mode, QllmConfig, QllmHook};
 
 use crate::engine::{engine_lock, generate_tokens, load_gguf, max_abs_diff, runtime};
-use crate::tiny;
+use crate::tiny::{self, prompt};
 
 const DECODE_STEPS: usize = 16;
 const EOS: u32 = 2;
-
-fn prompt(len: u32, salt: u32) -> Vec<u32> {
-    let vocab = tiny::vocab_size() as u32;
-    (0..len)
-        .map(|i| 3 + (i * 37 + salt * 11 + i * i % 7) % (vocab - 3))
-        .collect()
-}
 
 /// Logits of the prompt step and `DECODE_STEPS` decode steps of each prompt,
 /// run one after the other with `hook` installed. The hook stays installed

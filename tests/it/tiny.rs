@@ -43,6 +43,15 @@ pub fn vocab_size() -> usize {
     vocab().len()
 }
 
+/// A deterministic token prompt of `len` tokens over the words and bytes of
+/// the vocabulary (no special tokens).
+pub fn prompt(len: u32, salt: u32) -> Vec<u32> {
+    let vocab = vocab_size() as u32;
+    (0..len)
+        .map(|i| 3 + (i * 37 + salt * 11 + i * i % 7) % (vocab - 3))
+        .collect()
+}
+
 /// The GGUF architectures the hook is wired into.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Arch {
