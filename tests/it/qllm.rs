@@ -12,7 +12,7 @@ use mistralrs_core::attention_hook::{
     set_attention_hook, AttentionHook, AttentionHookCtx, HookModel, StepSequence,
 };
 use mistralrs_core::ModelDType;
-use qllm::{LayerStats, Mode, QllmConfig, QllmHook};
+use qllm::{LayerStats, Mode, Positions, QllmConfig, QllmHook, Scoring};
 
 use crate::engine::{engine_lock, generate_tokens, load_gguf, max_abs_diff, runtime};
 use crate::tiny::{self, prompt};
@@ -107,9 +107,18 @@ fn qllm_equals_dense_when_the_window_covers_the_sequence() {
         ..QllmConfig::dense()
     };
     let reference = logits_with(&file, Arc::new(QllmHook::new(dense)), &prompts, || true);
-    for mode in [Mode::Qllm, Mode::Streaming] {
+    let variants = [
+        (Mode::Qllm, Positions::Fixed, Scoring::Dot, 0),
+        (Mode::Streaming, Positions::Fixed, Scoring::Dot, 0),
+        (Mode::Qllm, Positions::Ordered, Scoring::HeadSoftmax, 1),
+        (Mode::Qllm, Positions::Ordered, Scoring::TokenMax, 0),
+    ];
+    for (mode, positions, scoring, neighbours) in variants {
         let config = QllmConfig {
             mode,
+            positions,
+            scoring,
+            neighbours,
             n_init: 4,
             n_local: 64,
             block_size: 8,
@@ -122,7 +131,10 @@ fn qllm_equals_dense_when_the_window_covers_the_sequence() {
         let hook = Recording::new(config);
         let got = logits_with(&file, hook.clone(), &prompts, || hook.settled());
         let diff = max_abs_diff(&reference, &got);
-        assert!(diff <= 1e-4, "{mode:?}: max abs logit difference {diff}");
+        assert!(
+            diff <= 1e-4,
+            "{mode:?} {positions} {scoring}: max abs logit difference {diff}"
+        );
         // The engine's own warm-up request ends too; ours are the long ones.
         let ended = hook.ended.lock().unwrap();
         let ours: Vec<_> = ended.iter().filter(|s| s[0].processed >= 45).collect();
