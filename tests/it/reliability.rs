@@ -439,3 +439,68 @@ fn concurrent_requests_answer_as_they_do_one_by_one() {
         }
     }
 }
+
+/// The `needle` extension through the server: the passage is found in the
+/// prompt, mapped to the block that holds it, and traced in every layer; the
+/// per-layer verdicts agree with the counts and with the blocks the
+/// response reports as retrieved.
+#[test]
+fn a_needle_passage_is_traced_per_layer() {
+    let tiny = serve_tiny(&[], &[]);
+    // The tiny vocabulary's words repeat with a period of 64; letters
+    // outside it (byte tokens) make the passage unique.
+    let words = prompt(1000);
+    let words: Vec<&str> = words.split(' ').collect();
+    let needle = "fox QZJ lazy QZK dog";
+    let text = format!(
+        "{} {needle} {}",
+        words[..300].join(" "),
+        words[300..].join(" ")
+    );
+    let mut body = json!({
+        "model": "default",
+        "prompt": text,
+        "max_tokens": 2,
+        "temperature": 0,
+        "qllm": {"needle": needle},
+    });
+    let (status, reply) = complete(tiny.port, &body);
+    assert_eq!(status, 200, "{reply}");
+    let report = json_of(&reply)["qllm"].clone();
+    let traced = &report["needle"];
+    // One token per word before it; its edges may merge with neighbours.
+    let span = |i: usize| traced["span"][i].as_u64().unwrap() as usize;
+    let (start, end) = (span(0), span(1));
+    assert!((299..=301).contains(&start) && end > start + 5, "{traced}");
+    // `512` preset: 128 sinks, blocks of 64.
+    let blocks: Vec<usize> = ((start - 128) / 64..=(end - 1 - 128) / 64).collect();
+    assert_eq!(traced["blocks"], json!(blocks), "{traced}");
+    assert_eq!(traced["layers"], tiny::SHAPE.layers, "{traced}");
+    let first_decode = traced["per_layer_first_decode"].as_str().unwrap();
+    assert_eq!(first_decode.len(), tiny::SHAPE.layers, "{traced}");
+    let whole = first_decode.chars().filter(|&c| c == '+').count();
+    assert_eq!(traced["at_decode"][0], whole, "{traced}");
+    let retrieved: Vec<u64> = report["retrieved_blocks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|b| b.as_u64().unwrap())
+        .collect();
+    let all_retrieved = blocks.iter().all(|b| retrieved.contains(&(*b as u64)));
+    assert_eq!(whole > 0, all_retrieved, "{report}");
+    // Ranks are reported for every layer once the needle's block exists.
+    assert!(
+        traced["ranks_at_first_decode"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|r| r.as_u64().is_some_and(|r| r < 20)),
+        "{traced}"
+    );
+
+    // A passage that is not in the prompt is not traced.
+    body["qllm"] = json!({"needle": "zebra quokka narwhal"});
+    let (status, reply) = complete(tiny.port, &body);
+    assert_eq!(status, 200, "{reply}");
+    assert!(json_of(&reply)["qllm"].get("needle").is_none(), "{reply}");
+}
