@@ -200,7 +200,8 @@ impl QllmHook {
 
     /// Sets the question (as tokens) for requests whose prompt is read from
     /// now on; `None` clears it. The question is looked up in each prompt
-    /// (last occurrence; tokenisation at its edges may differ, so its inner
+    /// (its first occurrence if that ends within `n_init + n_local` tokens,
+    /// else its last; tokenisation at its edges may differ, so its inner
     /// tokens are matched when the whole does not). Q-LLM captures the
     /// question vector once the span has been read; a question of more than
     /// `n_local` tokens is cut to its last `n_local`.
@@ -410,7 +411,14 @@ impl QllmHook {
             );
             return None;
         };
-        let Some(span) = find_question_span(seq.tokens, &question) else {
+        // The paper's layout asks before and after the document: the early
+        // copy, read before any retrieval, is captured in line; otherwise
+        // the last (question last, the usual layout).
+        let n_read_in_time = state.config.n_init + state.config.n_local;
+        let span = find_span(seq.tokens, &question, Occurrence::First)
+            .filter(|early| early.end <= n_read_in_time)
+            .or_else(|| find_question_span(seq.tokens, &question));
+        let Some(span) = span else {
             tracing::warn!(
                 "qllm: sequence {}: the question ({} tokens) is not in the prompt{}",
                 seq.seq_id,
@@ -612,18 +620,37 @@ fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
 /// occur, the last occurrence of its inner tokens, widened by one token on
 /// each side (its first and last tokens may merge with their neighbours).
 pub fn find_question_span(tokens: &[u32], question: &[u32]) -> Option<Range<usize>> {
-    let last = |needle: &[u32]| -> Option<usize> {
+    find_span(tokens, question, Occurrence::Last)
+}
+
+/// Which occurrence of a span [`find_span`] returns.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Occurrence {
+    /// The first.
+    First,
+    /// The last.
+    Last,
+}
+
+/// `question` in `tokens` as [`find_question_span`] finds it, at the first
+/// or the last occurrence.
+pub fn find_span(tokens: &[u32], question: &[u32], which: Occurrence) -> Option<Range<usize>> {
+    let find = |needle: &[u32]| -> Option<usize> {
         if needle.is_empty() || needle.len() > tokens.len() {
             return None;
         }
-        tokens.windows(needle.len()).rposition(|w| w == needle)
+        let mut windows = tokens.windows(needle.len());
+        match which {
+            Occurrence::First => windows.position(|w| w == needle),
+            Occurrence::Last => windows.rposition(|w| w == needle),
+        }
     };
-    if let Some(at) = last(question) {
+    if let Some(at) = find(question) {
         return Some(at..at + question.len());
     }
     if question.len() > 2 {
         let inner = &question[1..question.len() - 1];
-        if let Some(at) = last(inner) {
+        if let Some(at) = find(inner) {
             return Some(at.saturating_sub(1)..(at + inner.len() + 1).min(tokens.len()));
         }
     }
@@ -865,6 +892,14 @@ mod tests {
         // Edges tokenised differently in context: matched by the inner tokens.
         assert_eq!(find_question_span(&prompt, &[8, 2, 3, 6]), Some(6..10));
         assert_eq!(find_question_span(&prompt, &[8, 8, 8]), None);
+        assert_eq!(
+            find_span(&prompt, &[1, 2, 3, 4], Occurrence::First),
+            Some(1..5)
+        );
+        assert_eq!(
+            find_span(&prompt, &[8, 2, 3, 6], Occurrence::First),
+            Some(1..5)
+        );
         assert_eq!(find_question_span(&prompt, &[]), None);
     }
 

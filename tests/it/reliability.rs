@@ -504,3 +504,42 @@ fn a_needle_passage_is_traced_per_layer() {
     assert_eq!(status, 200, "{reply}");
     assert!(json_of(&reply)["qllm"].get("needle").is_none(), "{reply}");
 }
+
+/// With the question both before and after the document (the paper's
+/// layout), the early copy is the one used: read before any retrieval and
+/// captured in line, as the paper does; asked only last, the last copy,
+/// from the probe.
+#[test]
+fn a_question_asked_first_and_last_is_read_in_line_from_its_first_copy() {
+    let tiny = serve_tiny(&[], &[]);
+    let question = "the lazy dog jumps over the fox?";
+    for (text, span_before, vectors) in [
+        (
+            format!("{question}\n\n{}\n\n{question}", prompt(900)),
+            20,
+            "in line",
+        ),
+        (
+            format!("{}\n\n{question}", prompt(900)),
+            usize::MAX,
+            "probe",
+        ),
+    ] {
+        let body = json!({
+            "model": "default",
+            "prompt": text,
+            "max_tokens": 2,
+            "temperature": 0,
+        });
+        let (status, reply) = complete(tiny.port, &body);
+        assert_eq!(status, 200, "{reply}");
+        let report = json_of(&reply)["qllm"].clone();
+        assert_eq!(report["question_vectors"], vectors, "{report}");
+        let start = report["question_span"][0].as_u64().unwrap() as usize;
+        if span_before == usize::MAX {
+            assert!(start > 800, "{report}");
+        } else {
+            assert!(start < span_before, "{report}");
+        }
+    }
+}
