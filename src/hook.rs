@@ -97,8 +97,8 @@ struct SeqState {
     question: Option<Range<usize>>,
     /// Whether the prompt was searched for the question.
     question_searched: bool,
-    /// The span to trace, from the request.
-    needle_tokens: Option<Needle>,
+    /// The span the request asked to trace, until it is looked up.
+    needle_asked: Option<Needle>,
     /// The trace, once the span was found in the prompt.
     needle: Option<NeedleTrace>,
 }
@@ -122,7 +122,7 @@ impl SeqState {
             prompt_len: 0,
             question: None,
             question_searched: false,
-            needle_tokens: None,
+            needle_asked: None,
             needle: None,
         }
     }
@@ -483,7 +483,7 @@ impl QllmHook {
 
     /// Finds the traced span in the prompt, if the request asked for one.
     fn start_needle_trace(seq: &StepSequence<'_>, state: &mut SeqState) {
-        let Some(needle) = state.needle_tokens.take() else {
+        let Some(needle) = state.needle_asked.take() else {
             return;
         };
         let config = &state.config;
@@ -747,7 +747,7 @@ impl AttentionHook for QllmHook {
         if let Some(plan) = plan {
             lock(&self.started).insert(request_id);
             state.question_tokens = plan.question;
-            state.needle_tokens = plan.needle;
+            state.needle_asked = plan.needle;
             state.probe_for = plan.probe_for;
             if plan.probe_for.is_none() {
                 state.probed = lock(&self.probes).get(&request_id).cloned();

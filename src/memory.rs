@@ -12,10 +12,12 @@
 //! Keys are stored pre-RoPE. A query attends its last `n_local` tokens with
 //! exact relative positions (rotated within the window, so positions stay
 //! below `n_local + exc_block_size`) and, in the same softmax, the sinks,
-//! the retrieved blocks and older not-yet-blocked tokens, all at one fixed
-//! distance `n_local - 1`: the query is rotated once to position
-//! `n_local - 1` and the keys stay unrotated. Every past token is attended
-//! at most once.
+//! the retrieved blocks and older not-yet-blocked tokens: with `positions =
+//! fixed` (the paper's) all at one distance `n_local - 1` (the query is
+//! rotated once to position `n_local - 1`, the keys stay unrotated); with
+//! `ordered` at consecutive positions in document order, the window right
+//! after them. Blocks are ranked by `scoring` (see [`Scoring`]). Every past
+//! token is attended at most once.
 
 use std::collections::HashMap;
 use std::ops::Range;
