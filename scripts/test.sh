@@ -5,7 +5,7 @@ set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
 scripts/setup-mistralrs.sh
-scripts/fetch-assets.sh smollm2 qwen15b essays hotpotqa
+scripts/fetch-assets.sh smollm2 qwen15b essays hotpotqa jargon
 cargo fmt -p qllm --check
 # Tests run in release: the CLI build and the test build share one build of
 # mistral.rs, and model runs in debug builds are far too slow.

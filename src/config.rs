@@ -104,6 +104,13 @@ pub enum Scoring {
     /// every stored key per retrieval, so it costs in proportion to the
     /// context.
     TokenMax,
+    /// The share of attention full attention would give each block: per
+    /// query head, a softmax over every stored key of the execution block's
+    /// mean query (and, as a second row weighted by `question_weight`, of
+    /// the question vector), summed over the block's tokens, then over
+    /// heads. Every head spends one unit, whatever its logits' scale. Reads
+    /// every stored key per retrieval, like `token_max`.
+    AttentionMass,
 }
 
 impl FromStr for Scoring {
@@ -119,6 +126,38 @@ impl std::fmt::Display for Scoring {
             Scoring::Dot => "dot",
             Scoring::HeadSoftmax => "head_softmax",
             Scoring::TokenMax => "token_max",
+            Scoring::AttentionMass => "attention_mass",
+        })
+    }
+}
+
+/// Which heads share a retrieval.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Deserialize, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Selection {
+    /// The paper's: one set of `topk` blocks per layer, scored over all
+    /// heads together.
+    #[default]
+    Shared,
+    /// Every KV head ranks the blocks by its own query heads' scores and
+    /// attends its own `topk` (as TokenSelect and InfiniteHiP select per
+    /// head): a block that matters to a few heads is not outvoted by the
+    /// rest. Same budget per head, so the same attention cost.
+    PerKvHead,
+}
+
+impl FromStr for Selection {
+    type Err = String;
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        from_config_str(s)
+    }
+}
+
+impl std::fmt::Display for Selection {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Selection::Shared => "shared",
+            Selection::PerKvHead => "per_kv_head",
         })
     }
 }
@@ -207,6 +246,8 @@ pub struct QllmConfig {
     pub positions: Positions,
     /// How blocks are ranked for retrieval.
     pub scoring: Scoring,
+    /// Whether the KV heads share one retrieval or make their own.
+    pub selection: Selection,
     /// Blocks after each retrieved block attended with it (EM-LLM's
     /// contiguity), within the same `topk` budget: a fact cut by a block
     /// boundary is read whole.
@@ -266,6 +307,7 @@ impl QllmConfig {
             question_weight: 1.0,
             positions: Positions::Fixed,
             scoring: Scoring::Dot,
+            selection: Selection::Shared,
             neighbours: 0,
             prefill_chunk_size: 512,
             max_context_len: 1 << 20,
@@ -381,6 +423,8 @@ pub struct ConfigFile {
     pub positions: Option<Positions>,
     /// See [`QllmConfig::scoring`].
     pub scoring: Option<Scoring>,
+    /// See [`QllmConfig::selection`].
+    pub selection: Option<Selection>,
     /// See [`QllmConfig::neighbours`].
     pub neighbours: Option<i64>,
     /// See [`QllmConfig::prefill_chunk_size`].
@@ -429,6 +473,7 @@ impl ConfigFile {
             question_weight,
             positions: self.positions.unwrap_or(base.positions),
             scoring: self.scoring.unwrap_or(base.scoring),
+            selection: self.selection.unwrap_or(base.selection),
             neighbours: size("neighbours", self.neighbours, base.neighbours, 0)?,
             prefill_chunk_size: size(
                 "prefill_chunk_size",
@@ -641,8 +686,14 @@ mod tests {
         // 1k preset: 128 sinks + 9 blocks of 64 + 2 x 512 + 512.
         assert_eq!(config.positions_needed(), 128 + 9 * 64 + 1024 + 512);
         assert_eq!(QllmConfig::default().positions_needed(), 512 + 512 - 1);
-        let config = parse("scoring = \"head_softmax\"").unwrap();
-        assert_eq!(config.scoring, Scoring::HeadSoftmax);
+        let config = parse("scoring = \"attention_mass\"\nselection = \"per_kv_head\"").unwrap();
+        assert_eq!(
+            (config.scoring, config.selection),
+            (Scoring::AttentionMass, Selection::PerKvHead)
+        );
+        assert!(parse("selection = \"per_head\"")
+            .unwrap_err()
+            .contains("per_head"));
         assert!(parse("scoring = \"cosine\"")
             .unwrap_err()
             .contains("cosine"));

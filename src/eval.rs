@@ -215,11 +215,13 @@ pub enum Task {
     /// One invented, self-contained sentence (a person and a place, a year,
     /// an object or a number) in the essays, asked about in plain words.
     Fact,
+    /// The same fact in the Jargon File instead of the essays.
+    FactJargon,
 }
 
 impl Task {
     /// Every task, in a fixed order.
-    pub const ALL: [Task; 7] = [
+    pub const ALL: [Task; 8] = [
         Task::Passkey,
         Task::Number,
         Task::KvRetrieval,
@@ -227,6 +229,7 @@ impl Task {
         Task::NiahMultikey,
         Task::Hotpotqa,
         Task::Fact,
+        Task::FactJargon,
     ];
 
     /// The task's name, as on the command line and in results.
@@ -239,12 +242,18 @@ impl Task {
             Task::NiahMultikey => "niah_multikey",
             Task::Hotpotqa => "hotpotqa",
             Task::Fact => "fact",
+            Task::FactJargon => "fact_jargon",
         }
     }
 
     /// Whether the task reads Paul Graham's essays.
     pub fn needs_essays(self) -> bool {
         matches!(self, Task::NiahSingle | Task::NiahMultikey | Task::Fact)
+    }
+
+    /// Whether the task reads the Jargon File.
+    pub fn needs_jargon(self) -> bool {
+        self == Task::FactJargon
     }
 }
 
@@ -291,16 +300,34 @@ pub struct HotpotItem {
 pub struct Corpus {
     /// Paul Graham's essays, split into haystack units.
     essay_units: Vec<String>,
+    /// The Jargon File's entries and appendices, split the same way.
+    jargon_units: Vec<String>,
     /// HotpotQA questions whose answer is not yes or no.
     hotpot: Vec<HotpotItem>,
 }
 
 impl Corpus {
-    /// Loads the essays (`essays_dir/*.txt`, in name order) if `essays` and
-    /// the HotpotQA file if `hotpot`; errors name the missing file and the
-    /// command that fetches it.
-    pub fn load(assets: &Path, essays: bool, hotpot: bool) -> Result<Self> {
+    /// Loads the essays (`essays_dir/*.txt`, in name order) if `essays`,
+    /// the HotpotQA file if `hotpot` and the Jargon File if `jargon`; errors
+    /// name the missing file and the command that fetches it.
+    pub fn load(assets: &Path, essays: bool, hotpot: bool, jargon: bool) -> Result<Self> {
         let mut corpus = Corpus::default();
+        if jargon {
+            let path = assets.join("jargon.txt");
+            let text = std::fs::read_to_string(&path).map_err(|e| {
+                Error::Eval(format!(
+                    "cannot read {}: {e} (run scripts/fetch-assets.sh jargon)",
+                    path.display()
+                ))
+            })?;
+            corpus.jargon_units = jargon_units(&text);
+            if corpus.jargon_units.is_empty() {
+                return Err(Error::Eval(format!(
+                    "no glossary entries in {}",
+                    path.display()
+                )));
+            }
+        }
         if essays {
             let dir = assets.join("PaulGrahamEssays");
             let missing = |e: std::io::Error| {
@@ -343,10 +370,12 @@ impl Corpus {
         Ok(corpus)
     }
 
-    /// A corpus from given essay text and HotpotQA items, for tests.
-    pub fn from_parts(essays: &str, hotpot: Vec<HotpotItem>) -> Self {
+    /// A corpus from given prose (as both haystacks) and HotpotQA items,
+    /// for tests.
+    pub fn from_parts(prose: &str, hotpot: Vec<HotpotItem>) -> Self {
         Corpus {
-            essay_units: split_units(essays),
+            essay_units: split_units(prose),
+            jargon_units: split_units(prose),
             hotpot,
         }
     }
@@ -737,21 +766,26 @@ fn build_spec(
                 cut_last_unit: true,
             }
         }
-        Task::Fact => {
-            if corpus.essay_units.is_empty() {
-                return Err(Error::Eval(
-                    "fact needs the essays (run scripts/fetch-assets.sh essays)".into(),
-                ));
+        Task::Fact | Task::FactJargon => {
+            let (haystack, asset) = if task == Task::Fact {
+                (&corpus.essay_units, "essays")
+            } else {
+                (&corpus.jargon_units, "jargon")
+            };
+            if haystack.is_empty() {
+                return Err(Error::Eval(format!(
+                    "{} needs the {asset} (run scripts/fetch-assets.sh {asset})",
+                    task.name()
+                )));
             }
             let fact = invented_fact(rng);
-            let start = rng.below(corpus.essay_units.len());
+            let start = rng.below(haystack.len());
             Spec {
                 head: format!(
                     "Read the following text carefully. A question about it follows.\n\n{}",
                     ask_first(&fact.question)
                 ),
-                units: corpus
-                    .essay_units
+                units: haystack
                     .iter()
                     .cycle()
                     .skip(start)
@@ -987,6 +1021,15 @@ fn fill_with_partial_unit(
 
 /// Splits prose into haystack units: sentences, long ones cut at spaces so
 /// a needle can sit within about 30 tokens of any position.
+/// The Jargon File's glossary and appendices (from its first entry on),
+/// cross-reference braces removed, split into units.
+fn jargon_units(text: &str) -> Vec<String> {
+    let Some(first_entry) = text.find("\n   :") else {
+        return Vec::new();
+    };
+    split_units(&text[first_entry..].replace(['{', '}'], ""))
+}
+
 fn split_units(text: &str) -> Vec<String> {
     const MAX: usize = 160;
     let text = text.split_whitespace().collect::<Vec<_>>().join(" ");
@@ -1197,5 +1240,14 @@ mod tests {
         assert_eq!(units[0], "Short one.");
         assert!(units.iter().all(|u| u.len() <= 160));
         assert_eq!(units.concat().split_whitespace().count(), 103);
+    }
+
+    #[test]
+    fn the_jargon_file_starts_at_its_first_entry_without_braces() {
+        let text = "The Jargon File\n\nFront matter.\n\n   :cruft: n.\n\n   \
+                    Excess; see {kluge}. More text.\n";
+        let units = jargon_units(text);
+        assert_eq!(units, [":cruft: n.", " Excess; see kluge.", " More text."]);
+        assert!(jargon_units("no entries here").is_empty());
     }
 }

@@ -26,7 +26,7 @@ use std::sync::Mutex;
 use candle_core::{DType, Device, Result, Tensor};
 use mistralrs_core::layers::RotaryEmbedding;
 
-use crate::config::{Mode, Positions, QllmConfig, Scoring};
+use crate::config::{Mode, Positions, QllmConfig, Scoring, Selection};
 use crate::kv::KvBuffer;
 use crate::rope::{positions, rotate_f32};
 
@@ -79,12 +79,10 @@ impl BlockStore {
         Ok((ks.narrow(2, at, block_size)?, vs.narrow(2, at, block_size)?))
     }
 
-    /// Per block, the highest `q · k` over its tokens, where `q` is
-    /// `(kv_heads, d)` f32 (each KV head's query heads summed) and the dot
-    /// product is summed over KV heads.
-    fn token_max_scores(&self, q: &Tensor) -> Result<Vec<f32>> {
-        let q = q.unsqueeze(1)?;
-        let mut scores = Vec::with_capacity(self.len);
+    /// `q · k` with every stored key: `q` is `(kv_heads, m, d)` f32, the
+    /// result `(kv_heads, m, len * block_size)` f32, in block order.
+    fn token_logits(&self, q: &Tensor) -> Result<Tensor> {
+        let mut logits = Vec::with_capacity(self.slabs.len());
         for (i, (keys, _)) in self.slabs.iter().enumerate() {
             let filled = (self.len - i * SLAB_BLOCKS).min(SLAB_BLOCKS);
             let block_size = keys.dim(2)? / SLAB_BLOCKS;
@@ -92,13 +90,50 @@ impl BlockStore {
                 .narrow(2, 0, filled * block_size)?
                 .squeeze(0)?
                 .to_dtype(DType::F32)?;
-            let per_token = q
-                .matmul(&keys.t()?)?
-                .sum(0)?
-                .reshape((filled, block_size))?;
-            scores.extend(per_token.max(1)?.to_vec1::<f32>()?);
+            logits.push(q.matmul(&keys.t()?)?);
         }
-        Ok(scores)
+        Tensor::cat(&logits, 2)
+    }
+
+    /// Per block, the highest `q · k` over its tokens, where `q` is
+    /// `(kv_heads, d)` f32 (each KV head's query heads summed). One row per
+    /// KV head, or with `summed` one row of the dot products summed over KV
+    /// heads before the maximum is taken.
+    fn token_max_scores(&self, q: &Tensor, summed: bool) -> Result<Vec<Vec<f32>>> {
+        let mut logits = self.token_logits(&q.unsqueeze(1)?)?.squeeze(1)?;
+        if summed {
+            logits = logits.sum_keepdim(0)?;
+        }
+        let rows = logits.dim(0)?;
+        logits
+            .reshape((rows, self.len, ()))?
+            .max(2)?
+            .to_vec2::<f32>()
+    }
+
+    /// Per KV head and block, the attention the block would receive: `q` is
+    /// `(kv_heads, m, d)` f32, the `m` query rows of each KV head's query
+    /// heads; each row is softmax-normalised over every stored key (logits
+    /// times `scale`), its probabilities summed per block and weighted by
+    /// `weights[r % weights.len()]` (one weight per distinct query row),
+    /// then summed over the rows.
+    fn attention_mass_scores(
+        &self,
+        q: &Tensor,
+        weights: &[f32],
+        scale: f32,
+    ) -> Result<Vec<Vec<f32>>> {
+        let (kv_heads, m, _) = q.dims3()?;
+        let logits = (self.token_logits(q)? * f64::from(scale))?;
+        let probs = candle_nn::ops::softmax_last_dim(&logits)?;
+        let row_weights: Vec<f32> = (0..m).map(|r| weights[r % weights.len()]).collect();
+        let row_weights = Tensor::from_vec(row_weights, (1, m, 1), q.device())?;
+        probs
+            .broadcast_mul(&row_weights)?
+            .sum(1)?
+            .reshape((kv_heads, self.len, ()))?
+            .sum(2)?
+            .to_vec2::<f32>()
     }
 
     /// Bytes allocated, including the free slots of the last slab.
@@ -149,9 +184,14 @@ pub struct LayerMemory {
     /// Globally rotated queries of the question tokens seen so far,
     /// `(heads, t, d)` f32 pieces.
     question_queries: Vec<Tensor>,
+    /// Blocks retrieved at the latest execution block: one list, or one
+    /// per KV head with `per_kv_head` selection.
+    last_picks: Vec<Vec<usize>>,
+    /// Blocks retrieved by some head at the latest execution block.
     last_retrieved: Vec<usize>,
-    /// Retrieval score of every block at the latest execution block.
-    last_scores: Vec<f32>,
+    /// Retrieval score of every block at the latest execution block: one
+    /// row, or one per KV head with `per_kv_head` selection.
+    last_scores: Vec<Vec<f32>>,
 }
 
 /// Per-step inputs shared by all layers.
@@ -186,14 +226,16 @@ impl LayerMemory {
         }
     }
 
-    /// Block indices retrieved for the latest execution block, ascending.
+    /// Block indices retrieved for the latest execution block, ascending;
+    /// with `per_kv_head` selection, those some KV head retrieved.
     pub fn last_retrieved(&self) -> &[usize] {
         &self.last_retrieved
     }
 
-    /// Retrieval score of every block at the latest execution block (empty
-    /// when nothing was retrieved).
-    pub fn last_scores(&self) -> &[f32] {
+    /// Retrieval score of every block at the latest execution block: one
+    /// row, or one per KV head with `per_kv_head` selection (empty when
+    /// nothing was retrieved).
+    pub fn last_scores(&self) -> &[Vec<f32>] {
         &self.last_scores
     }
 
@@ -252,7 +294,8 @@ impl LayerMemory {
         let at_global = positions(std::iter::repeat_n(n_local - 1, e), device)?;
         let q_global = rotate_f32(args.rope, q, &at_global)?;
 
-        let retrieved = self.retrieve(config, &q_global, group)?;
+        self.retrieve(config, &q_global, group)?;
+        let retrieved = std::mem::take(&mut self.last_picks);
 
         // Keys in the window of some query of this block.
         let local_start = self.recent_start.max((p0 + 1).saturating_sub(n_local));
@@ -277,15 +320,40 @@ impl LayerMemory {
         if let Some((k, v)) = self.init.get()? {
             gather(&k, &v)?;
         }
-        for &b in &retrieved {
-            let (k, v) = self.blocks.get(b)?;
-            gather(&k, &v)?;
+        let per_head_count = retrieved.first().map_or(0, Vec::len);
+        match retrieved.as_slice() {
+            [shared] => {
+                for &b in shared {
+                    let (k, v) = self.blocks.get(b)?;
+                    gather(&k, &v)?;
+                }
+            }
+            per_head if per_head_count > 0 => {
+                // Each KV head's own blocks, side by side along the head axis.
+                let (mut heads_k, mut heads_v) = (Vec::new(), Vec::new());
+                for (h, picks) in per_head.iter().enumerate() {
+                    if picks.len() != per_head_count {
+                        candle_core::bail!("qllm: KV heads retrieved unequal block counts");
+                    }
+                    let (mut ks, mut vs) = (Vec::new(), Vec::new());
+                    for &b in picks {
+                        let (k, v) = self.blocks.get(b)?;
+                        ks.push(k.narrow(1, h, 1)?);
+                        vs.push(v.narrow(1, h, 1)?);
+                    }
+                    heads_k.push(Tensor::cat(&ks, 2)?);
+                    heads_v.push(Tensor::cat(&vs, 2)?);
+                }
+                gather(&Tensor::cat(&heads_k, 1)?, &Tensor::cat(&heads_v, 1)?)?;
+            }
+            _ => {}
         }
         if global_recent > 0 {
             let (k, v) = self.recent.range(0, global_recent)?;
             gather(&k, &v)?;
         }
-        let n_global = self.init.len() + retrieved.len() * config.block_size + global_recent;
+        let n_global = self.init.len() + per_head_count * config.block_size + global_recent;
+        self.last_picks = retrieved;
 
         // Positions. Fixed (the paper's): the window at `0..local_len`,
         // queries at their place in it; memory keys unrotated and queries at
@@ -383,44 +451,75 @@ impl LayerMemory {
     }
 
     /// Picks the blocks for the execution block whose globally rotated
-    /// queries are `q_global` (`(1, heads, e, d)` f32).
-    fn retrieve(
-        &mut self,
-        config: &QllmConfig,
-        q_global: &Tensor,
-        group: usize,
-    ) -> Result<Vec<usize>> {
+    /// queries are `q_global` (`(1, heads, e, d)` f32) into `last_picks`:
+    /// one list for all heads (`shared` selection) or one per KV head
+    /// (`per_kv_head`), all of the same length, each ascending.
+    fn retrieve(&mut self, config: &QllmConfig, q_global: &Tensor, group: usize) -> Result<()> {
         self.last_retrieved.clear();
         self.last_scores.clear();
+        self.last_picks.clear();
         if !config.mode.keeps_blocks() || self.blocks.is_empty() || config.topk == 0 {
-            return Ok(Vec::new());
+            return Ok(());
         }
+        let per_head = config.selection == Selection::PerKvHead;
+        let (heads, d) = (q_global.dim(1)?, q_global.dim(3)?);
+        let question = match (config.mode.uses_question(), &self.question) {
+            (true, Some(question)) if config.question_weight > 0.0 => Some(question),
+            _ => None,
+        };
         let mut query = q_global.mean(2)?.flatten_all()?.to_vec1::<f32>()?;
-        if config.mode.uses_question() {
-            if let Some(question) = &self.question {
-                for (q, x) in query.iter_mut().zip(question) {
-                    *q += config.question_weight * x;
-                }
+        if let Some(question) = question {
+            for (q, x) in query.iter_mut().zip(question) {
+                *q += config.question_weight * x;
             }
         }
-        let d = q_global.dim(3)?;
+        #[allow(clippy::cast_precision_loss)] // a head size
+        let scale = 1.0 / (d as f32).sqrt();
         self.last_scores = match config.scoring {
-            Scoring::Dot => block_scores(&self.representatives, &query),
-            Scoring::HeadSoftmax => {
-                #[allow(clippy::cast_precision_loss)] // a head size
-                let scale = 1.0 / (d as f32).sqrt();
-                head_softmax_block_scores(&self.representatives, &query, d * group, scale)
+            // Per head, the softmax over blocks keeps the dot product's order.
+            Scoring::Dot | Scoring::HeadSoftmax if per_head => {
+                kv_head_block_scores(&self.representatives, &query, d * group)
             }
+            Scoring::Dot => vec![block_scores(&self.representatives, &query)],
+            Scoring::HeadSoftmax => vec![head_softmax_block_scores(
+                &self.representatives,
+                &query,
+                d * group,
+                scale,
+            )],
             Scoring::TokenMax => {
-                let heads = query.len() / d;
                 let q = Tensor::from_slice(&query, (heads / group, group, d), q_global.device())?
                     .sum(1)?;
-                self.blocks.token_max_scores(&q)?
+                self.blocks.token_max_scores(&q, !per_head)?
+            }
+            Scoring::AttentionMass => {
+                // The question is a row of its own, not added to the query.
+                let mut rows = vec![q_global.mean(2)?.squeeze(0)?];
+                let mut weights = vec![1.0];
+                if let Some(question) = question {
+                    rows.push(Tensor::from_slice(question, (heads, d), q_global.device())?);
+                    weights.push(config.question_weight);
+                }
+                let r = rows.len();
+                let q = Tensor::stack(&rows, 1)?.reshape((heads / group, group * r, d))?;
+                let per_kv_head = self.blocks.attention_mass_scores(&q, &weights, scale)?;
+                if per_head {
+                    per_kv_head
+                } else {
+                    vec![sum_rows(&per_kv_head)]
+                }
             }
         };
-        self.last_retrieved =
-            top_k_with_neighbours(&self.last_scores, config.topk, config.neighbours);
-        Ok(self.last_retrieved.clone())
+        let picks: Vec<Vec<usize>> = self
+            .last_scores
+            .iter()
+            .map(|scores| top_k_with_neighbours(scores, config.topk, config.neighbours))
+            .collect();
+        self.last_retrieved = picks.concat();
+        self.last_retrieved.sort_unstable();
+        self.last_retrieved.dedup();
+        self.last_picks = picks;
+        Ok(())
     }
 
     /// Collects the question's queries as they pass and, once the whole
@@ -555,6 +654,30 @@ pub fn block_scores(representatives: &[f32], query: &[f32]) -> Vec<f32> {
         .chunks_exact(query.len())
         .map(|row| dot(row, query))
         .collect()
+}
+
+/// Per KV head (a `width` slice of `heads * d`: its query heads together),
+/// the dot product of each block's representative with `query`.
+pub fn kv_head_block_scores(representatives: &[f32], query: &[f32], width: usize) -> Vec<Vec<f32>> {
+    query
+        .chunks_exact(width)
+        .enumerate()
+        .map(|(g, q)| {
+            representatives
+                .chunks_exact(query.len())
+                .map(|row| dot(&row[g * width..(g + 1) * width], q))
+                .collect()
+        })
+        .collect()
+}
+
+/// Element-wise sum of equally long rows.
+fn sum_rows(rows: &[Vec<f32>]) -> Vec<f32> {
+    let mut total = vec![0f32; rows.first().map_or(0, Vec::len)];
+    for row in rows {
+        total.iter_mut().zip(row).for_each(|(t, x)| *t += x);
+    }
+    total
 }
 
 /// Relevance of each block by TokenSelect's rule: per KV head (a `width`
@@ -763,19 +886,69 @@ mod tests {
         let q = random((1, 1, kv_heads, d), 6, 1.0)
             .reshape((kv_heads, d))
             .unwrap();
-        let got = store.token_max_scores(&q).unwrap();
+        let summed = store.token_max_scores(&q, true).unwrap();
+        let per_head = store.token_max_scores(&q, false).unwrap();
         let k = keys.squeeze(0).unwrap().to_vec3::<f32>().unwrap();
         let q = q.to_vec2::<f32>().unwrap();
-        let expected: Vec<f32> = (0..blocks)
-            .map(|b| {
-                (b * bs..(b + 1) * bs)
-                    .map(|t| (0..kv_heads).map(|g| dot(&q[g], &k[g][t])).sum::<f32>())
-                    .fold(f32::NEG_INFINITY, f32::max)
-            })
+        let best = |b: usize, score: &dyn Fn(usize) -> f32| {
+            (b * bs..(b + 1) * bs)
+                .map(score)
+                .fold(f32::NEG_INFINITY, f32::max)
+        };
+        let expected_summed: Vec<f32> = (0..blocks)
+            .map(|b| best(b, &|t| (0..kv_heads).map(|g| dot(&q[g], &k[g][t])).sum()))
             .collect();
-        assert_eq!(got.len(), blocks);
-        for (a, b) in got.iter().zip(&expected) {
-            assert!((a - b).abs() < 1e-5, "{got:?} vs {expected:?}");
+        assert_eq!((summed.len(), summed[0].len()), (1, blocks));
+        assert_close(&summed[0], &expected_summed, 1e-5);
+        assert_eq!(per_head.len(), kv_heads);
+        for (g, row) in per_head.iter().enumerate() {
+            let expected: Vec<f32> = (0..blocks)
+                .map(|b| best(b, &|t| dot(&q[g], &k[g][t])))
+                .collect();
+            assert_close(row, &expected, 1e-5);
+        }
+    }
+
+    fn assert_close(got: &[f32], expected: &[f32], tolerance: f32) {
+        assert_eq!(got.len(), expected.len());
+        for (a, b) in got.iter().zip(expected) {
+            assert!((a - b).abs() < tolerance, "{got:?} vs {expected:?}");
+        }
+    }
+
+    #[test]
+    fn attention_mass_is_each_rows_softmax_over_all_keys_summed_per_block() {
+        // 20 blocks of 3 tokens (two slabs), 2 KV heads of size 4, 4 query
+        // rows per KV head alternating between two weights.
+        let (blocks, bs, kv_heads, d, m) = (20, 3, 2, 4, 4);
+        let keys = random((1, kv_heads, blocks * bs, d), 7, 1.0);
+        let mut store = BlockStore::default();
+        for b in 0..blocks {
+            let k = keys.narrow(2, b * bs, bs).unwrap();
+            store.push(&k, &k).unwrap();
+        }
+        let q = random((1, kv_heads, m, d), 8, 2.0).squeeze(0).unwrap();
+        let (weights, scale) = ([1.0, 3.0], 0.5);
+        let got = store.attention_mass_scores(&q, &weights, scale).unwrap();
+        let k = keys.squeeze(0).unwrap().to_vec3::<f32>().unwrap();
+        let q = q.to_vec3::<f32>().unwrap();
+        assert_eq!(got.len(), kv_heads);
+        for g in 0..kv_heads {
+            let mut expected = vec![0f32; blocks];
+            for r in 0..m {
+                let logits: Vec<f32> = (0..blocks * bs)
+                    .map(|t| dot(&q[g][r], &k[g][t]) * scale)
+                    .collect();
+                let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+                let sum: f32 = logits.iter().map(|l| (l - max).exp()).sum();
+                for (t, l) in logits.iter().enumerate() {
+                    expected[t / bs] += weights[r % 2] * (l - max).exp() / sum;
+                }
+            }
+            assert_close(&got[g], &expected, 1e-5);
+            // Each row spends its weight once: 2 rows of weight 1, 2 of 3.
+            let total: f32 = got[g].iter().sum();
+            assert!((total - 8.0).abs() < 1e-4, "{total}");
         }
     }
 
@@ -802,12 +975,13 @@ mod tests {
     }
 
     /// Q-LLM's attention for one execution block, written out from the
-    /// method's definition given the blocks retrieved (`retrieved`, out of
-    /// `blocks` formed, `init` sinks held): query `pos` sees key `j <= pos`
-    /// exactly when `pos - j < n_local` (the window, at window positions),
-    /// or `j` is a sink, in a retrieved block, or not yet in any block.
-    /// Memory keys sit at distance `n_local - 1` (`Fixed`) or at their rank
-    /// among the execution block's memory keys (`Ordered`), with the window
+    /// method's definition given the blocks retrieved (`retrieved`: one list
+    /// for every head, or one per KV head; out of `blocks` formed, `init`
+    /// sinks held): query `pos` of KV head `g` sees key `j <= pos` exactly
+    /// when `pos - j < n_local` (the window, at window positions), or `j` is
+    /// a sink, in a block `g` retrieved, or not yet in any block. Memory
+    /// keys sit at distance `n_local - 1` (`Fixed`) or at their rank among
+    /// the execution block's memory keys of `g` (`Ordered`), with the window
     /// right after them.
     #[allow(clippy::too_many_arguments)]
     fn reference_attention(
@@ -819,7 +993,7 @@ mod tests {
         p0: usize,
         init: usize,
         blocks: usize,
-        retrieved: &[usize],
+        retrieved: &[Vec<usize>],
         softmax_scale: f32,
     ) -> Vec<f32> {
         let (_, heads, e, d) = q.dims4().unwrap();
@@ -828,16 +1002,28 @@ mod tests {
         let end = p0 + e;
         let (n_local, bs) = (config.n_local, config.block_size);
         let recent_start = init + blocks * bs;
-        let in_memory =
-            |j: usize| j < init || j >= recent_start || retrieved.contains(&((j - init) / bs));
-        // The execution block's memory keys: older than every query's window.
-        let memory: Vec<usize> = (0..end.saturating_sub(n_local))
-            .filter(|&j| in_memory(j))
+        let picks_of = |g: usize| -> &[usize] {
+            match retrieved {
+                [] => &[],
+                [shared] => shared,
+                per_head => &per_head[g],
+            }
+        };
+        let in_memory = |g: usize, j: usize| {
+            j < init || j >= recent_start || picks_of(g).contains(&((j - init) / bs))
+        };
+        // Each KV head's memory keys: older than every query's window.
+        let memory: Vec<Vec<usize>> = (0..kv_heads)
+            .map(|g| {
+                (0..end.saturating_sub(n_local))
+                    .filter(|&j| in_memory(g, j))
+                    .collect()
+            })
             .collect();
         let local_start = recent_start.max((p0 + 1).saturating_sub(n_local));
         let base = match config.positions {
             Positions::Fixed => 0,
-            Positions::Ordered => memory.len(),
+            Positions::Ordered => memory[0].len(),
         };
         let rows = |t: &Tensor| -> Vec<Vec<Vec<f32>>> {
             t.squeeze(0)
@@ -858,11 +1044,16 @@ mod tests {
                 .map(|j| base + j.saturating_sub(local_start))
                 .collect(),
         );
-        let k_ranked = key_at(
-            (0..n)
-                .map(|j| memory.iter().position(|&m| m == j).unwrap_or(0))
-                .collect(),
-        );
+        let k_ranked: Vec<Vec<Vec<f32>>> = (0..kv_heads)
+            .map(|g| {
+                key_at(
+                    (0..n)
+                        .map(|j| memory[g].iter().position(|&m| m == j).unwrap_or(0))
+                        .collect(),
+                )
+                .swap_remove(g)
+            })
+            .collect();
         let q_window = rows(
             &rotate_f32(
                 rope,
@@ -881,7 +1072,7 @@ mod tests {
                 for j in 0..=pos {
                     let score = if pos - j < n_local {
                         dot(&q_window[h][i], &k_window[g][j])
-                    } else if in_memory(j) {
+                    } else if in_memory(g, j) {
                         match config.positions {
                             Positions::Fixed => dot(&q_far[h][i], &raw[g][j]),
                             Positions::Ordered => dot(&q_window[h][i], &k_ranked[g][j]),
@@ -924,8 +1115,9 @@ mod tests {
     /// Runs 120 prompt tokens in execution blocks of 8, then 12 decode
     /// steps, through `LayerMemory` and the written-out reference, with
     /// `topk` 2 of up to 23 blocks; returns the largest difference and
-    /// whether retrieval was selective.
-    fn compare_with_reference(config: &QllmConfig) -> (f32, bool) {
+    /// whether retrieval was selective and whether KV heads ever retrieved
+    /// different blocks.
+    fn compare_with_reference(config: &QllmConfig) -> (f32, bool, bool) {
         let (heads, kv_heads, d) = (4, 2, 16);
         let rope = RotaryEmbedding::new(10000.0, d, 256, &Device::Cpu, true, DType::F32).unwrap();
         let masks = MaskCache::default();
@@ -941,7 +1133,7 @@ mod tests {
         let k_all = random((1, kv_heads, total, d), 2, 2.0);
         let v_all = random((1, kv_heads, total, d), 3, 1.0);
         let mut memory = LayerMemory::default();
-        let (mut worst, mut selective) = (0f32, false);
+        let (mut worst, mut selective, mut heads_differ) = (0f32, false, false);
         let mut p0 = 0;
         while p0 < total {
             let e = if p0 < 120 { 8 } else { 1 };
@@ -956,8 +1148,11 @@ mod tests {
                     &v_all.narrow(2, p0, e).unwrap(),
                 )
                 .unwrap();
-            let retrieved = memory.last_retrieved().to_vec();
-            selective |= blocks > retrieved.len() && !retrieved.is_empty();
+            let retrieved = memory.last_picks.clone();
+            selective |= retrieved
+                .first()
+                .is_some_and(|p| blocks > p.len() && !p.is_empty());
+            heads_differ |= retrieved.windows(2).any(|w| w[0] != w[1]);
             let expected = reference_attention(
                 config,
                 &rope,
@@ -977,7 +1172,7 @@ mod tests {
             masks.clear();
             p0 += e;
         }
-        (worst, selective)
+        (worst, selective, heads_differ)
     }
 
     fn selective_config(positions: Positions, neighbours: usize) -> QllmConfig {
@@ -996,26 +1191,33 @@ mod tests {
 
     #[test]
     fn selective_retrieval_matches_the_written_out_reference() {
-        for (positions, neighbours, scoring) in [
-            (Positions::Fixed, 0, Scoring::Dot),
-            (Positions::Ordered, 0, Scoring::Dot),
-            (Positions::Fixed, 1, Scoring::Dot),
-            (Positions::Ordered, 1, Scoring::HeadSoftmax),
-            (Positions::Fixed, 0, Scoring::TokenMax),
+        use Selection::{PerKvHead, Shared};
+        for (positions, neighbours, scoring, selection) in [
+            (Positions::Fixed, 0, Scoring::Dot, Shared),
+            (Positions::Ordered, 0, Scoring::Dot, Shared),
+            (Positions::Fixed, 1, Scoring::Dot, Shared),
+            (Positions::Ordered, 1, Scoring::HeadSoftmax, Shared),
+            (Positions::Fixed, 0, Scoring::TokenMax, Shared),
+            (Positions::Fixed, 0, Scoring::AttentionMass, Shared),
+            (Positions::Fixed, 0, Scoring::Dot, PerKvHead),
+            (Positions::Ordered, 1, Scoring::AttentionMass, PerKvHead),
+            (Positions::Fixed, 0, Scoring::TokenMax, PerKvHead),
         ] {
             let config = QllmConfig {
                 scoring,
+                selection,
                 ..selective_config(positions, neighbours)
             };
-            let (diff, selective) = compare_with_reference(&config);
-            assert!(
-                selective,
-                "{positions} {neighbours}: every block was retrieved"
+            let name = format!("{positions} {neighbours} {scoring} {selection}");
+            let (diff, selective, heads_differ) = compare_with_reference(&config);
+            assert!(selective, "{name}: every block was retrieved");
+            // Otherwise the per-head gather would go untested.
+            assert_eq!(
+                heads_differ,
+                selection == PerKvHead,
+                "{name}: KV heads retrieved different blocks"
             );
-            assert!(
-                diff <= 1e-4,
-                "{positions}, {neighbours} neighbours: max abs difference {diff}"
-            );
+            assert!(diff <= 1e-4, "{name}: max abs difference {diff}");
         }
     }
 
@@ -1029,8 +1231,8 @@ mod tests {
         let q = random((1, 4, 8, 16), 1, 2.0);
         let k = random((1, 2, 40, 16), 2, 2.0);
         let v = random((1, 2, 40, 16), 3, 1.0);
-        let a = reference_attention(&fixed, &rope, &q, &k, &v, 32, 4, 2, &[0], 0.25);
-        let b = reference_attention(&ordered, &rope, &q, &k, &v, 32, 4, 2, &[0], 0.25);
+        let a = reference_attention(&fixed, &rope, &q, &k, &v, 32, 4, 2, &[vec![0]], 0.25);
+        let b = reference_attention(&ordered, &rope, &q, &k, &v, 32, 4, 2, &[vec![0]], 0.25);
         let diff = a
             .iter()
             .zip(&b)

@@ -20,7 +20,9 @@ use std::sync::Arc;
 use mistralrs_core::{MistralRs, NormalRequest, Request, RequestMessage, Response, SamplingParams};
 use serde::Deserialize;
 
-use crate::config::{question_weight, size, Mode, Positions, Preset, QllmConfig, Scoring};
+use crate::config::{
+    question_weight, size, Mode, Positions, Preset, QllmConfig, Scoring, Selection,
+};
 use crate::error::{Error, Result};
 use crate::eval::tokenize_with;
 use crate::hook::{Needle, QllmHook, RequestPlan};
@@ -52,8 +54,11 @@ pub struct RequestOptions {
     pub positions: Option<Positions>,
     /// Neighbour blocks attended with each retrieved block.
     pub neighbours: Option<i64>,
-    /// How blocks are ranked (`dot`, `head_softmax`).
+    /// How blocks are ranked (`dot`, `head_softmax`, `token_max`,
+    /// `attention_mass`).
     pub scoring: Option<Scoring>,
+    /// Whether KV heads share a retrieval (`shared`, `per_kv_head`).
+    pub selection: Option<Selection>,
     /// The question; overrides the one found in the prompt.
     pub question: Option<String>,
     /// Debug: a passage of the prompt to trace; the response's report then
@@ -88,6 +93,9 @@ impl RequestOptions {
         }
         if let Some(scoring) = self.scoring {
             config.scoring = scoring;
+        }
+        if let Some(selection) = self.selection {
+            config.selection = selection;
         }
         config.neighbours = size("neighbours", self.neighbours, config.neighbours, 0)?;
         for (key, text) in [("question", &self.question), ("needle", &self.needle)] {
@@ -528,11 +536,17 @@ mod tests {
             preset: Some(Preset::Budget2k),
             topk: Some(3),
             question_weight: Some(2.0),
+            scoring: Some(Scoring::AttentionMass),
+            selection: Some(Selection::PerKvHead),
             ..Default::default()
         }
         .apply(&base)
         .unwrap();
         assert_eq!((tuned.n_local, tuned.topk), (1024, 3));
+        assert_eq!(
+            (tuned.scoring, tuned.selection),
+            (Scoring::AttentionMass, Selection::PerKvHead)
+        );
         assert!((tuned.question_weight - 2.0).abs() < f32::EPSILON);
         let err = RequestOptions {
             n_local: Some(64),

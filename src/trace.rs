@@ -64,14 +64,20 @@ pub fn sight(needle_blocks: &Range<usize>, retrieved: &[usize], blocks: usize) -
 }
 
 /// Rank (0 = best) of the needle's best-scoring formed block among all
-/// blocks, by `scores`; `None` before any of its blocks exists.
-pub fn rank(needle_blocks: &Range<usize>, scores: &[f32]) -> Option<usize> {
-    let best = needle_blocks
-        .clone()
-        .filter(|&b| b < scores.len())
-        .map(|b| scores[b])
-        .max_by(f32::total_cmp)?;
-    Some(scores.iter().filter(|&&s| s > best).count())
+/// blocks, by the row of `scores` (one per retrieval: shared, or per KV
+/// head) that ranks it best; `None` before any of its blocks exists.
+pub fn rank(needle_blocks: &Range<usize>, scores: &[Vec<f32>]) -> Option<usize> {
+    scores
+        .iter()
+        .filter_map(|row| {
+            let best = needle_blocks
+                .clone()
+                .filter(|&b| b < row.len())
+                .map(|b| row[b])
+                .max_by(f32::total_cmp)?;
+            Some(row.iter().filter(|&&s| s > best).count())
+        })
+        .min()
 }
 
 #[derive(Debug, Clone, Default)]
@@ -128,7 +134,7 @@ impl NeedleTrace {
         layer: usize,
         positions: Range<usize>,
         retrieved: &[usize],
-        scores: &[f32],
+        scores: &[Vec<f32>],
         blocks: usize,
     ) {
         if self.layers.len() <= layer {
@@ -275,9 +281,9 @@ mod tests {
                 let blocks = start.saturating_sub(20) / 8;
                 trace.observe(layer, start..start + 16, retrieved, &[], blocks);
             }
-            trace.observe(layer, 96..99, retrieved, &scores[layer], 9);
-            trace.observe(layer, 99..100, retrieved, &scores[layer], 9);
-            trace.observe(layer, 100..101, retrieved, &scores[layer], 9);
+            trace.observe(layer, 96..99, retrieved, &[scores[layer].to_vec()], 9);
+            trace.observe(layer, 99..100, retrieved, &[scores[layer].to_vec()], 9);
+            trace.observe(layer, 100..101, retrieved, &[scores[layer].to_vec()], 9);
         }
         let report = trace.report();
         assert_eq!(report.blocks, vec![2, 3]);

@@ -5,7 +5,7 @@
 //!
 //! ```text
 //! cargo run --release --example eval -- [--quick] [--model FILE.gguf]
-//!     [--tasks passkey,number,kv_retrieval,niah_single,niah_multikey,hotpotqa,fact]
+//!     [--tasks passkey,number,kv_retrieval,niah_single,niah_multikey,hotpotqa,fact,fact_jargon]
 //!     [--lengths 1024,4096] [--depths 0,0.5,1] [--modes qllm,infllm,streaming,dense]
 //!     [--samples 1] [--seed 1] [--question-first] [--preset 1k] [--config qllm.toml]
 //!     [--max-new-tokens 16] [--quantized-matmul] [--in-line-question]
@@ -326,6 +326,7 @@ fn main() -> Result<()> {
         &assets,
         args.tasks.iter().any(|t| t.needs_essays()),
         args.tasks.contains(&Task::Hotpotqa),
+        args.tasks.iter().any(|t| t.needs_jargon()),
     )?;
 
     // Every cell to run, grouped by prompt so the modes share one.

@@ -16,8 +16,8 @@ fn tasks_meet_length_and_depth_with_the_real_tokenizer() {
     let rt = runtime();
     let mistralrs = rt.block_on(load_gguf(&assets::smollm2(), ModelDType::F32));
     let tokenizer = EngineTokenizer::new(&mistralrs).unwrap();
-    let corpus = Corpus::load(&assets::root().join("assets"), true, true)
-        .expect("scripts/test.sh fetches the essays and HotpotQA");
+    let corpus = Corpus::load(&assets::root().join("assets"), true, true, true)
+        .expect("scripts/test.sh fetches the essays, HotpotQA and the Jargon File");
     for task in Task::ALL {
         for target in [4096, 8192] {
             for depth in [0.1, 0.5, 0.9] {

@@ -26,6 +26,7 @@ fn small_config(mode: Mode) -> QllmConfig {
         question_weight: 1.0,
         positions: qllm::Positions::Fixed,
         scoring: qllm::Scoring::Dot,
+        selection: qllm::Selection::Shared,
         neighbours: 0,
         prefill_chunk_size: 64,
         max_context_len: 1 << 20,

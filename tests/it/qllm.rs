@@ -12,7 +12,7 @@ use mistralrs_core::attention_hook::{
     set_attention_hook, AttentionHook, AttentionHookCtx, HookModel, StepSequence,
 };
 use mistralrs_core::ModelDType;
-use qllm::{LayerStats, Mode, Positions, QllmConfig, QllmHook, Scoring};
+use qllm::{LayerStats, Mode, Positions, QllmConfig, QllmHook, Scoring, Selection};
 
 use crate::engine::{engine_lock, generate_tokens, load_gguf, max_abs_diff, runtime};
 use crate::tiny::{self, prompt};
@@ -108,17 +108,49 @@ fn qllm_equals_dense_when_the_window_covers_the_sequence() {
     };
     let reference = logits_with(&file, Arc::new(QllmHook::new(dense)), &prompts, || true);
     let variants = [
-        (Mode::Qllm, Positions::Fixed, Scoring::Dot, 0),
-        (Mode::Streaming, Positions::Fixed, Scoring::Dot, 0),
-        (Mode::Qllm, Positions::Ordered, Scoring::HeadSoftmax, 1),
-        (Mode::Qllm, Positions::Ordered, Scoring::TokenMax, 0),
+        (
+            Mode::Qllm,
+            Positions::Fixed,
+            Scoring::Dot,
+            0,
+            Selection::Shared,
+        ),
+        (
+            Mode::Streaming,
+            Positions::Fixed,
+            Scoring::Dot,
+            0,
+            Selection::Shared,
+        ),
+        (
+            Mode::Qllm,
+            Positions::Ordered,
+            Scoring::HeadSoftmax,
+            1,
+            Selection::Shared,
+        ),
+        (
+            Mode::Qllm,
+            Positions::Ordered,
+            Scoring::TokenMax,
+            0,
+            Selection::Shared,
+        ),
+        (
+            Mode::Qllm,
+            Positions::Fixed,
+            Scoring::AttentionMass,
+            1,
+            Selection::PerKvHead,
+        ),
     ];
-    for (mode, positions, scoring, neighbours) in variants {
+    for (mode, positions, scoring, neighbours, selection) in variants {
         let config = QllmConfig {
             mode,
             positions,
             scoring,
             neighbours,
+            selection,
             n_init: 4,
             n_local: 64,
             block_size: 8,
@@ -133,7 +165,7 @@ fn qllm_equals_dense_when_the_window_covers_the_sequence() {
         let diff = max_abs_diff(&reference, &got);
         assert!(
             diff <= 1e-4,
-            "{mode:?} {positions} {scoring}: max abs logit difference {diff}"
+            "{mode:?} {positions} {scoring} {selection}: max abs logit difference {diff}"
         );
         // The engine's own warm-up request ends too; ours are the long ones.
         let ended = hook.ended.lock().unwrap();
