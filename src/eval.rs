@@ -1037,14 +1037,12 @@ fn split_units(text: &str) -> Vec<String> {
     for sentence in text.split_inclusive(['.', '?', '!']) {
         let mut rest = sentence;
         while rest.len() > MAX {
-            let cut = rest[..MAX]
-                .rfind(' ')
-                .filter(|&c| c > 0)
-                .unwrap_or_else(|| {
-                    (MAX..rest.len())
-                        .find(|&i| rest.is_char_boundary(i))
-                        .unwrap_or(rest.len())
-                });
+            // The last char boundary within `MAX` bytes: a char is at most 4.
+            let limit = (MAX - 3..=MAX)
+                .rev()
+                .find(|&i| rest.is_char_boundary(i))
+                .unwrap_or(MAX);
+            let cut = rest[..limit].rfind(' ').filter(|&c| c > 0).unwrap_or(limit);
             units.push(rest[..cut].to_string());
             rest = &rest[cut..];
         }
@@ -1240,6 +1238,11 @@ mod tests {
         assert_eq!(units[0], "Short one.");
         assert!(units.iter().all(|u| u.len() <= 160));
         assert_eq!(units.concat().split_whitespace().count(), 103);
+        // Multi-byte characters across the cut (the Jargon File's tables).
+        let table = format!("a{}", "─".repeat(200));
+        let units = split_units(&table);
+        assert!(units.iter().all(|u| u.len() <= 160), "{units:?}");
+        assert_eq!(units.concat(), table);
     }
 
     #[test]

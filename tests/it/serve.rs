@@ -1,10 +1,13 @@
 //! `mistralrs --qllm serve` with the `qllm` request extension, over real HTTP.
 
+use mistralrs_core::ModelDType;
+use qllm::eval::{self, Corpus, EngineTokenizer, Placement, Task};
 use qllm::passkey;
 use serde_json::{json, Value};
 
 use crate::assets;
 use crate::cli::{self, http, Server};
+use crate::engine::{engine_lock, load_gguf, runtime};
 
 /// Filler units for a chat prompt of about 12K tokens (SmolLM2: about 25
 /// tokens per unit).
@@ -212,4 +215,57 @@ fn serve_extension_question_override_off_switch_and_bad_options() {
     );
     assert_eq!(status, 200, "{again}");
     assert_eq!(again["qllm"]["mode"], "infllm");
+}
+
+/// The `fact` task's prompt at 12K tokens with the needle at 10% (a
+/// village's founding year in Paul Graham's essays, the question last),
+/// built by the evaluation's generator with SmolLM2's tokenizer.
+fn fact_prompt_12k() -> eval::Sample {
+    let _lock = engine_lock();
+    let mistralrs = runtime().block_on(load_gguf(&assets::smollm2(), ModelDType::F32));
+    let tokenizer = EngineTokenizer::new(&mistralrs).unwrap();
+    let corpus = Corpus::load(&assets::root().join("assets"), true, false, false)
+        .expect("scripts/test.sh fetches the essays");
+    eval::generate(
+        Task::Fact,
+        12_288,
+        0.1,
+        1,
+        Placement::Last,
+        &corpus,
+        &tokenizer,
+    )
+    .unwrap()
+}
+
+#[test]
+fn serve_answers_a_fact_in_prose_beyond_the_window_with_the_defaults() {
+    let sample = fact_prompt_12k();
+    let (_server, port) = start_server();
+    let (status, reply) = post_json(
+        port,
+        "/v1/completions",
+        &json!({"model": "default", "prompt": sample.prompt, "max_tokens": 8,
+                "temperature": 0})
+        .to_string(),
+    );
+    assert_eq!(status, 200, "{reply}");
+    let answer = reply["choices"][0]["text"].as_str().unwrap_or_default();
+    let report = &reply["qllm"];
+    assert!(
+        eval::score(&sample.answers, answer) > 0.99,
+        "answered {answer:?}, expected {:?}; {report}",
+        sample.answers
+    );
+    let prompt_tokens = report["prompt_tokens"].as_u64().unwrap();
+    assert!(
+        prompt_tokens > 12_000,
+        "{prompt_tokens} tokens, beyond SmolLM2's 8192"
+    );
+    // The needle is far outside the window: only retrieval can read it.
+    assert!(
+        prompt_tokens - sample.needle_end as u64 > 10_000,
+        "{report}"
+    );
+    assert_eq!(report["question_vectors"], "probe", "{report}");
 }

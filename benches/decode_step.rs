@@ -1,0 +1,90 @@
+//! One decode step of one layer's Q-LLM memory, against the number of
+//! memory blocks, for each retrieval setting: the cost of block scoring as
+//! the context grows. SmolLM2-135M's shapes (9 query heads, 3 KV heads, head
+//! size 64), f32, random keys, the `1k` preset.
+//!
+//! `cargo bench --bench decode_step` prints the median of 30 steps per cell.
+
+use std::time::Instant;
+
+use candle_core::{DType, Device, Tensor};
+use mistralrs_core::layers::RotaryEmbedding;
+use qllm::memory::{LayerMemory, MaskCache, StepArgs};
+use qllm::{QllmConfig, Scoring, Selection};
+
+const HEADS: usize = 9;
+const KV_HEADS: usize = 3;
+const D: usize = 64;
+const STEPS: usize = 30;
+
+fn random(shape: (usize, usize, usize, usize), device: &Device) -> Tensor {
+    Tensor::randn(0f32, 1f32, shape, device).expect("random tensor")
+}
+
+/// Fills a memory with `tokens` prompt tokens, then returns the median
+/// seconds of one decode step.
+fn decode_step_seconds(config: &QllmConfig, tokens: usize) -> f64 {
+    let device = Device::Cpu;
+    let rope = RotaryEmbedding::new(100_000.0, D, 2048, &device, true, DType::F32).unwrap();
+    let masks = MaskCache::default();
+    let args = StepArgs {
+        rope: &rope,
+        softmax_scale: 0.125,
+        question: None,
+        masks: &masks,
+    };
+    let mut memory = LayerMemory::default();
+    let mut done = 0;
+    while done < tokens {
+        let e = config.exc_block_size.min(tokens - done);
+        let q = random((1, HEADS, e, D), &device);
+        let k = random((1, KV_HEADS, e, D), &device);
+        let v = random((1, KV_HEADS, e, D), &device);
+        memory.attend(config, &args, &q, &k, &v).unwrap();
+        masks.clear();
+        done += e;
+    }
+    let mut times = Vec::with_capacity(STEPS);
+    for _ in 0..STEPS {
+        let q = random((1, HEADS, 1, D), &device);
+        let k = random((1, KV_HEADS, 1, D), &device);
+        let v = random((1, KV_HEADS, 1, D), &device);
+        let start = Instant::now();
+        memory.attend(config, &args, &q, &k, &v).unwrap();
+        times.push(start.elapsed().as_secs_f64());
+    }
+    times.sort_by(f64::total_cmp);
+    times[STEPS / 2]
+}
+
+fn main() {
+    let settings = [
+        ("dot, shared (paper)", Scoring::Dot, Selection::Shared),
+        ("dot, per_kv_head", Scoring::Dot, Selection::PerKvHead),
+        (
+            "attention_mass, shared",
+            Scoring::AttentionMass,
+            Selection::Shared,
+        ),
+        (
+            "attention_mass, per_kv_head (default)",
+            Scoring::AttentionMass,
+            Selection::PerKvHead,
+        ),
+        ("token_max, shared", Scoring::TokenMax, Selection::Shared),
+    ];
+    println!("| setting | 1K tokens | 16K tokens | 64K tokens |");
+    println!("|---|---|---|---|");
+    for (name, scoring, selection) in settings {
+        let config = QllmConfig {
+            scoring,
+            selection,
+            ..QllmConfig::default()
+        };
+        let cells: Vec<String> = [1024, 16_384, 65_536]
+            .into_iter()
+            .map(|tokens| format!("{:.2} ms", decode_step_seconds(&config, tokens) * 1e3))
+            .collect();
+        println!("| {name} | {} |", cells.join(" | "));
+    }
+}
