@@ -124,16 +124,51 @@ impl BlockStore {
         scale: f32,
     ) -> Result<Vec<Vec<f32>>> {
         let (kv_heads, m, _) = q.dims3()?;
-        let logits = (self.token_logits(q)? * f64::from(scale))?;
-        let probs = candle_nn::ops::softmax_last_dim(&logits)?;
-        let row_weights: Vec<f32> = (0..m).map(|r| weights[r % weights.len()]).collect();
-        let row_weights = Tensor::from_vec(row_weights, (1, m, 1), q.device())?;
-        probs
-            .broadcast_mul(&row_weights)?
-            .sum(1)?
-            .reshape((kv_heads, self.len, ()))?
-            .sum(2)?
-            .to_vec2::<f32>()
+        // Per slab, `(kv_heads, m, slab tokens)` logits on the host; the
+        // softmax and the sums run in one pass over them (as tensor ops they
+        // took six full-size temporaries per layer and step).
+        let mut slabs = Vec::with_capacity(self.slabs.len());
+        let mut block_size = 0;
+        for (i, (keys, _)) in self.slabs.iter().enumerate() {
+            let filled = (self.len - i * SLAB_BLOCKS).min(SLAB_BLOCKS);
+            block_size = keys.dim(2)? / SLAB_BLOCKS;
+            let keys = keys
+                .narrow(2, 0, filled * block_size)?
+                .squeeze(0)?
+                .to_dtype(DType::F32)?;
+            let logits = q.matmul(&keys.t()?)?.flatten_all()?.to_vec1::<f32>()?;
+            slabs.push((filled, logits));
+        }
+        let mut scores = vec![vec![0f32; self.len]; kv_heads];
+        let mut row_blocks = vec![0f32; self.len];
+        for (g, head_scores) in scores.iter_mut().enumerate() {
+            for r in 0..m {
+                let at = g * m + r;
+                fn row(slab: &(usize, Vec<f32>), at: usize, block_size: usize) -> &[f32] {
+                    let n = slab.0 * block_size;
+                    &slab.1[at * n..(at + 1) * n]
+                }
+                let max = slabs
+                    .iter()
+                    .flat_map(|slab| row(slab, at, block_size).iter().copied())
+                    .fold(f32::NEG_INFINITY, f32::max);
+                let mut total = 0f32;
+                let mut b = 0;
+                for slab in &slabs {
+                    for block in row(slab, at, block_size).chunks_exact(block_size) {
+                        let mass: f32 = block.iter().map(|x| ((x - max) * scale).exp()).sum();
+                        row_blocks[b] = mass;
+                        total += mass;
+                        b += 1;
+                    }
+                }
+                let weight = weights[r % weights.len()] / total;
+                for (s, mass) in head_scores.iter_mut().zip(&row_blocks) {
+                    *s += weight * mass;
+                }
+            }
+        }
+        Ok(scores)
     }
 
     /// Bytes allocated, including the free slots of the last slab.
