@@ -1,7 +1,8 @@
 //! One decode step of one layer's Q-LLM memory, against the number of
 //! memory blocks, for each retrieval setting: the cost of block scoring as
 //! the context grows. SmolLM2-135M's shapes (9 query heads, 3 KV heads, head
-//! size 64), f32, random keys, the `1k` preset.
+//! size 64), f32, random keys, the `1k` preset, a question of one row per
+//! head (the question vector) or, with `question_rows = "tokens"`, 16.
 //!
 //! `cargo bench --bench decode_step` prints the median of 30 steps per cell.
 
@@ -10,7 +11,7 @@ use std::time::Instant;
 use candle_core::{DType, Device, Tensor};
 use mistralrs_core::layers::RotaryEmbedding;
 use qllm::memory::{LayerMemory, MaskCache, StepArgs};
-use qllm::{QllmConfig, Scoring, Selection};
+use qllm::{QllmConfig, QuestionRows, Scoring, Selection};
 
 const HEADS: usize = 9;
 const KV_HEADS: usize = 3;
@@ -20,6 +21,9 @@ const STEPS: usize = 30;
 fn random(shape: (usize, usize, usize, usize), device: &Device) -> Tensor {
     Tensor::randn(0f32, 1f32, shape, device).expect("random tensor")
 }
+
+/// Question tokens of the `question_rows = "tokens"` rows.
+const QUESTION_TOKENS: usize = 16;
 
 /// Fills a memory with `tokens` prompt tokens, then returns the median
 /// seconds of one decode step.
@@ -34,6 +38,12 @@ fn decode_step_seconds(config: &QllmConfig, tokens: usize) -> f64 {
         masks: &masks,
     };
     let mut memory = LayerMemory::default();
+    let rows = match config.question_rows {
+        QuestionRows::Mean => 1,
+        QuestionRows::Tokens => QUESTION_TOKENS,
+    };
+    let question = random((1, HEADS, rows, D), &device);
+    memory.set_question(question.flatten_all().unwrap().to_vec1().unwrap());
     let mut done = 0;
     while done < tokens {
         let e = config.exc_block_size.min(tokens - done);
@@ -58,27 +68,42 @@ fn decode_step_seconds(config: &QllmConfig, tokens: usize) -> f64 {
 }
 
 fn main() {
+    use QuestionRows::{Mean, Tokens};
     let settings = [
-        ("dot, shared (paper)", Scoring::Dot, Selection::Shared),
-        ("dot, per_kv_head", Scoring::Dot, Selection::PerKvHead),
+        ("dot, shared (paper)", Scoring::Dot, Selection::Shared, Mean),
+        ("dot, per_kv_head", Scoring::Dot, Selection::PerKvHead, Mean),
         (
             "attention_mass, shared",
             Scoring::AttentionMass,
             Selection::Shared,
+            Mean,
         ),
         (
             "attention_mass, per_kv_head (default)",
             Scoring::AttentionMass,
             Selection::PerKvHead,
+            Mean,
         ),
-        ("token_max, shared", Scoring::TokenMax, Selection::Shared),
+        (
+            "attention_mass, per_kv_head, question_rows tokens",
+            Scoring::AttentionMass,
+            Selection::PerKvHead,
+            Tokens,
+        ),
+        (
+            "token_max, shared",
+            Scoring::TokenMax,
+            Selection::Shared,
+            Mean,
+        ),
     ];
     println!("| setting | 1K tokens | 16K tokens | 64K tokens |");
     println!("|---|---|---|---|");
-    for (name, scoring, selection) in settings {
+    for (name, scoring, selection, question_rows) in settings {
         let config = QllmConfig {
             scoring,
             selection,
+            question_rows,
             ..QllmConfig::default()
         };
         let cells: Vec<String> = [1024, 16_384, 65_536]

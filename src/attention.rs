@@ -2,25 +2,26 @@
 
 use std::sync::Mutex;
 
-use candle_core::{DType, Device, Result, Tensor};
+use candle_core::{DType, Device, DeviceLocation, Result, Tensor};
 
-/// The last causal mask built, keyed by its `(l, n)` shape: every layer of a
-/// step needs the same one, so it is built once per step, not once per layer.
+/// The last causal mask built, keyed by its `(l, n)` shape and device: every
+/// layer of a step needs the same one, so it is built once per step, not
+/// once per layer (and once more where layers change device).
 #[derive(Debug, Default)]
-pub struct CausalMasks(Mutex<Option<(usize, usize, Tensor)>>);
+pub struct CausalMasks(Mutex<Option<(usize, usize, DeviceLocation, Tensor)>>);
 
 impl CausalMasks {
     /// The `(l, n)` additive mask: 0 where query `i` may see key `j`, `-inf`
     /// elsewhere, for queries that are the last `l` of `n` positions.
     pub fn get(&self, l: usize, n: usize, device: &Device) -> Result<Tensor> {
         let mut cached = self.0.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some((cl, cn, mask)) = cached.as_ref() {
-            if (*cl, *cn) == (l, n) {
+        if let Some((cl, cn, location, mask)) = cached.as_ref() {
+            if (*cl, *cn, *location) == (l, n, device.location()) {
                 return Ok(mask.clone());
             }
         }
         let mask = causal_mask(l, n, device)?;
-        *cached = Some((l, n, mask.clone()));
+        *cached = Some((l, n, device.location(), mask.clone()));
         Ok(mask)
     }
 }

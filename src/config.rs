@@ -162,6 +162,41 @@ impl std::fmt::Display for Selection {
     }
 }
 
+/// What the question contributes to `attention_mass` scoring.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Deserialize, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum QuestionRows {
+    /// The paper's question vector: per head, the mean query of the
+    /// question's `repr_topk` most attended tokens, as one row.
+    #[default]
+    Mean,
+    /// Every question token's query as a row of its own (up to
+    /// [`MAX_QUESTION_ROWS`] per head, the most attended first), the rows
+    /// sharing `question_weight`: a rare name in the question finds the
+    /// block that holds it instead of being averaged away. Only with
+    /// `attention_mass` scoring.
+    Tokens,
+}
+
+/// Question tokens kept as rows per head with `question_rows = "tokens"`.
+pub const MAX_QUESTION_ROWS: usize = 64;
+
+impl FromStr for QuestionRows {
+    type Err = String;
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        from_config_str(s)
+    }
+}
+
+impl std::fmt::Display for QuestionRows {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            QuestionRows::Mean => "mean",
+            QuestionRows::Tokens => "tokens",
+        })
+    }
+}
+
 /// Where memory tokens sit for RoPE.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Deserialize, Serialize)]
 #[serde(rename_all = "lowercase")]
@@ -242,6 +277,8 @@ pub struct QllmConfig {
     pub repr_topk: usize,
     /// Weight of the question vector in the retrieval score.
     pub question_weight: f32,
+    /// What the question contributes to `attention_mass` scoring.
+    pub question_rows: QuestionRows,
     /// Where memory tokens sit for RoPE.
     pub positions: Positions,
     /// How blocks are ranked for retrieval.
@@ -305,6 +342,7 @@ impl QllmConfig {
             topk,
             repr_topk: 4,
             question_weight: 1.0,
+            question_rows: QuestionRows::Mean,
             positions: Positions::Fixed,
             // Not the paper's (`dot`, `shared`): with them a one-sentence
             // fact in prose 12K tokens deep is retrieved by at most 2 of
@@ -375,6 +413,16 @@ impl QllmConfig {
                 ),
             );
         }
+        if self.question_rows == QuestionRows::Tokens && self.scoring != Scoring::AttentionMass {
+            return invalid(
+                "question_rows",
+                format!(
+                    "\"tokens\" needs `scoring = \"attention_mass\"` (got \"{}\"): the other \
+                     scorings read the question as one vector",
+                    self.scoring
+                ),
+            );
+        }
         if !self.question_weight.is_finite() || self.question_weight < 0.0 {
             return invalid(
                 "question_weight",
@@ -422,6 +470,8 @@ pub struct ConfigFile {
     pub repr_topk: Option<i64>,
     /// See [`QllmConfig::question_weight`].
     pub question_weight: Option<f64>,
+    /// See [`QllmConfig::question_rows`].
+    pub question_rows: Option<QuestionRows>,
     /// See [`QllmConfig::positions`].
     pub positions: Option<Positions>,
     /// See [`QllmConfig::scoring`].
@@ -474,6 +524,7 @@ impl ConfigFile {
             topk: size("topk", self.topk, base.topk, 0)?,
             repr_topk: size("repr_topk", self.repr_topk, base.repr_topk, 1)?,
             question_weight,
+            question_rows: self.question_rows.unwrap_or(base.question_rows),
             positions: self.positions.unwrap_or(base.positions),
             scoring: self.scoring.unwrap_or(base.scoring),
             selection: self.selection.unwrap_or(base.selection),
@@ -717,5 +768,19 @@ mod tests {
         assert!(err.contains("sparse"), "{err}");
         let err = parse("preset = \"4k\"").unwrap_err();
         assert!(err.contains("4k"), "{err}");
+    }
+
+    #[test]
+    fn question_token_rows_need_attention_mass_scoring() {
+        let config = parse("question_rows = \"tokens\"").unwrap();
+        assert_eq!(config.question_rows, QuestionRows::Tokens);
+        let err = parse("question_rows = \"tokens\"\nscoring = \"dot\"").unwrap_err();
+        assert!(
+            err.contains("question_rows") && err.contains("attention_mass"),
+            "{err}"
+        );
+        assert!(parse("question_rows = \"all\"")
+            .unwrap_err()
+            .contains("all"));
     }
 }

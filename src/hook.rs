@@ -265,6 +265,12 @@ impl QllmHook {
         }
     }
 
+    /// Attention masks held for the current forward pass (memory
+    /// accounting: they are dropped when the next pass begins).
+    pub fn cached_masks(&self) -> usize {
+        self.memory_masks.len()
+    }
+
     /// Ids of the sequences with state.
     pub fn sequence_ids(&self) -> Vec<usize> {
         let mut ids: Vec<usize> = self.lock().keys().copied().collect();
@@ -757,7 +763,6 @@ impl AttentionHook for QllmHook {
     }
 
     fn begin_step(&self, seqs: &[StepSequence<'_>]) -> Result<()> {
-        self.memory_masks.clear();
         let mut states = self.lock();
         for seq in seqs {
             tracing::trace!(
@@ -799,6 +804,11 @@ impl AttentionHook for QllmHook {
                 ctx.seq_ids.len(),
                 ctx.seqlen_offsets.len()
             );
+        }
+        // A pass begins at layer 0: one step runs every chunk of a prompt, so
+        // masks kept for the whole step would pile up with the prompt's length.
+        if ctx.layer_idx == 0 {
+            self.memory_masks.clear();
         }
         let mut seqs = self.lock();
         let mut rows = Vec::with_capacity(batch);

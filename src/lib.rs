@@ -34,7 +34,9 @@ pub mod trace;
 use std::path::Path;
 use std::sync::{Arc, RwLock};
 
-pub use config::{BlockDType, ConfigFile, Mode, Positions, Preset, QllmConfig, Scoring, Selection};
+pub use config::{
+    BlockDType, ConfigFile, Mode, Positions, Preset, QllmConfig, QuestionRows, Scoring, Selection,
+};
 pub use error::{Error, Result};
 pub use hook::{find_question_span, MemoryStats, Needle, QllmHook, RequestPlan, RequestReport};
 pub use memory::LayerStats;

@@ -23,10 +23,12 @@ use std::collections::HashMap;
 use std::ops::Range;
 use std::sync::Mutex;
 
-use candle_core::{DType, Device, Result, Tensor};
+use candle_core::{DType, Device, DeviceLocation, Result, Tensor};
 use mistralrs_core::layers::RotaryEmbedding;
 
-use crate::config::{Mode, Positions, QllmConfig, Scoring, Selection};
+use crate::config::{
+    Mode, Positions, QllmConfig, QuestionRows, Scoring, Selection, MAX_QUESTION_ROWS,
+};
 use crate::kv::KvBuffer;
 use crate::rope::{positions, rotate_f32};
 
@@ -171,12 +173,126 @@ impl BlockStore {
         Ok(scores)
     }
 
+    /// Keys of blocks `from..self.len()` as f32, one `(kv_heads, tokens, d)`
+    /// piece per slab they fall in, in block order.
+    fn keys_f32(&self, from: usize) -> Result<Vec<Tensor>> {
+        let mut pieces = Vec::new();
+        for (i, (keys, _)) in self.slabs.iter().enumerate().skip(from / SLAB_BLOCKS) {
+            let block_size = keys.dim(2)? / SLAB_BLOCKS;
+            let first = from.max(i * SLAB_BLOCKS) - i * SLAB_BLOCKS;
+            let filled = (self.len - i * SLAB_BLOCKS).min(SLAB_BLOCKS);
+            if filled == first {
+                continue;
+            }
+            pieces.push(
+                keys.narrow(2, first * block_size, (filled - first) * block_size)?
+                    .squeeze(0)?
+                    .to_dtype(DType::F32)?,
+            );
+        }
+        Ok(pieces)
+    }
+
     /// Bytes allocated, including the free slots of the last slab.
     fn bytes(&self) -> usize {
         self.slabs
             .iter()
             .map(|(k, v)| (k.elem_count() + v.elem_count()) * k.dtype().size_in_bytes())
             .sum()
+    }
+}
+
+/// The question's share of `attention_mass` scores, kept up to date as
+/// blocks form. The question's rows and the memory keys never move
+/// (queries at the fixed distance, keys unrotated), so each block's logits
+/// against them are computed once: per block and row, the largest logit and
+/// the sum of `exp(scale * (logit - largest))`, which combine into the
+/// softmax over all blocks without reading a key again.
+#[derive(Debug)]
+struct QuestionMass {
+    /// `(kv_heads, rows, d)` f32: each KV head's query heads' question rows.
+    rows: Tensor,
+    /// Per block, per KV head and row: the largest logit, then the sum.
+    partials: Vec<f32>,
+    /// Blocks covered by `partials`.
+    blocks: usize,
+}
+
+impl QuestionMass {
+    /// `question` is `(heads, r, d)` flattened: `r` rows per query head.
+    fn new(question: &[f32], kv_heads: usize, d: usize, device: &Device) -> Result<Self> {
+        let rows = question.len() / (kv_heads * d);
+        Ok(Self {
+            rows: Tensor::from_slice(question, (kv_heads, rows, d), device)?,
+            partials: Vec::new(),
+            blocks: 0,
+        })
+    }
+
+    /// Adds the partials of the blocks formed since the last call.
+    fn extend(&mut self, store: &BlockStore, block_size: usize, scale: f32) -> Result<()> {
+        let (kv_heads, rows, _) = self.rows.dims3()?;
+        for keys in store.keys_f32(self.blocks)? {
+            let tokens = keys.dim(1)?;
+            let logits = self
+                .rows
+                .matmul(&keys.t()?)?
+                .flatten_all()?
+                .to_vec1::<f32>()?;
+            let blocks = tokens / block_size;
+            let first = self.partials.len();
+            self.partials
+                .resize(first + blocks * kv_heads * rows * 2, 0.0);
+            for (row, logits) in logits.chunks_exact(tokens).enumerate() {
+                for (b, block) in logits.chunks_exact(block_size).enumerate() {
+                    let max = block.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+                    let sum: f32 = block.iter().map(|x| ((x - max) * scale).exp()).sum();
+                    let at = first + (b * kv_heads * rows + row) * 2;
+                    self.partials[at] = max;
+                    self.partials[at + 1] = sum;
+                }
+            }
+            self.blocks += blocks;
+        }
+        Ok(())
+    }
+
+    /// Per KV head and block, the attention the question rows give the
+    /// block, each row's softmax over all blocks' keys weighted by
+    /// `row_weight`, summed over the KV head's rows.
+    fn scores(&self, row_weight: f32, scale: f32) -> Result<Vec<Vec<f32>>> {
+        let (kv_heads, rows, _) = self.rows.dims3()?;
+        let stride = kv_heads * rows * 2;
+        let mut scores = vec![vec![0f32; self.blocks]; kv_heads];
+        for (g, head_scores) in scores.iter_mut().enumerate() {
+            for r in 0..rows {
+                let at = (g * rows + r) * 2;
+                let partial = |b: usize| {
+                    (
+                        self.partials[b * stride + at],
+                        self.partials[b * stride + at + 1],
+                    )
+                };
+                let max = (0..self.blocks)
+                    .map(|b| partial(b).0)
+                    .fold(f32::NEG_INFINITY, f32::max);
+                let masses: Vec<f32> = (0..self.blocks)
+                    .map(|b| {
+                        let (m, sum) = partial(b);
+                        sum * ((m - max) * scale).exp()
+                    })
+                    .collect();
+                let weight = row_weight / masses.iter().sum::<f32>();
+                for (s, mass) in head_scores.iter_mut().zip(&masses) {
+                    *s += weight * mass;
+                }
+            }
+        }
+        Ok(scores)
+    }
+
+    fn bytes(&self) -> usize {
+        (self.partials.capacity() + self.rows.elem_count()) * 4
     }
 }
 
@@ -215,7 +331,12 @@ pub struct LayerMemory {
     /// One representative key per block, `heads * d` values each.
     representatives: Vec<f32>,
     dropped: usize,
+    /// The question's rows, `(heads, r, d)` flattened: `r` is 1 (the
+    /// question vector) or, with `question_rows = "tokens"`, one per token.
     question: Option<Vec<f32>>,
+    /// The question's `attention_mass` partials, built at the first
+    /// retrieval that uses them.
+    question_mass: Option<QuestionMass>,
     /// Globally rotated queries of the question tokens seen so far,
     /// `(heads, t, d)` f32 pieces.
     question_queries: Vec<Tensor>,
@@ -279,15 +400,17 @@ impl LayerMemory {
         self.blocks.len()
     }
 
-    /// The question vector (`heads * d` values), once captured or set.
+    /// The question's rows, once captured or set: `heads * d` values (the
+    /// question vector), or `heads * r * d` with `question_rows = "tokens"`.
     pub fn question_vector(&self) -> Option<&[f32]> {
         self.question.as_deref()
     }
 
-    /// Sets the question vector, computed elsewhere (a probe pass), so
-    /// retrieval uses it from the first block on.
+    /// Sets the question's rows, computed elsewhere (a probe pass with the
+    /// same settings), so retrieval uses them from the first block on.
     pub fn set_question(&mut self, vector: Vec<f32>) {
         self.question = Some(vector);
+        self.question_mass = None;
     }
 
     /// Bytes held: KV in the model's dtype plus f32 bookkeeping.
@@ -296,7 +419,8 @@ impl LayerMemory {
         let f32s = self.local_score.capacity()
             + self.representatives.capacity()
             + self.question.as_ref().map_or(0, Vec::capacity);
-        self.init.bytes() + self.recent.bytes() + blocks + f32s * 4
+        let question_mass = self.question_mass.as_ref().map_or(0, QuestionMass::bytes);
+        self.init.bytes() + self.recent.bytes() + blocks + f32s * 4 + question_mass
     }
 
     /// Attention for one execution block of `e` new tokens at positions
@@ -478,7 +602,7 @@ impl LayerMemory {
 
         if config.mode.uses_question() && config.question_weight > 0.0 {
             if let Some(span) = &args.question {
-                self.observe_question(span, p0, end, &q_global, config.repr_topk)?;
+                self.observe_question(config, span, p0, end, &q_global)?;
             }
         }
         self.evict(config, heads)?;
@@ -502,49 +626,63 @@ impl LayerMemory {
             (true, Some(question)) if config.question_weight > 0.0 => Some(question),
             _ => None,
         };
-        let mut query = q_global.mean(2)?.flatten_all()?.to_vec1::<f32>()?;
-        if let Some(question) = question {
-            for (q, x) in query.iter_mut().zip(question) {
-                *q += config.question_weight * x;
-            }
-        }
+        let question_rows = question.map_or(1, |q| q.len() / (heads * d));
         #[allow(clippy::cast_precision_loss)] // a head size
         let scale = 1.0 / (d as f32).sqrt();
-        self.last_scores = match config.scoring {
-            // Per head, the softmax over blocks keeps the dot product's order.
-            Scoring::Dot | Scoring::HeadSoftmax if per_head => {
-                kv_head_block_scores(&self.representatives, &query, d * group)
+        if config.scoring == Scoring::AttentionMass {
+            let q = q_global
+                .mean(2)?
+                .squeeze(0)?
+                .reshape((heads / group, group, d))?;
+            let mut scores = self.blocks.attention_mass_scores(&q, &[1.0], scale)?;
+            if question.is_some() {
+                self.add_question_mass(
+                    config,
+                    heads / group,
+                    d,
+                    scale,
+                    question_rows,
+                    &mut scores,
+                )?;
             }
-            Scoring::Dot => vec![block_scores(&self.representatives, &query)],
-            Scoring::HeadSoftmax => vec![head_softmax_block_scores(
-                &self.representatives,
-                &query,
-                d * group,
-                scale,
-            )],
-            Scoring::TokenMax => {
-                let q = Tensor::from_slice(&query, (heads / group, group, d), q_global.device())?
-                    .sum(1)?;
-                self.blocks.token_max_scores(&q, !per_head)?
+            self.last_scores = if per_head {
+                scores
+            } else {
+                vec![sum_rows(&scores)]
+            };
+        } else {
+            if question_rows != 1 {
+                candle_core::bail!(
+                    "qllm: {question_rows} question rows per head need `attention_mass` scoring"
+                );
             }
-            Scoring::AttentionMass => {
-                // The question is a row of its own, not added to the query.
-                let mut rows = vec![q_global.mean(2)?.squeeze(0)?];
-                let mut weights = vec![1.0];
-                if let Some(question) = question {
-                    rows.push(Tensor::from_slice(question, (heads, d), q_global.device())?);
-                    weights.push(config.question_weight);
+            let mut query = q_global.mean(2)?.flatten_all()?.to_vec1::<f32>()?;
+            if let Some(question) = question {
+                for (q, x) in query.iter_mut().zip(question) {
+                    *q += config.question_weight * x;
                 }
-                let r = rows.len();
-                let q = Tensor::stack(&rows, 1)?.reshape((heads / group, group * r, d))?;
-                let per_kv_head = self.blocks.attention_mass_scores(&q, &weights, scale)?;
-                if per_head {
-                    per_kv_head
-                } else {
-                    vec![sum_rows(&per_kv_head)]
-                }
             }
-        };
+            self.last_scores = match config.scoring {
+                // Per head, the softmax over blocks keeps the dot product's order.
+                Scoring::Dot | Scoring::HeadSoftmax if per_head => {
+                    kv_head_block_scores(&self.representatives, &query, d * group)
+                }
+                Scoring::Dot => vec![block_scores(&self.representatives, &query)],
+                Scoring::HeadSoftmax => vec![head_softmax_block_scores(
+                    &self.representatives,
+                    &query,
+                    d * group,
+                    scale,
+                )],
+                Scoring::TokenMax => {
+                    let q =
+                        Tensor::from_slice(&query, (heads / group, group, d), q_global.device())?
+                            .sum(1)?;
+                    self.blocks.token_max_scores(&q, !per_head)?
+                }
+                Scoring::AttentionMass => unreachable!("handled above"),
+            };
+        }
         let picks: Vec<Vec<usize>> = self
             .last_scores
             .iter()
@@ -557,15 +695,43 @@ impl LayerMemory {
         Ok(())
     }
 
+    /// Adds the question rows' attention mass to `scores` (per KV head),
+    /// `question_weight` shared by the `rows` rows of each query head.
+    fn add_question_mass(
+        &mut self,
+        config: &QllmConfig,
+        kv_heads: usize,
+        d: usize,
+        scale: f32,
+        rows: usize,
+        scores: &mut [Vec<f32>],
+    ) -> Result<()> {
+        let Some(question) = &self.question else {
+            return Ok(());
+        };
+        if self.question_mass.is_none() {
+            let device = self.blocks.slabs[0].0.device().clone();
+            self.question_mass = Some(QuestionMass::new(question, kv_heads, d, &device)?);
+        }
+        let mass = self.question_mass.as_mut().expect("just set");
+        mass.extend(&self.blocks, config.block_size, scale)?;
+        #[allow(clippy::cast_precision_loss)] // at most `MAX_QUESTION_ROWS`
+        let row_weight = config.question_weight / rows as f32;
+        for (head, question) in scores.iter_mut().zip(mass.scores(row_weight, scale)?) {
+            head.iter_mut().zip(question).for_each(|(s, q)| *s += q);
+        }
+        Ok(())
+    }
+
     /// Collects the question's queries as they pass and, once the whole
     /// span has been read, turns them into the question vector.
     fn observe_question(
         &mut self,
+        config: &QllmConfig,
         span: &Range<usize>,
         p0: usize,
         end: usize,
         q_global: &Tensor,
-        repr_topk: usize,
     ) -> Result<()> {
         if self.question.is_some() || span.end <= p0 || span.start >= end {
             return Ok(());
@@ -590,9 +756,15 @@ impl LayerMemory {
         })?;
         let scores = &self.local_score[first * heads..(first + len) * heads];
         let queries = queries.flatten_all()?.to_vec1::<f32>()?;
-        self.question = Some(mean_of_most_attended(
-            &queries, 1, len, d, scores, heads, repr_topk,
-        ));
+        self.question = Some(match config.question_rows {
+            QuestionRows::Mean => {
+                mean_of_most_attended(&queries, 1, len, d, scores, heads, config.repr_topk)
+            }
+            QuestionRows::Tokens => {
+                most_attended_rows(&queries, 1, len, d, scores, heads, MAX_QUESTION_ROWS)
+            }
+        });
+        self.question_mass = None;
         Ok(())
     }
 
@@ -649,11 +821,35 @@ impl LayerMemory {
     }
 }
 
-/// For every query head `h`, the mean of the rows of the `top` tokens that
-/// received the most attention from head `h` (`scores`: `len` tokens x
-/// `heads`). `rows` is `(heads / group, len, d)`: head `h` reads row group
-/// `h / group` (keys are shared by a group of query heads, queries are not).
-/// Returns `heads * d` values.
+/// For every query head `h`, the rows of the `top` tokens that received the
+/// most attention from head `h` (`scores`: `len` tokens x `heads`), most
+/// attended first. `rows` is `(heads / group, len, d)`: head `h` reads row
+/// group `h / group` (keys are shared by a group of query heads, queries are
+/// not). Returns `(heads, min(top, len), d)` flattened.
+fn most_attended_rows(
+    rows: &[f32],
+    group: usize,
+    len: usize,
+    d: usize,
+    scores: &[f32],
+    heads: usize,
+    top: usize,
+) -> Vec<f32> {
+    let top = top.min(len);
+    let mut out = Vec::with_capacity(heads * top * d);
+    let mut order: Vec<usize> = (0..len).collect();
+    for h in 0..heads {
+        order.sort_by(|&a, &b| scores[b * heads + h].total_cmp(&scores[a * heads + h]));
+        let base = (h / group) * len * d;
+        for &t in &order[..top] {
+            out.extend_from_slice(&rows[base + t * d..base + (t + 1) * d]);
+        }
+    }
+    out
+}
+
+/// For every query head, the mean of its [`most_attended_rows`]. Returns
+/// `heads * d` values.
 fn mean_of_most_attended(
     rows: &[f32],
     group: usize,
@@ -664,22 +860,22 @@ fn mean_of_most_attended(
     top: usize,
 ) -> Vec<f32> {
     let top = top.min(len);
-    let mut out = vec![0f32; heads * d];
-    let mut order: Vec<usize> = (0..len).collect();
-    for h in 0..heads {
-        order.sort_by(|&a, &b| scores[b * heads + h].total_cmp(&scores[a * heads + h]));
-        let base = (h / group) * len * d;
-        let acc = &mut out[h * d..(h + 1) * d];
-        for &t in &order[..top] {
-            for (a, x) in acc.iter_mut().zip(&rows[base + t * d..base + (t + 1) * d]) {
-                *a += x;
-            }
-        }
-        #[allow(clippy::cast_precision_loss)] // `top` is at most a block.
-        let inv = 1.0 / top.max(1) as f32;
-        acc.iter_mut().for_each(|a| *a *= inv);
+    if top == 0 {
+        return vec![0f32; heads * d];
     }
-    out
+    let picked = most_attended_rows(rows, group, len, d, scores, heads, top);
+    #[allow(clippy::cast_precision_loss)] // `top` is at most a block.
+    let inv = 1.0 / top as f32;
+    picked
+        .chunks_exact(top * d)
+        .flat_map(|head| {
+            let mut mean = vec![0f32; d];
+            for row in head.chunks_exact(d) {
+                mean.iter_mut().zip(row).for_each(|(m, x)| *m += x * inv);
+            }
+            mean
+        })
+        .collect()
 }
 
 /// Relevance of each block: the dot product of its representative (a row of
@@ -835,24 +1031,37 @@ impl MaskGeometry {
     }
 }
 
-/// Masks of the current step, one per geometry.
+/// Masks of the current forward pass (one prompt chunk or decode step of
+/// every sequence in it), one per geometry and device: the layers of a pass
+/// share them, and layers may sit on different devices.
 #[derive(Debug, Default)]
-pub struct MaskCache(Mutex<HashMap<MaskGeometry, Tensor>>);
+pub struct MaskCache(Mutex<HashMap<(MaskGeometry, DeviceLocation), Tensor>>);
 
 impl MaskCache {
     fn get(&self, geometry: &MaskGeometry, device: &Device) -> Result<Tensor> {
         let mut masks = self.0.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(mask) = masks.get(geometry) {
+        let key = (*geometry, device.location());
+        if let Some(mask) = masks.get(&key) {
             return Ok(mask.clone());
         }
         let mask = geometry.build(device)?;
-        masks.insert(*geometry, mask.clone());
+        masks.insert(key, mask.clone());
         Ok(mask)
     }
 
-    /// Forgets the masks of the previous step.
+    /// Forgets the masks of the previous pass.
     pub fn clear(&self) {
         self.0.lock().unwrap_or_else(|e| e.into_inner()).clear();
+    }
+
+    /// Masks held.
+    pub fn len(&self) -> usize {
+        self.0.lock().unwrap_or_else(|e| e.into_inner()).len()
+    }
+
+    /// Whether no mask is held.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
     }
 }
 
@@ -984,6 +1193,126 @@ mod tests {
             // Each row spends its weight once: 2 rows of weight 1, 2 of 3.
             let total: f32 = got[g].iter().sum();
             assert!((total - 8.0).abs() < 1e-4, "{total}");
+        }
+    }
+
+    #[test]
+    fn question_mass_partials_combine_into_the_softmax_over_all_blocks() {
+        // 20 blocks of 3 tokens over two slabs, covered in steps (7, then 13
+        // more across the slab boundary), against the one-pass softmax.
+        let (blocks, bs, kv_heads, d, rows) = (20, 3, 2, 4, 6);
+        let keys = random((1, kv_heads, blocks * bs, d), 9, 1.5);
+        let question = random((1, kv_heads, rows, d), 10, 2.0).squeeze(0).unwrap();
+        let flat = question.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        let (weight, scale) = (0.25, 0.5);
+        let mut store = BlockStore::default();
+        let mut mass = QuestionMass::new(&flat, kv_heads, d, &Device::Cpu).unwrap();
+        // The third step adds no block: nothing changes.
+        for (from, to) in [(0, 7), (7, blocks), (blocks, blocks)] {
+            for b in from..to {
+                let k = keys.narrow(2, b * bs, bs).unwrap();
+                store.push(&k, &k).unwrap();
+            }
+            mass.extend(&store, bs, scale).unwrap();
+            let got = mass.scores(weight, scale).unwrap();
+            let expected = store
+                .attention_mass_scores(&question, &[weight], scale)
+                .unwrap();
+            assert_eq!(got.len(), kv_heads);
+            for (g, e) in got.iter().zip(&expected) {
+                assert_eq!(g.len(), to);
+                assert_close(g, e, 1e-5);
+            }
+        }
+    }
+
+    #[test]
+    fn question_token_rows_add_their_attention_mass_and_find_their_block() {
+        // Memory of 25 blocks; one question row per head points at a key of
+        // block 9, the others are random: retrieval must equal the written-out
+        // mass of all rows (the execution block's mean query with weight 1,
+        // each question row with `question_weight / rows`) and rank block 9
+        // first for every KV head.
+        let (heads, kv_heads, d, rows) = (4, 2, 16, 3);
+        let config = QllmConfig {
+            scoring: Scoring::AttentionMass,
+            selection: Selection::PerKvHead,
+            question_rows: QuestionRows::Tokens,
+            question_weight: 3.0,
+            ..selective_config(Positions::Fixed, 0)
+        };
+        config.validate().unwrap();
+        let rope = RotaryEmbedding::new(10000.0, d, 256, &Device::Cpu, true, DType::F32).unwrap();
+        let masks = MaskCache::default();
+        let args = StepArgs {
+            rope: &rope,
+            softmax_scale: 0.25,
+            question: None,
+            masks: &masks,
+        };
+        let (total, planted, bs) = (120, 9, config.block_size);
+        let token = config.n_init + planted * bs + 1;
+        let q_all = random((1, heads, total, d), 11, 1.0);
+        // The planted token's key stands out: four times the others' size.
+        let k_all = random((1, kv_heads, total, d), 12, 1.0);
+        let k_all = Tensor::cat(
+            &[
+                k_all.narrow(2, 0, token).unwrap(),
+                (k_all.narrow(2, token, 1).unwrap() * 4.0).unwrap(),
+                k_all.narrow(2, token + 1, total - token - 1).unwrap(),
+            ],
+            2,
+        )
+        .unwrap();
+        let v_all = random((1, kv_heads, total, d), 13, 1.0);
+        let mut memory = LayerMemory::default();
+        for p0 in (0..total).step_by(8) {
+            let at = |t: &Tensor| t.narrow(2, p0, 8).unwrap();
+            memory
+                .attend(&config, &args, &at(&q_all), &at(&k_all), &at(&v_all))
+                .unwrap();
+            masks.clear();
+        }
+        let blocks = memory.block_count();
+        assert!(blocks > 20, "{blocks}");
+        let mut question = random((1, heads, rows, d), 14, 1.0);
+        let key =
+            |g: usize| (k_all.narrow(1, g, 1).unwrap().narrow(2, token, 1).unwrap() * 2.0).unwrap();
+        let planted_rows: Vec<Tensor> = (0..heads).map(|h| key(h / (heads / kv_heads))).collect();
+        let planted_rows = Tensor::cat(&planted_rows, 1).unwrap();
+        question =
+            Tensor::cat(&[planted_rows, question.narrow(2, 1, rows - 1).unwrap()], 2).unwrap();
+        memory.set_question(question.flatten_all().unwrap().to_vec1::<f32>().unwrap());
+
+        let q_global = random((1, heads, 8, d), 15, 1.0);
+        memory
+            .retrieve(&config, &q_global, heads / kv_heads)
+            .unwrap();
+
+        let group = heads / kv_heads;
+        let mean = q_global
+            .mean(2)
+            .unwrap()
+            .squeeze(0)
+            .unwrap()
+            .unsqueeze(1)
+            .unwrap();
+        let all_rows = Tensor::cat(&[mean, question.squeeze(0).unwrap()], 1)
+            .unwrap()
+            .reshape((kv_heads, group * (rows + 1), d))
+            .unwrap();
+        let mut weights = vec![1.0];
+        weights.extend([config.question_weight / 3.0; 3]);
+        let scale = 0.25; // 1 / sqrt(d)
+        let expected = memory
+            .blocks
+            .attention_mass_scores(&all_rows, &weights, scale)
+            .unwrap();
+        assert_eq!(memory.last_scores.len(), kv_heads);
+        for (g, (got, e)) in memory.last_scores.iter().zip(&expected).enumerate() {
+            assert_close(got, e, 1e-4);
+            assert_eq!(top_k(got, 1), vec![planted], "KV head {g}: {got:?}");
+            assert!(memory.last_picks[g].contains(&planted));
         }
     }
 

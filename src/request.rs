@@ -21,7 +21,7 @@ use mistralrs_core::{MistralRs, NormalRequest, Request, RequestMessage, Response
 use serde::Deserialize;
 
 use crate::config::{
-    question_weight, size, Mode, Positions, Preset, QllmConfig, Scoring, Selection,
+    question_weight, size, Mode, Positions, Preset, QllmConfig, QuestionRows, Scoring, Selection,
 };
 use crate::error::{Error, Result};
 use crate::eval::tokenize_with;
@@ -50,6 +50,9 @@ pub struct RequestOptions {
     pub n_local: Option<i64>,
     /// Weight of the question in block retrieval.
     pub question_weight: Option<f64>,
+    /// What the question contributes to `attention_mass` scoring (`mean`,
+    /// `tokens`).
+    pub question_rows: Option<QuestionRows>,
     /// Where memory tokens sit for RoPE (`fixed`, `ordered`).
     pub positions: Option<Positions>,
     /// Neighbour blocks attended with each retrieved block.
@@ -88,6 +91,9 @@ impl RequestOptions {
         config.topk = size("topk", self.topk, config.topk, 0)?;
         config.n_local = size("n_local", self.n_local, config.n_local, 1)?;
         config.question_weight = question_weight(self.question_weight, config.question_weight)?;
+        if let Some(rows) = self.question_rows {
+            config.question_rows = rows;
+        }
         if let Some(positions) = self.positions {
             config.positions = positions;
         }

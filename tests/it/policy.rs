@@ -24,6 +24,7 @@ fn small_config(mode: Mode) -> QllmConfig {
         topk: 2,
         repr_topk: 2,
         question_weight: 1.0,
+        question_rows: qllm::QuestionRows::Mean,
         positions: qllm::Positions::Fixed,
         scoring: qllm::Scoring::Dot,
         selection: qllm::Selection::Shared,

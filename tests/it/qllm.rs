@@ -12,7 +12,7 @@ use mistralrs_core::attention_hook::{
     set_attention_hook, AttentionHook, AttentionHookCtx, HookModel, StepSequence,
 };
 use mistralrs_core::ModelDType;
-use qllm::{LayerStats, Mode, Positions, QllmConfig, QllmHook, Scoring, Selection};
+use qllm::{LayerStats, Mode, Positions, QllmConfig, QllmHook, QuestionRows, Scoring, Selection};
 
 use crate::engine::{engine_lock, generate_tokens, load_gguf, max_abs_diff, runtime};
 use crate::tiny::{self, prompt};
@@ -53,6 +53,8 @@ fn logits_with(
 struct Recording {
     inner: QllmHook,
     ended: Mutex<Vec<Vec<LayerStats>>>,
+    /// The most attention masks the hook held after any call.
+    most_masks: Mutex<usize>,
 }
 
 impl Recording {
@@ -60,6 +62,7 @@ impl Recording {
         Arc::new(Self {
             inner: QllmHook::new(config),
             ended: Mutex::new(Vec::new()),
+            most_masks: Mutex::new(0),
         })
     }
 
@@ -80,7 +83,10 @@ impl AttentionHook for Recording {
         k: &Tensor,
         v: &Tensor,
     ) -> Result<Tensor> {
-        self.inner.attend(ctx, q, k, v)
+        let out = self.inner.attend(ctx, q, k, v);
+        let mut most = self.most_masks.lock().unwrap();
+        *most = (*most).max(self.inner.cached_masks());
+        out
     }
     fn end_sequence(&self, seq_id: usize) {
         if let Some(stats) = self.inner.sequence_stats(seq_id) {
@@ -114,6 +120,7 @@ fn qllm_equals_dense_when_the_window_covers_the_sequence() {
             Scoring::Dot,
             0,
             Selection::Shared,
+            QuestionRows::Mean,
         ),
         (
             Mode::Streaming,
@@ -121,6 +128,7 @@ fn qllm_equals_dense_when_the_window_covers_the_sequence() {
             Scoring::Dot,
             0,
             Selection::Shared,
+            QuestionRows::Mean,
         ),
         (
             Mode::Qllm,
@@ -128,6 +136,7 @@ fn qllm_equals_dense_when_the_window_covers_the_sequence() {
             Scoring::HeadSoftmax,
             1,
             Selection::Shared,
+            QuestionRows::Mean,
         ),
         (
             Mode::Qllm,
@@ -135,6 +144,7 @@ fn qllm_equals_dense_when_the_window_covers_the_sequence() {
             Scoring::TokenMax,
             0,
             Selection::Shared,
+            QuestionRows::Mean,
         ),
         (
             Mode::Qllm,
@@ -142,15 +152,25 @@ fn qllm_equals_dense_when_the_window_covers_the_sequence() {
             Scoring::AttentionMass,
             1,
             Selection::PerKvHead,
+            QuestionRows::Mean,
+        ),
+        (
+            Mode::Qllm,
+            Positions::Fixed,
+            Scoring::AttentionMass,
+            0,
+            Selection::Shared,
+            QuestionRows::Tokens,
         ),
     ];
-    for (mode, positions, scoring, neighbours, selection) in variants {
+    for (mode, positions, scoring, neighbours, selection, question_rows) in variants {
         let config = QllmConfig {
             mode,
             positions,
             scoring,
             neighbours,
             selection,
+            question_rows,
             n_init: 4,
             n_local: 64,
             block_size: 8,
@@ -165,7 +185,7 @@ fn qllm_equals_dense_when_the_window_covers_the_sequence() {
         let diff = max_abs_diff(&reference, &got);
         assert!(
             diff <= 1e-4,
-            "{mode:?} {positions} {scoring} {selection}: max abs logit difference {diff}"
+            "{mode:?} {positions} {scoring} {selection} {question_rows}: max abs logit difference {diff}"
         );
         // The engine's own warm-up request ends too; ours are the long ones.
         let ended = hook.ended.lock().unwrap();
@@ -318,4 +338,11 @@ fn qllm_retrieving_every_block_equals_the_written_out_reference() {
     // 150 + 16 tokens: (166 - 8 - 32) / 8 = 15 blocks, all retrieved.
     assert_eq!(layer0.blocks, 15, "{layer0:?}");
     assert_eq!(layer0.last_retrieved, (0..15).collect::<Vec<_>>());
+    // Masks are kept for the current chunk only (its execution blocks of 16,
+    // 16 and 8 tokens), not for all ten of the prompt's step.
+    let most_masks = *hook.most_masks.lock().unwrap();
+    assert!(
+        (1..=3).contains(&most_masks),
+        "{most_masks} masks held at once"
+    );
 }
