@@ -376,12 +376,40 @@ impl QllmConfig {
     /// Checks the values against each other.
     pub fn validate(&self) -> Result<()> {
         let invalid = |key, reason: String| Err(Error::InvalidConfig { key, reason });
+        // The file's keys are checked as they are read; a config built in
+        // code is checked here.
+        for (key, value) in [
+            ("n_local", self.n_local),
+            ("block_size", self.block_size),
+            ("exc_block_size", self.exc_block_size),
+            ("repr_topk", self.repr_topk),
+            ("prefill_chunk_size", self.prefill_chunk_size),
+            ("max_context_len", self.max_context_len),
+        ] {
+            if value == 0 {
+                return invalid(key, "must be a positive integer, got 0".into());
+            }
+        }
         if self.exc_block_size > self.n_local {
             return invalid(
                 "exc_block_size",
                 format!(
                     "({}) must not exceed `n_local` ({})",
                     self.exc_block_size, self.n_local
+                ),
+            );
+        }
+        // Retrieval runs once per execution block, cut at multiples of
+        // `exc_block_size`; a prompt chunk ending inside one would split it
+        // into two retrievals, so the answer would depend on the chunking.
+        if self.mode != Mode::Dense && !self.prefill_chunk_size.is_multiple_of(self.exc_block_size)
+        {
+            return invalid(
+                "prefill_chunk_size",
+                format!(
+                    "({}) must be a multiple of `exc_block_size` ({}): prompt chunks must end \
+                     where execution blocks do",
+                    self.prefill_chunk_size, self.exc_block_size
                 ),
             );
         }
@@ -717,6 +745,24 @@ mod tests {
             err.contains("`exc_block_size` (256) must not exceed `n_local` (128)"),
             "{err}"
         );
+        let err = parse("prefill_chunk_size = 768").unwrap_err();
+        assert!(
+            err.contains("`prefill_chunk_size` (768) must be a multiple of `exc_block_size` (512)"),
+            "{err}"
+        );
+        assert!(parse("prefill_chunk_size = 1024").is_ok());
+        let err = QllmConfig {
+            exc_block_size: 0,
+            ..QllmConfig::default()
+        }
+        .validate()
+        .unwrap_err();
+        assert!(
+            err.to_string()
+                .contains("`exc_block_size` must be a positive integer"),
+            "{err}"
+        );
+        assert!(parse("mode = \"dense\"\nprefill_chunk_size = 768").is_ok());
         let err = parse("block_size = 2\nrepr_topk = 4").unwrap_err();
         assert!(err.contains("`repr_topk`"), "{err}");
         let err = parse("question_weight = -1.0").unwrap_err();

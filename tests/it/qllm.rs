@@ -317,9 +317,8 @@ fn qllm_retrieving_every_block_equals_the_written_out_reference() {
         exc_block_size: 16,
         topk: 1000,
         repr_topk: 2,
-        // Not a multiple of the execution block: results must not depend on
-        // how the prompt is cut into calls.
-        prefill_chunk_size: 40,
+        // Three execution blocks per call: the hook cuts them.
+        prefill_chunk_size: 48,
         ..QllmConfig::default()
     };
     let hook = Recording::new(config);
@@ -338,11 +337,65 @@ fn qllm_retrieving_every_block_equals_the_written_out_reference() {
     // 150 + 16 tokens: (166 - 8 - 32) / 8 = 15 blocks, all retrieved.
     assert_eq!(layer0.blocks, 15, "{layer0:?}");
     assert_eq!(layer0.last_retrieved, (0..15).collect::<Vec<_>>());
-    // Masks are kept for the current chunk only (its execution blocks of 16,
-    // 16 and 8 tokens), not for all ten of the prompt's step.
+    // Masks are kept for the current chunk only (its three execution
+    // blocks), not for all ten of the prompt's step.
     let most_masks = *hook.most_masks.lock().unwrap();
     assert!(
         (1..=3).contains(&most_masks),
         "{most_masks} masks held at once"
     );
+}
+
+/// With a retrieval set smaller than the memory (2 of 15 blocks), the
+/// output does not depend on how the prompt is cut into chunks, as long as
+/// chunks end where execution blocks do; other chunk sizes are refused.
+#[test]
+fn chunking_does_not_change_selective_retrieval() {
+    let _guard = engine_lock();
+    let dir = tempfile::tempdir().unwrap();
+    let file = tiny::write(dir.path(), 13, 0.3);
+    let prompts = [prompt(150, 5)];
+    let config = |prefill_chunk_size| QllmConfig {
+        mode: Mode::Qllm,
+        n_init: 8,
+        n_local: 32,
+        block_size: 8,
+        exc_block_size: 16,
+        topk: 2,
+        repr_topk: 2,
+        prefill_chunk_size,
+        ..QllmConfig::default()
+    };
+    let err = config(40).validate().unwrap_err().to_string();
+    assert!(
+        err.contains("`prefill_chunk_size` (40) must be a multiple of `exc_block_size` (16)"),
+        "{err}"
+    );
+    let mut runs = Vec::new();
+    for chunk in [16, 48, 160] {
+        let hook = Recording::new(config(chunk));
+        let logits = logits_with(&file, hook.clone(), &prompts, || hook.settled());
+        let ended = hook.ended.lock().unwrap();
+        let layer0 = ended
+            .iter()
+            .map(|layers| &layers[0])
+            .find(|s| s.processed == 166)
+            .expect("the request's statistics");
+        assert_eq!(layer0.blocks, 15, "{layer0:?}");
+        // Two per KV head: a union smaller than the memory.
+        assert!(
+            (2..layer0.blocks).contains(&layer0.last_retrieved.len()),
+            "{layer0:?}"
+        );
+        runs.push((chunk, logits, layer0.last_retrieved.clone()));
+    }
+    let (_, first, picked) = &runs[0];
+    for (chunk, logits, retrieved) in &runs[1..] {
+        let diff = max_abs_diff(first, logits);
+        assert!(
+            diff <= 1e-4,
+            "chunk {chunk}: max abs logit difference {diff}"
+        );
+        assert_eq!(retrieved, picked, "chunk {chunk}");
+    }
 }
