@@ -28,6 +28,7 @@ use axum::http::{header, Method, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
+use either::Either;
 use mistralrs_core::{Request, Response as EngineResponse};
 use mistralrs_server_core::handler_core::{create_response_channel, send_request_with_model};
 use mistralrs_server_core::mistralrs_server_router_builder::DEFAULT_MAX_BODY_LIMIT;
@@ -247,11 +248,29 @@ async fn with_report(response: Response, report: Value) -> Response {
     }
 }
 
+/// Fills in `max_tokens` when a request leaves it out: with the context
+/// limit lifted for Q-LLM, nothing else would stop a model that never emits
+/// its end token. The model's trained context is the bound upstream applies
+/// to prompt and answer together.
+fn bound_generation(max_tokens: &mut Option<usize>, hook: &QllmHook) {
+    if max_tokens.is_none() {
+        *max_tokens = hook.model_max_len();
+    }
+}
+
 async fn chat(State(state): State<ServerState>, body: Bytes) -> Response {
-    let (oairequest, options) = match split_body::<ChatCompletionRequest>(&body) {
+    let (mut oairequest, options) = match split_body::<ChatCompletionRequest>(&body) {
         Ok(x) => x,
         Err(e) => return e.into_response(),
     };
+    let empty = match &oairequest.messages {
+        Either::Left(messages) => messages.is_empty(),
+        Either::Right(text) => text.trim().is_empty(),
+    };
+    if empty {
+        return error(StatusCode::BAD_REQUEST, "`messages` must not be empty").into_response();
+    }
+    bound_generation(&mut oairequest.max_tokens, &state.hook);
     let model_id = (oairequest.model != "default").then(|| oairequest.model.clone());
     let (tx, mut rx) = create_response_channel(None);
     let mistralrs = state.mistralrs.clone();
@@ -289,10 +308,11 @@ async fn chat(State(state): State<ServerState>, body: Bytes) -> Response {
 }
 
 async fn completion(State(state): State<ServerState>, body: Bytes) -> Response {
-    let (oairequest, options) = match split_body::<CompletionRequest>(&body) {
+    let (mut oairequest, options) = match split_body::<CompletionRequest>(&body) {
         Ok(x) => x,
         Err(e) => return e.into_response(),
     };
+    bound_generation(&mut oairequest.max_tokens, &state.hook);
     let model_id = (oairequest.model != "default").then(|| oairequest.model.clone());
     let (tx, mut rx) = create_response_channel(None);
     let mistralrs = state.mistralrs.clone();
@@ -324,5 +344,37 @@ async fn completion(State(state): State<ServerState>, body: Bytes) -> Response {
             .await
             .into_response();
         with_report(response, report(&state.hook, &guard, probed)).await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use candle_core::DType;
+    use mistralrs_core::attention_hook::{AttentionHook, HookModel};
+
+    use super::*;
+    use crate::QllmConfig;
+
+    #[test]
+    fn a_request_without_max_tokens_is_bounded_by_the_trained_context() {
+        let hook = QllmHook::new(QllmConfig::default());
+        let mut absent = None;
+        bound_generation(&mut absent, &hook);
+        assert_eq!(absent, None, "no model loaded yet");
+        let lifted = hook.model_loaded(&HookModel {
+            max_seq_len: 8192,
+            num_layers: 30,
+            num_attention_heads: 9,
+            num_kv_heads: 3,
+            k_head_dim: 64,
+            v_head_dim: 64,
+            dtype: DType::F32,
+        });
+        assert_eq!(lifted, Some(1 << 20));
+        bound_generation(&mut absent, &hook);
+        assert_eq!(absent, Some(8192));
+        let mut asked = Some(40);
+        bound_generation(&mut asked, &hook);
+        assert_eq!(asked, Some(40));
     }
 }

@@ -186,6 +186,18 @@ fn bad_input_gets_clear_errors_and_the_server_keeps_serving() {
     let mut body = completion(0, 4, false);
     body["prompt"] = json!("");
     assert_refused(complete(port, &body), 422, &["empty prompt"]);
+    // A chat without messages, as the OpenAI API answers it.
+    for messages in [json!([]), json!(" ")] {
+        let body = json!({"model": "default", "messages": messages, "max_tokens": 4});
+        let reply = http_bytes(
+            port,
+            "POST",
+            "/v1/chat/completions",
+            body.to_string().as_bytes(),
+        )
+        .unwrap();
+        assert_refused(reply, 400, &["`messages` must not be empty"]);
+    }
 
     // Control characters are text like any other.
     let mut body = completion(50, 4, false);
