@@ -349,8 +349,7 @@ async fn completion(State(state): State<ServerState>, body: Bytes) -> Response {
 
 #[cfg(test)]
 mod tests {
-    use candle_core::DType;
-    use mistralrs_core::attention_hook::{AttentionHook, HookModel};
+    use mistralrs_core::attention_hook::AttentionHook;
 
     use super::*;
     use crate::QllmConfig;
@@ -361,15 +360,7 @@ mod tests {
         let mut absent = None;
         bound_generation(&mut absent, &hook);
         assert_eq!(absent, None, "no model loaded yet");
-        let lifted = hook.model_loaded(&HookModel {
-            max_seq_len: 8192,
-            num_layers: 30,
-            num_attention_heads: 9,
-            num_kv_heads: 3,
-            k_head_dim: 64,
-            v_head_dim: 64,
-            dtype: DType::F32,
-        });
+        let lifted = hook.model_loaded(&crate::limits::tests::smollm2());
         assert_eq!(lifted, Some(1 << 20));
         bound_generation(&mut absent, &hook);
         assert_eq!(absent, Some(8192));

@@ -67,6 +67,18 @@ impl Recording {
     }
 
     /// Whether every sequence has ended.
+    /// The first layer's statistics of the ended sequence that processed
+    /// `tokens` tokens.
+    fn first_layer_of(&self, tokens: usize) -> LayerStats {
+        self.ended
+            .lock()
+            .unwrap()
+            .iter()
+            .map(|layers| layers[0].clone())
+            .find(|s| s.processed == tokens)
+            .expect("the request's statistics")
+    }
+
     fn settled(&self) -> bool {
         self.inner.sequence_ids().is_empty()
     }
@@ -328,12 +340,7 @@ fn qllm_retrieving_every_block_equals_the_written_out_reference() {
     let spread = reference[0][0].iter().fold(f32::MIN, |m, &x| m.max(x))
         - reference[0][0].iter().fold(f32::MAX, |m, &x| m.min(x));
     assert!(spread > 1.0, "logit spread {spread}");
-    let ended = hook.ended.lock().unwrap();
-    let layer0 = ended
-        .iter()
-        .map(|layers| &layers[0])
-        .find(|s| s.processed == 166)
-        .expect("the request's statistics");
+    let layer0 = hook.first_layer_of(166);
     // 150 + 16 tokens: (166 - 8 - 32) / 8 = 15 blocks, all retrieved.
     assert_eq!(layer0.blocks, 15, "{layer0:?}");
     assert_eq!(layer0.last_retrieved, (0..15).collect::<Vec<_>>());
@@ -375,12 +382,7 @@ fn chunking_does_not_change_selective_retrieval() {
     for chunk in [16, 48, 160] {
         let hook = Recording::new(config(chunk));
         let logits = logits_with(&file, hook.clone(), &prompts, || hook.settled());
-        let ended = hook.ended.lock().unwrap();
-        let layer0 = ended
-            .iter()
-            .map(|layers| &layers[0])
-            .find(|s| s.processed == 166)
-            .expect("the request's statistics");
+        let layer0 = hook.first_layer_of(166);
         assert_eq!(layer0.blocks, 15, "{layer0:?}");
         // Two per KV head: a union smaller than the memory.
         assert!(
