@@ -81,7 +81,32 @@ impl IntoResponse for HttpError {
 }
 
 fn error(status: StatusCode, message: impl std::fmt::Display) -> HttpError {
-    HttpError(status, message.to_string())
+    HttpError(status, client_message(&message.to_string()))
+}
+
+/// `text` without the backtrace candle appends to its errors (when
+/// `RUST_BACKTRACE` is set): clients get the message, the log gets the rest.
+fn client_message(text: &str) -> String {
+    // A backtrace's first frame: "   0: candle_core::error::Error::bt".
+    let first_frame = |line: &str| line.starts_with(' ') && line.trim_start().starts_with("0: ");
+    match text.lines().position(first_frame) {
+        Some(first_frame) => {
+            tracing::warn!("qllm: error sent to the client without its backtrace: {text}");
+            let message: Vec<&str> = text.lines().take(first_frame).collect();
+            message.join("\n").trim_end().to_string()
+        }
+        None => text.to_string(),
+    }
+}
+
+/// [`client_message`] applied to every string in a JSON error body.
+fn strip_backtraces(value: &mut Value) {
+    match value {
+        Value::String(text) => *text = client_message(text),
+        Value::Array(items) => items.iter_mut().for_each(strip_backtraces),
+        Value::Object(fields) => fields.values_mut().for_each(strip_backtraces),
+        _ => {}
+    }
 }
 
 /// What `GET /v1/qllm/stats` answers.
@@ -226,11 +251,10 @@ async fn await_start(
 /// How often [`await_start`] looks for the request's sequences.
 const START_POLL: std::time::Duration = std::time::Duration::from_millis(20);
 
-/// Adds the report to a successful JSON response.
+/// Adds the report to a successful JSON response; strips backtraces from an
+/// error's.
 async fn with_report(response: Response, report: Value) -> Response {
-    if response.status() != StatusCode::OK {
-        return response;
-    }
+    let ok = response.status() == StatusCode::OK;
     let (parts, body) = response.into_parts();
     let Ok(bytes) = axum::body::to_bytes(body, usize::MAX).await else {
         return error(
@@ -240,9 +264,13 @@ async fn with_report(response: Response, report: Value) -> Response {
         .into_response();
     };
     match serde_json::from_slice::<Value>(&bytes) {
-        Ok(Value::Object(mut object)) => {
+        Ok(Value::Object(mut object)) if ok => {
             object.insert(EXTENSION_FIELD.into(), report);
             (parts, Json(Value::Object(object))).into_response()
+        }
+        Ok(mut body) if !ok => {
+            strip_backtraces(&mut body);
+            (parts, Json(body)).into_response()
         }
         _ => (parts, axum::body::Body::from(bytes)).into_response(),
     }
@@ -353,6 +381,36 @@ mod tests {
 
     use super::*;
     use crate::QllmConfig;
+
+    #[test]
+    fn clients_get_error_messages_without_backtraces() {
+        let with_backtrace = candle_core::Error::WithBacktrace {
+            inner: Box::new(candle_core::Error::Msg(
+                "qllm: layer 3 got tokens at position 9 but holds 4 tokens".into(),
+            )),
+            backtrace: Box::new(std::backtrace::Backtrace::force_capture()),
+        };
+        let full = with_backtrace.to_string();
+        assert!(full.contains("   0: "), "{full}");
+        let sent = error(StatusCode::INTERNAL_SERVER_ERROR, &with_backtrace);
+        assert_eq!(
+            sent.1,
+            "qllm: layer 3 got tokens at position 9 but holds 4 tokens"
+        );
+        let mut body = json!({"message": full, "object": "error", "code": 500});
+        strip_backtraces(&mut body);
+        assert_eq!(
+            body,
+            json!({
+                "message": "qllm: layer 3 got tokens at position 9 but holds 4 tokens",
+                "object": "error",
+                "code": 500,
+            })
+        );
+        // Text without a backtrace is sent as it is, lines and numbers too.
+        let plain = "two problems:\n1. topk\n2: n_local";
+        assert_eq!(client_message(plain), "two problems:\n1. topk\n2: n_local");
+    }
 
     #[test]
     fn a_request_without_max_tokens_is_bounded_by_the_trained_context() {
