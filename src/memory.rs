@@ -757,9 +757,11 @@ impl LayerMemory {
         let scores = &self.local_score[first * heads..(first + len) * heads];
         let queries = queries.flatten_all()?.to_vec1::<f32>()?;
         self.question = Some(match config.question_rows {
-            QuestionRows::Mean => {
-                mean_of_most_attended(&queries, 1, len, d, scores, heads, config.repr_topk)
-            }
+            QuestionRows::Mean => head_means(
+                &most_attended_rows(&queries, 1, len, d, scores, heads, config.repr_topk),
+                heads,
+                d,
+            ),
             QuestionRows::Tokens => {
                 most_attended_rows(&queries, 1, len, d, scores, heads, MAX_QUESTION_ROWS)
             }
@@ -806,8 +808,11 @@ impl LayerMemory {
         let (_, kv_heads, _, d) = k.dims4()?;
         let keys = k.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
         let scores = &self.local_score[..bs * heads];
-        let representative =
-            mean_of_most_attended(&keys, heads / kv_heads, bs, d, scores, heads, repr_topk);
+        let representative = head_means(
+            &most_attended_rows(&keys, heads / kv_heads, bs, d, scores, heads, repr_topk),
+            heads,
+            d,
+        );
         self.representatives.extend_from_slice(&representative);
         self.blocks.push(&k.to_dtype(dtype)?, &v.to_dtype(dtype)?)?;
         self.drop_recent(bs, heads);
@@ -848,26 +853,17 @@ fn most_attended_rows(
     out
 }
 
-/// For every query head, the mean of its [`most_attended_rows`]. Returns
+/// Per head, the mean of its rows: `rows` is `(heads, r, d)` flattened (as
+/// [`most_attended_rows`] returns them); zeros where `r` is 0. Returns
 /// `heads * d` values.
-fn mean_of_most_attended(
-    rows: &[f32],
-    group: usize,
-    len: usize,
-    d: usize,
-    scores: &[f32],
-    heads: usize,
-    top: usize,
-) -> Vec<f32> {
-    let top = top.min(len);
-    if top == 0 {
+fn head_means(rows: &[f32], heads: usize, d: usize) -> Vec<f32> {
+    let per_head = rows.len() / (heads * d);
+    if per_head == 0 {
         return vec![0f32; heads * d];
     }
-    let picked = most_attended_rows(rows, group, len, d, scores, heads, top);
-    #[allow(clippy::cast_precision_loss)] // `top` is at most a block.
-    let inv = 1.0 / top as f32;
-    picked
-        .chunks_exact(top * d)
+    #[allow(clippy::cast_precision_loss)] // at most a block's tokens
+    let inv = 1.0 / per_head as f32;
+    rows.chunks_exact(per_head * d)
         .flat_map(|head| {
             let mut mean = vec![0f32; d];
             for row in head.chunks_exact(d) {
@@ -1334,7 +1330,7 @@ mod tests {
         let keys = [1.0, 0.0, 0.0, 1.0, 5.0, 5.0];
         // Head 0 attended tokens 0 and 2 most, head 1 tokens 1 and 2.
         let scores = [0.9, 0.1, 0.2, 0.8, 0.5, 0.5];
-        let repr = mean_of_most_attended(&keys, 2, 3, 2, &scores, 2, 2);
+        let repr = head_means(&most_attended_rows(&keys, 2, 3, 2, &scores, 2, 2), 2, 2);
         assert_eq!(repr, vec![3.0, 2.5, 2.5, 3.0]);
     }
 
