@@ -32,7 +32,7 @@ impl Cell {
     }
 }
 
-/// Answers under `mode` for keys `0..KEYS` at depth 50%, with the question
+/// Answers under `mode` for the first `keys` keys at depth 50%, with the question
 /// given to the hook (a probe pass reads it before the document) and the
 /// needle traced.
 fn passkey_cells(mode: Mode, keys: u64) -> Vec<Cell> {

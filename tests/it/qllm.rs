@@ -66,7 +66,6 @@ impl Recording {
         })
     }
 
-    /// Whether every sequence has ended.
     /// The first layer's statistics of the ended sequence that processed
     /// `tokens` tokens.
     fn first_layer_of(&self, tokens: usize) -> LayerStats {
@@ -79,6 +78,7 @@ impl Recording {
             .expect("the request's statistics")
     }
 
+    /// Whether every sequence has ended.
     fn settled(&self) -> bool {
         self.inner.sequence_ids().is_empty()
     }
