@@ -10,9 +10,17 @@
 //!   sinks, and memory blocks of evicted tokens retrieved per execution block
 //!   and layer by the current queries plus the question;
 //! - `infllm`: the same without the question;
-//! - `streaming`: sinks and the local window only;
+//! - `streaming`: InfLLM with `topk = 0`: sinks and the local window;
 //! - `dense`: full causal attention over the hook's own KV store, the
 //!   reference the other modes are measured against.
+//!
+//! Rooms, each the one owner of its concern (the README has the map):
+//! [`config`] (settings and the config file), [`memory`] (a layer's ledger,
+//! KV store and blocks), [`retrieval`] (block scores, top-k, the question's
+//! rows), [`attention`] (the math and its slow reference twins), and, with
+//! the `engine` feature (default), [`engine`] (the hook), [`question`] (the
+//! question's text, span and probe) and [`client`]; [`server`] (feature
+//! `server`, default) and [`eval`] (feature `eval`) build on them.
 
 #![deny(clippy::cast_possible_truncation, clippy::cast_precision_loss)]
 #![warn(missing_docs)]
@@ -20,82 +28,95 @@
 pub mod attention;
 pub mod config;
 pub mod error;
-pub mod eval;
-pub mod hook;
-pub mod kv;
-pub mod limits;
 pub mod memory;
-pub mod passkey;
-pub mod request;
-pub mod rope;
-pub mod server;
-pub mod trace;
+pub mod question;
+pub mod retrieval;
+pub mod system;
 
-use std::path::Path;
-use std::sync::{Arc, RwLock};
+#[cfg(feature = "engine")]
+pub mod client;
+#[cfg(feature = "engine")]
+pub mod engine;
+#[cfg(feature = "eval")]
+pub mod eval;
+#[cfg(feature = "server")]
+pub mod server;
 
 pub use config::{
-    BlockDType, ConfigFile, Mode, Positions, Preset, QllmConfig, QuestionRows, Scoring, Selection,
+    BlockDType, ConfigFile, EngineSettings, MemoryCaps, Mode, Policy, Positions, Preset,
+    QllmConfig, QuestionRows, RequestOptions, Scoring, Selection,
 };
 pub use error::{Error, Result};
-pub use hook::{find_question_span, MemoryStats, Needle, QllmHook, RequestPlan, RequestReport};
 pub use memory::LayerStats;
+
+#[cfg(feature = "engine")]
+pub use engine::{MemoryStats, Needle, QllmHook, RequestPlan, RequestReport};
+#[cfg(feature = "engine")]
 pub use mistralrs_core::attention_hook::AttentionHook;
 
-/// Loads the config (defaults when `config_path` is `None`), validates it and
-/// installs the hook for every model loaded afterwards. Returns the hook so
-/// callers can read its statistics. Without a `max_memory` in the config,
-/// Q-LLM state is capped at half the machine's memory.
-pub fn install(config_path: Option<&Path>) -> Result<Arc<QllmHook>> {
-    install_with_limits(config_path, None, None)
-}
+#[cfg(feature = "engine")]
+mod install {
+    use std::path::Path;
+    use std::sync::{Arc, RwLock};
 
-/// [`install`], with the memory caps given as sizes (e.g. `"8GiB"`, from
-/// the command line) overriding the config file's `max_memory` and
-/// `max_request_memory`.
-pub fn install_with_limits(
-    config_path: Option<&Path>,
-    max_memory: Option<&str>,
-    max_request_memory: Option<&str>,
-) -> Result<Arc<QllmHook>> {
-    let file = match config_path {
-        Some(path) => ConfigFile::load(path)?,
-        None => ConfigFile::default(),
-    };
-    let mut config = file.resolve()?;
-    if let Some(size) = max_memory {
-        config.max_memory = Some(limits::parse_byte_size("max_memory", size)?);
+    use crate::config::size::{format_bytes, parse_byte_size};
+    use crate::{ConfigFile, QllmConfig, QllmHook, Result};
+
+    /// Loads the config (defaults when `config_path` is `None`), validates it
+    /// and installs the hook for every model loaded afterwards. Returns the
+    /// hook so callers can read its statistics. Without a `max_memory` in the
+    /// config, Q-LLM state is capped at half the machine's memory.
+    pub fn install(config_path: Option<&Path>) -> Result<Arc<QllmHook>> {
+        install_with_limits(config_path, None, None)
     }
-    if let Some(size) = max_request_memory {
-        config.max_request_memory = Some(limits::parse_byte_size("max_request_memory", size)?);
+
+    /// [`install`], with the memory caps given as sizes (e.g. `"8GiB"`, from
+    /// the command line) overriding the config file's `max_memory` and
+    /// `max_request_memory`.
+    pub fn install_with_limits(
+        config_path: Option<&Path>,
+        max_memory: Option<&str>,
+        max_request_memory: Option<&str>,
+    ) -> Result<Arc<QllmHook>> {
+        let file = match config_path {
+            Some(path) => ConfigFile::load(path)?,
+            None => ConfigFile::default(),
+        };
+        let mut config = file.resolve()?;
+        let caps = &mut config.caps;
+        if let Some(size) = max_memory {
+            caps.max_memory = Some(parse_byte_size("max_memory", size)?);
+        }
+        if let Some(size) = max_request_memory {
+            caps.max_request_memory = Some(parse_byte_size("max_request_memory", size)?);
+        }
+        if caps.max_memory.is_none() {
+            caps.max_memory = crate::system::physical_memory().map(|bytes| bytes / 2);
+        }
+        tracing::info!(
+            "Q-LLM memory caps: max_memory = {}, max_request_memory = {}",
+            caps.max_memory.map_or("none".into(), format_bytes),
+            caps.max_request_memory.map_or("none".into(), format_bytes)
+        );
+        Ok(install_config(config))
     }
-    if config.max_memory.is_none() {
-        config.max_memory = limits::physical_memory().map(|bytes| bytes / 2);
+
+    /// Installs a hook with an already validated config.
+    pub fn install_config(config: QllmConfig) -> Arc<QllmHook> {
+        tracing::info!("Q-LLM attention hook installed: {config:?}");
+        let hook = Arc::new(QllmHook::new(config));
+        mistralrs_core::attention_hook::set_attention_hook(Some(hook.clone()));
+        *INSTALLED.write().unwrap_or_else(|e| e.into_inner()) = Some(hook.clone());
+        hook
     }
-    tracing::info!(
-        "Q-LLM memory caps: max_memory = {}, max_request_memory = {}",
-        config
-            .max_memory
-            .map_or("none".into(), limits::format_bytes),
-        config
-            .max_request_memory
-            .map_or("none".into(), limits::format_bytes)
-    );
-    Ok(install_config(config))
+
+    static INSTALLED: RwLock<Option<Arc<QllmHook>>> = RwLock::new(None);
+
+    /// The hook [`install`] or [`install_config`] put in place last, if any.
+    pub fn installed() -> Option<Arc<QllmHook>> {
+        INSTALLED.read().unwrap_or_else(|e| e.into_inner()).clone()
+    }
 }
 
-/// Installs a hook with an already validated config.
-pub fn install_config(config: QllmConfig) -> Arc<QllmHook> {
-    tracing::info!("Q-LLM attention hook installed: {config:?}");
-    let hook = Arc::new(QllmHook::new(config));
-    mistralrs_core::attention_hook::set_attention_hook(Some(hook.clone()));
-    *INSTALLED.write().unwrap_or_else(|e| e.into_inner()) = Some(hook.clone());
-    hook
-}
-
-static INSTALLED: RwLock<Option<Arc<QllmHook>>> = RwLock::new(None);
-
-/// The hook [`install`] or [`install_config`] put in place last, if any.
-pub fn installed() -> Option<Arc<QllmHook>> {
-    INSTALLED.read().unwrap_or_else(|e| e.into_inner()).clone()
-}
+#[cfg(feature = "engine")]
+pub use install::{install, install_config, install_with_limits, installed};

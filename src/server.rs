@@ -11,7 +11,7 @@
 //! ```
 //!
 //! See [`RequestOptions`] for the keys. Each request's question is found (see
-//! [`crate::request`]), probed and registered with the hook before the
+//! [`crate::question`]), probed and registered with the hook before the
 //! request is sent; the non-streaming response carries a `qllm` object with
 //! what the hook did ([`crate::RequestReport`]), and every request logs it.
 //! Bad options get HTTP 400 with a message naming the key; a body that is
@@ -39,9 +39,10 @@ use serde_json::{json, Value};
 use tokio::sync::mpsc::Receiver;
 use tower_http::cors::{AllowOrigin, CorsLayer};
 
+use crate::config::RequestOptions;
+use crate::engine::QllmHook;
 use crate::error::Error;
-use crate::hook::QllmHook;
-use crate::request::{prepare, Prepared, RequestGuard, RequestOptions};
+use crate::question::probe::{prepare, Prepared, RequestGuard};
 
 /// Name of the request extension field.
 pub const EXTENSION_FIELD: &str = "qllm";
@@ -136,9 +137,9 @@ async fn stats(State(state): State<ServerState>) -> Json<Stats> {
         bytes: memory.bytes,
         charged_bytes: memory.charged_bytes,
         tracked_requests: state.hook.tracked_requests(),
-        max_memory: config.max_memory,
-        max_request_memory: config.max_request_memory,
-        resident_bytes: crate::limits::resident_memory(),
+        max_memory: config.caps.max_memory,
+        max_request_memory: config.caps.max_request_memory,
+        resident_bytes: crate::system::resident_memory(),
     })
 }
 
@@ -418,7 +419,7 @@ mod tests {
         let mut absent = None;
         bound_generation(&mut absent, &hook);
         assert_eq!(absent, None, "no model loaded yet");
-        let lifted = hook.model_loaded(&crate::limits::tests::smollm2());
+        let lifted = hook.model_loaded(&crate::engine::tests::hook_model());
         assert_eq!(lifted, Some(1 << 20));
         bound_generation(&mut absent, &hook);
         assert_eq!(absent, Some(8192));

@@ -1,0 +1,229 @@
+//! Slow, obviously correct twins of the fast attention code, written out
+//! from the method's definition one query and one key at a time. Tests
+//! compare the fast paths against them; they are not for serving.
+
+use candle_core::{DType, Device, Tensor};
+
+use super::rope::{rotate_slow, Rotary};
+use crate::config::{Policy, Positions};
+
+/// What a layer's memory held when an execution block was read.
+#[derive(Debug, Clone, Copy)]
+pub struct MemoryState<'a> {
+    /// Position of the execution block's first query.
+    pub p0: usize,
+    /// Sinks held.
+    pub init: usize,
+    /// Memory blocks formed.
+    pub blocks: usize,
+    /// Blocks retrieved: none, one list for every head, or one per KV head.
+    pub retrieved: &'a [Vec<usize>],
+}
+
+impl MemoryState<'static> {
+    /// Every past token attended, for queries from `p0` on: full attention
+    /// with Q-LLM's positions (the window exact, the rest at distance
+    /// `n_local - 1` with `fixed` positions), what retrieving every block
+    /// gives.
+    pub fn every_token(p0: usize) -> Self {
+        Self {
+            p0,
+            init: 0,
+            blocks: 0,
+            retrieved: &[],
+        }
+    }
+}
+
+/// Q-LLM's attention for one execution block, written out from the
+/// method's definition given the blocks retrieved (`retrieved`: one list
+/// for every head, or one per KV head; out of `blocks` formed, `init`
+/// sinks held): query `pos` of KV head `g` sees key `j <= pos` exactly
+/// when `pos - j < n_local` (the window, at window positions), or `j` is
+/// a sink, in a block `g` retrieved, or not yet in any block. Memory
+/// keys sit at distance `n_local - 1` (`Fixed`) or at their rank among
+/// the execution block's memory keys of `g` (`Ordered`), with the window
+/// right after them.
+pub fn reference_attention(
+    config: &Policy,
+    rope: &dyn Rotary,
+    q: &Tensor,
+    keys: &Tensor,
+    values: &Tensor,
+    memory: &MemoryState<'_>,
+    softmax_scale: f32,
+) -> Vec<f32> {
+    let MemoryState {
+        p0,
+        init,
+        blocks,
+        retrieved,
+    } = *memory;
+    let (_, heads, e, d) = q.dims4().unwrap();
+    let kv_heads = keys.dim(1).unwrap();
+    let group = heads / kv_heads;
+    let end = p0 + e;
+    let (n_local, bs) = (config.n_local, config.block_size);
+    let recent_start = init + blocks * bs;
+    let picks_of = |g: usize| -> &[usize] {
+        match retrieved {
+            [] => &[],
+            [shared] => shared,
+            per_head => &per_head[g],
+        }
+    };
+    let in_memory = |g: usize, j: usize| {
+        j < init || j >= recent_start || picks_of(g).contains(&((j - init) / bs))
+    };
+    // Each KV head's memory keys: older than every query's window.
+    let memory: Vec<Vec<usize>> = (0..kv_heads)
+        .map(|g| {
+            (0..end.saturating_sub(n_local))
+                .filter(|&j| in_memory(g, j))
+                .collect()
+        })
+        .collect();
+    let local_start = recent_start.max((p0 + 1).saturating_sub(n_local));
+    let base = match config.positions {
+        Positions::Fixed => 0,
+        Positions::Ordered => memory[0].len(),
+    };
+    let rows = |t: &Tensor| -> Vec<Vec<Vec<f32>>> {
+        t.squeeze(0)
+            .unwrap()
+            .to_dtype(DType::F32)
+            .unwrap()
+            .to_vec3()
+            .unwrap()
+    };
+    let n = keys.dim(2).unwrap();
+    let raw = rows(keys);
+    let vals = rows(values);
+    let key_at = |p: Vec<usize>| rows(&rotate_slow(rope, keys, &p).unwrap());
+    // Window keys at window positions, memory keys at their rank.
+    let k_window = key_at(
+        (0..n)
+            .map(|j| base + j.saturating_sub(local_start))
+            .collect(),
+    );
+    let k_ranked: Vec<Vec<Vec<f32>>> = (0..kv_heads)
+        .map(|g| {
+            key_at(
+                (0..n)
+                    .map(|j| memory[g].iter().position(|&m| m == j).unwrap_or(0))
+                    .collect(),
+            )
+            .swap_remove(g)
+        })
+        .collect();
+    let window_at: Vec<usize> = (p0..end).map(|p| base + p - local_start).collect();
+    let q_window = rows(&rotate_slow(rope, q, &window_at).unwrap());
+    let q_far = rows(&rotate_slow(rope, q, &vec![n_local - 1; e]).unwrap());
+    let mut out = vec![0f32; heads * e * d];
+    for h in 0..heads {
+        let g = h / group;
+        for i in 0..e {
+            let pos = p0 + i;
+            let mut seen = Vec::new();
+            for j in 0..=pos {
+                let score = if pos - j < n_local {
+                    dot_slow(&q_window[h][i], &k_window[g][j])
+                } else if in_memory(g, j) {
+                    match config.positions {
+                        Positions::Fixed => dot_slow(&q_far[h][i], &raw[g][j]),
+                        Positions::Ordered => dot_slow(&q_window[h][i], &k_ranked[g][j]),
+                    }
+                } else {
+                    continue;
+                };
+                seen.push((j, score * softmax_scale));
+            }
+            let max = seen.iter().fold(f32::MIN, |m, &(_, s)| m.max(s));
+            let total: f32 = seen.iter().map(|(_, s)| (s - max).exp()).sum();
+            let row = &mut out[(h * e + i) * d..(h * e + i + 1) * d];
+            for &(j, s) in &seen {
+                let w = (s - max).exp() / total;
+                for (o, x) in row.iter_mut().zip(&vals[g][j]) {
+                    *o += w * x;
+                }
+            }
+        }
+    }
+    out
+}
+
+
+/// A tensor of uniform values in `[-scale, scale)` from `seed`
+/// (xorshift), the same on every machine.
+pub fn random(shape: (usize, usize, usize, usize), seed: u64, scale: f64) -> Tensor {
+    let mut state = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    let n = shape.0 * shape.1 * shape.2 * shape.3;
+    let data: Vec<f32> = (0..n)
+        .map(|_| {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            #[allow(clippy::cast_precision_loss)]
+            let u = (state >> 40) as f32 / (1u64 << 24) as f32;
+            u * 2.0 - 1.0
+        })
+        .collect();
+    (Tensor::from_vec(data, shape, &Device::Cpu).unwrap() * scale).unwrap()
+}
+
+
+/// Causal attention written out: query `i` of the last `l` of `n` positions
+/// sees keys `0..=n - l + i`; query head `h` reads KV head `h / group`.
+/// Returns `(1, heads, l, d)` flattened.
+pub fn causal_attention_slow(q: &Tensor, k: &Tensor, v: &Tensor, softmax_scale: f32) -> Vec<f32> {
+    let (_, heads, l, d) = q.dims4().unwrap();
+    let (_, kv_heads, n, _) = k.dims4().unwrap();
+    let rows = |t: &Tensor| -> Vec<Vec<Vec<f32>>> {
+        t.squeeze(0)
+            .unwrap()
+            .to_dtype(DType::F32)
+            .unwrap()
+            .to_vec3()
+            .unwrap()
+    };
+    let (q, k, v) = (rows(q), rows(k), rows(v));
+    let group = heads / kv_heads;
+    let mut out = vec![0f32; heads * l * d];
+    for h in 0..heads {
+        for i in 0..l {
+            let seen = n - l + i + 1;
+            let logits: Vec<f32> = (0..seen)
+                .map(|j| dot_slow(&q[h][i], &k[h / group][j]) * softmax_scale)
+                .collect();
+            let max = logits.iter().copied().fold(f32::MIN, f32::max);
+            let total: f32 = logits.iter().map(|s| (s - max).exp()).sum();
+            let row = &mut out[(h * l + i) * d..(h * l + i + 1) * d];
+            for (j, s) in logits.iter().enumerate() {
+                let w = (s - max).exp() / total;
+                for (o, x) in row.iter_mut().zip(&v[h / group][j]) {
+                    *o += w * x;
+                }
+            }
+        }
+    }
+    out
+}
+
+/// The plain dot product.
+pub fn dot_slow(a: &[f32], b: &[f32]) -> f32 {
+    a.iter().zip(b).map(|(x, y)| x * y).sum()
+}
+
+/// The largest absolute difference of two equally long slices.
+pub fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
+    assert_eq!(a.len(), b.len(), "compared slices differ in length");
+    a.iter().zip(b).fold(0f32, |m, (x, y)| m.max((x - y).abs()))
+}
+
+/// Asserts that two equally long slices agree within `tolerance`.
+pub fn assert_close(got: &[f32], expected: &[f32], tolerance: f32) {
+    assert_eq!(got.len(), expected.len());
+    for (a, b) in got.iter().zip(expected) {
+        assert!((a - b).abs() < tolerance, "{got:?} vs {expected:?}");
+    }
+}

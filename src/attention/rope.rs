@@ -1,0 +1,144 @@
+//! Rotation at chosen positions, in f32, whatever dtype the model computes in
+//! or keeps its RoPE tables in.
+//!
+//! mistral.rs builds each model's tables in a dtype of its own choosing
+//! (GGUF qwen2: f32; GGUF llama: the compute dtype), while the hook receives
+//! q/k in the compute dtype; candle's rope kernels need all three to agree.
+//! The hook computes attention in f32, so it rotates in f32: the input is
+//! upcast and the table rows are upcast to match.
+
+use candle_core::{DType, Device, Result, Tensor};
+
+/// A model's rotary position embedding, as the hook needs it: the tables
+/// and how dimensions are paired. The engine's embedding implements it;
+/// [`RopeTable`] is a plain one for tests and benchmarks.
+pub trait Rotary {
+    /// `(positions, d / 2)` cosine and sine tables, in any float dtype.
+    fn cos_sin(&self) -> Result<(Tensor, Tensor)>;
+    /// Whether dimension `i` pairs with `i + d/2` (GPT-NeoX) rather than
+    /// with `i + 1` (interleaved, GGUF llama).
+    fn is_neox(&self) -> bool;
+    /// Positions the tables cover.
+    fn max_positions(&self) -> usize;
+}
+
+/// The standard RoPE tables, `theta_i = base^(-2i/d)`, built in f32.
+#[derive(Debug, Clone)]
+pub struct RopeTable {
+    cos: Tensor,
+    sin: Tensor,
+    neox: bool,
+}
+
+impl RopeTable {
+    /// Tables for heads of size `d` over `positions` positions.
+    pub fn new(base: f32, d: usize, positions: usize, neox: bool, device: &Device) -> Result<Self> {
+        #[allow(clippy::cast_precision_loss)] // head sizes and positions
+        let (cos, sin): (Vec<f32>, Vec<f32>) = (0..positions)
+            .flat_map(|p| {
+                (0..d / 2).map(move |i| {
+                    let angle = p as f32 / base.powf(2.0 * i as f32 / d as f32);
+                    (angle.cos(), angle.sin())
+                })
+            })
+            .unzip();
+        Ok(Self {
+            cos: Tensor::from_vec(cos, (positions, d / 2), device)?,
+            sin: Tensor::from_vec(sin, (positions, d / 2), device)?,
+            neox,
+        })
+    }
+}
+
+impl Rotary for RopeTable {
+    fn cos_sin(&self) -> Result<(Tensor, Tensor)> {
+        Ok((self.cos.clone(), self.sin.clone()))
+    }
+    fn is_neox(&self) -> bool {
+        self.neox
+    }
+    fn max_positions(&self) -> usize {
+        self.cos.dims()[0]
+    }
+}
+
+/// `x` (`(b, h, t, d)`, any float dtype) rotated as if its `t` rows sat at
+/// `positions` (`u32`, length `t`); the result is f32.
+pub fn rotate_f32(rope: &dyn Rotary, x: &Tensor, positions: &Tensor) -> Result<Tensor> {
+    let x = x.to_dtype(DType::F32)?.contiguous()?;
+    let (cos, sin) = rope.cos_sin()?;
+    let cos = cos.index_select(positions, 0)?.to_dtype(DType::F32)?;
+    let sin = sin.index_select(positions, 0)?.to_dtype(DType::F32)?;
+    if rope.is_neox() {
+        candle_nn::rotary_emb::rope(&x, &cos, &sin)
+    } else {
+        candle_nn::rotary_emb::rope_i(&x, &cos, &sin)
+    }
+}
+
+/// [`rotate_f32`] written out, one pair of dimensions at a time: the slow
+/// twin the fast kernel is checked against.
+pub fn rotate_slow(rope: &dyn Rotary, x: &Tensor, positions: &[usize]) -> Result<Tensor> {
+    let (b, h, t, d) = x.dims4()?;
+    let (cos, sin) = rope.cos_sin()?;
+    let cos = cos.to_dtype(DType::F32)?.to_vec2::<f32>()?;
+    let sin = sin.to_dtype(DType::F32)?.to_vec2::<f32>()?;
+    let data = x.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
+    let mut out = data.clone();
+    for row in 0..b * h {
+        for (i, &p) in positions.iter().enumerate().take(t) {
+            let at = (row * t + i) * d;
+            for j in 0..d / 2 {
+                let (a, c) = if rope.is_neox() {
+                    (at + j, at + j + d / 2)
+                } else {
+                    (at + 2 * j, at + 2 * j + 1)
+                };
+                let (x0, x1) = (data[a], data[c]);
+                out[a] = x0 * cos[p][j] - x1 * sin[p][j];
+                out[c] = x0 * sin[p][j] + x1 * cos[p][j];
+            }
+        }
+    }
+    Tensor::from_vec(out, (b, h, t, d), x.device())
+}
+
+/// A `u32` position tensor from `values`.
+pub fn positions(values: impl Iterator<Item = usize>, device: &Device) -> Result<Tensor> {
+    let values = values
+        .map(|p| u32::try_from(p).map_err(|_| candle_core::Error::Msg(format!("position {p}"))))
+        .collect::<Result<Vec<u32>>>()?;
+    let n = values.len();
+    Tensor::from_vec(values, n, device)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn fast_rotation_matches_the_written_out_one_in_both_pairings() {
+        let x = crate::attention::reference::random((1, 2, 5, 8), 3, 1.0);
+        let at = [0, 7, 3, 30, 12];
+        for neox in [true, false] {
+            let rope = RopeTable::new(10000.0, 8, 32, neox, &Device::Cpu).unwrap();
+            let fast = rotate_f32(&rope, &x, &positions(at.into_iter(), &Device::Cpu).unwrap())
+                .unwrap();
+            let slow = rotate_slow(&rope, &x, &at).unwrap();
+            let diff = (fast - slow)
+                .unwrap()
+                .abs()
+                .unwrap()
+                .max_all()
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap();
+            assert!(diff < 1e-5, "neox {neox}: {diff}");
+        }
+        // Position 0 is the identity.
+        let rope = RopeTable::new(10000.0, 8, 32, true, &Device::Cpu).unwrap();
+        let same = rotate_slow(&rope, &x, &[0; 5]).unwrap();
+        let diff = (same - &x).unwrap().abs().unwrap().max_all().unwrap();
+        assert!(diff.to_scalar::<f32>().unwrap() < 1e-7);
+    }
+}

@@ -1,0 +1,383 @@
+//! The config file: every key optional, unknown keys rejected, each value
+//! checked as it is read.
+
+use std::path::Path;
+
+use serde::Deserialize;
+
+use super::size::SizeValue;
+use super::{
+    BlockDType, EngineSettings, MemoryCaps, Mode, Policy, Positions, Preset, QllmConfig,
+    QuestionRows, Scoring, Selection,
+};
+use crate::error::{Error, Result};
+
+/// The config file as written: every key optional, unknown keys rejected.
+///
+/// ```
+/// let file: qllm::ConfigFile = toml::from_str("preset = \"512\"\ntopk = 6")?;
+/// let config = file.resolve()?;
+/// assert_eq!((config.policy.n_local, config.policy.topk), (256, 6));
+/// # Ok::<(), Box<dyn std::error::Error>>(())
+/// ```
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ConfigFile {
+    /// See [`Policy::mode`].
+    pub mode: Option<Mode>,
+    /// Starting point for the sizes below; `1k` when absent.
+    pub preset: Option<Preset>,
+    // Sizes are signed so that a negative value gets a message naming the
+    // key rather than a type error.
+    /// See [`Policy::n_init`].
+    pub n_init: Option<i64>,
+    /// See [`Policy::n_local`].
+    pub n_local: Option<i64>,
+    /// See [`Policy::block_size`].
+    pub block_size: Option<i64>,
+    /// See [`Policy::exc_block_size`].
+    pub exc_block_size: Option<i64>,
+    /// See [`Policy::topk`].
+    pub topk: Option<i64>,
+    /// See [`Policy::repr_topk`].
+    pub repr_topk: Option<i64>,
+    /// See [`Policy::question_weight`].
+    pub question_weight: Option<f64>,
+    /// See [`Policy::question_rows`].
+    pub question_rows: Option<QuestionRows>,
+    /// See [`Policy::positions`].
+    pub positions: Option<Positions>,
+    /// See [`Policy::scoring`].
+    pub scoring: Option<Scoring>,
+    /// See [`Policy::selection`].
+    pub selection: Option<Selection>,
+    /// See [`Policy::neighbours`].
+    pub neighbours: Option<i64>,
+    /// See [`EngineSettings::prefill_chunk_size`].
+    pub prefill_chunk_size: Option<i64>,
+    /// See [`EngineSettings::max_context_len`].
+    pub max_context_len: Option<i64>,
+    /// See [`Policy::block_dtype`].
+    pub block_dtype: Option<BlockDType>,
+    /// See [`MemoryCaps::max_memory`]: bytes, or a size such as `"8GiB"`.
+    pub max_memory: Option<SizeValue>,
+    /// See [`MemoryCaps::max_request_memory`]: bytes, or a size such as
+    /// `"2GiB"`.
+    pub max_request_memory: Option<SizeValue>,
+}
+
+impl ConfigFile {
+    /// Reads and parses a config file.
+    pub fn load(path: &Path) -> Result<Self> {
+        let text = std::fs::read_to_string(path).map_err(|source| Error::ConfigRead {
+            path: path.to_owned(),
+            source,
+        })?;
+        toml::from_str(&text).map_err(|e| Error::ConfigParse {
+            path: path.to_owned(),
+            message: e.to_string(),
+        })
+    }
+
+    /// Fills defaults from the preset and validates every value.
+    pub fn resolve(&self) -> Result<QllmConfig> {
+        let base = Policy::preset(self.preset.unwrap_or(Preset::Budget1k));
+        let engine = EngineSettings::default();
+        let policy = Policy {
+            mode: self.mode.unwrap_or(base.mode),
+            n_init: size("n_init", self.n_init, base.n_init, 0)?,
+            n_local: size("n_local", self.n_local, base.n_local, 1)?,
+            block_size: size("block_size", self.block_size, base.block_size, 1)?,
+            exc_block_size: size(
+                "exc_block_size",
+                self.exc_block_size,
+                base.exc_block_size,
+                1,
+            )?,
+            topk: size("topk", self.topk, base.topk, 0)?,
+            repr_topk: size("repr_topk", self.repr_topk, base.repr_topk, 1)?,
+            question_weight: question_weight(self.question_weight, base.question_weight)?,
+            question_rows: self.question_rows.unwrap_or(base.question_rows),
+            positions: self.positions.unwrap_or(base.positions),
+            scoring: self.scoring.unwrap_or(base.scoring),
+            selection: self.selection.unwrap_or(base.selection),
+            neighbours: size("neighbours", self.neighbours, base.neighbours, 0)?,
+            block_dtype: self.block_dtype.unwrap_or(base.block_dtype),
+        };
+        let engine = EngineSettings {
+            prefill_chunk_size: size(
+                "prefill_chunk_size",
+                self.prefill_chunk_size,
+                engine.prefill_chunk_size,
+                1,
+            )?,
+            max_context_len: size(
+                "max_context_len",
+                self.max_context_len,
+                engine.max_context_len,
+                1,
+            )?,
+        };
+        let caps = MemoryCaps {
+            max_memory: self
+                .max_memory
+                .as_ref()
+                .map(|v| v.bytes("max_memory"))
+                .transpose()?,
+            max_request_memory: self
+                .max_request_memory
+                .as_ref()
+                .map(|v| v.bytes("max_request_memory"))
+                .transpose()?,
+        };
+        let config = QllmConfig {
+            policy,
+            engine,
+            caps,
+        };
+        config.validate()?;
+        Ok(config)
+    }
+}
+
+/// Sizes above this are refused: no sensible setting comes near it, and it
+/// keeps position and buffer arithmetic far from overflow.
+const MAX_SIZE: i64 = 1 << 30;
+
+/// Checks a `question_weight` value; `None` keeps `default`.
+pub(crate) fn question_weight(value: Option<f64>, default: f32) -> Result<f32> {
+    #[allow(clippy::cast_possible_truncation)] // Range-checked just before.
+    match value {
+        None => Ok(default),
+        Some(w) if w.is_finite() && (0.0..=1e6).contains(&w) => Ok(w as f32),
+        Some(w) => Err(Error::InvalidConfig {
+            key: "question_weight",
+            reason: format!("must be a number in [0, 1e6], got {w}"),
+        }),
+    }
+}
+
+/// Checks a size value; `None` keeps `default`.
+pub(crate) fn size(
+    key: &'static str,
+    value: Option<i64>,
+    default: usize,
+    min: i64,
+) -> Result<usize> {
+    let Some(v) = value else {
+        return Ok(default);
+    };
+    let what = if min == 0 {
+        "a non-negative integer"
+    } else {
+        "a positive integer"
+    };
+    if v < min {
+        return Err(Error::InvalidConfig {
+            key,
+            reason: format!("must be {what}, got {v}"),
+        });
+    }
+    if v > MAX_SIZE {
+        return Err(Error::InvalidConfig {
+            key,
+            reason: format!("is too large: {v} (at most {MAX_SIZE})"),
+        });
+    }
+    usize::try_from(v).map_err(|_| Error::InvalidConfig {
+        key,
+        reason: format!("is too large: {v}"),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use candle_core::DType;
+
+    use super::*;
+
+    fn parse(text: &str) -> std::result::Result<QllmConfig, String> {
+        let file: ConfigFile = toml::from_str(text).map_err(|e| e.to_string())?;
+        file.resolve().map_err(|e| e.to_string())
+    }
+
+    #[test]
+    fn empty_file_gives_the_1k_qllm_preset() {
+        let config = parse("").unwrap();
+        assert_eq!(config, QllmConfig::default());
+        assert_eq!(config.policy.mode, Mode::Qllm);
+        assert_eq!(
+            (
+                config.policy.n_init,
+                config.policy.n_local,
+                config.policy.block_size,
+                config.policy.topk
+            ),
+            (128, 512, 64, 8)
+        );
+    }
+
+    #[test]
+    fn presets_set_the_papers_budgets_and_keys_override_them() {
+        let config = parse("preset = \"2k\"\nmode = \"infllm\"\ntopk = 3").unwrap();
+        assert_eq!(config.policy.mode, Mode::Infllm);
+        assert_eq!(
+            (
+                config.policy.n_local,
+                config.policy.block_size,
+                config.policy.exc_block_size,
+                config.policy.topk
+            ),
+            (1024, 128, 512, 3)
+        );
+        let config = parse("preset = \"infllm\"").unwrap();
+        assert_eq!((config.policy.n_local, config.policy.topk), (4096, 16));
+    }
+
+    #[test]
+    fn block_dtype_is_parsed_and_checked() {
+        let file: ConfigFile = toml::from_str("block_dtype = \"bf16\"").unwrap();
+        let config = file.resolve().unwrap();
+        assert_eq!(config.policy.block_dtype, BlockDType::Bf16);
+        assert_eq!(config.policy.block_dtype.resolve(DType::F32), DType::BF16);
+        assert_eq!(BlockDType::Model.resolve(DType::F16), DType::F16);
+        let err = toml::from_str::<ConfigFile>("block_dtype = \"int4\"").unwrap_err();
+        assert!(err.to_string().contains("int4"), "{err}");
+    }
+
+    #[test]
+    fn unknown_key_is_named() {
+        let err = parse("n_lcoal = 4").unwrap_err();
+        assert!(err.contains("n_lcoal"), "{err}");
+    }
+
+    #[test]
+    fn negative_and_zero_sizes_are_named() {
+        for (text, message) in [
+            (
+                "prefill_chunk_size = -3",
+                "`prefill_chunk_size` must be a positive integer",
+            ),
+            (
+                "prefill_chunk_size = 0",
+                "`prefill_chunk_size` must be a positive integer",
+            ),
+            ("n_local = 0", "`n_local` must be a positive integer"),
+            ("topk = -1", "`topk` must be a non-negative integer"),
+            ("block_size = 4000000000000", "`block_size` is too large"),
+            ("topk = 100000", "`topk` is too large: 100000 (at most 4096"),
+            ("max_memory = 0", "`max_memory` must be a positive size"),
+            (
+                "max_memory = \"8 gigs\"",
+                "`max_memory` cannot be read as a size",
+            ),
+            (
+                "max_request_memory = -1",
+                "`max_request_memory` must be a positive size",
+            ),
+        ] {
+            let err = parse(text).unwrap_err();
+            assert!(err.contains(message), "{text}: {err}");
+        }
+    }
+
+    #[test]
+    fn memory_limits_take_bytes_or_sizes_with_units() {
+        let config = parse("max_memory = \"8GiB\"\nmax_request_memory = 1000000").unwrap();
+        assert_eq!(config.caps.max_memory, Some(8 << 30));
+        assert_eq!(config.caps.max_request_memory, Some(1_000_000));
+        assert_eq!(parse("").unwrap().caps.max_memory, None);
+    }
+
+    #[test]
+    fn inconsistent_values_are_named() {
+        let err = parse("n_local = 128\nexc_block_size = 256").unwrap_err();
+        assert!(
+            err.contains("`exc_block_size` (256) must not exceed `n_local` (128)"),
+            "{err}"
+        );
+        let err = parse("prefill_chunk_size = 768").unwrap_err();
+        assert!(
+            err.contains("`prefill_chunk_size` (768) must be a multiple of `exc_block_size` (512)"),
+            "{err}"
+        );
+        assert!(parse("prefill_chunk_size = 1024").is_ok());
+        let err = Policy {
+            exc_block_size: 0,
+            ..Policy::default()
+        }
+        .validate()
+        .unwrap_err();
+        assert!(
+            err.to_string()
+                .contains("`exc_block_size` must be a positive integer"),
+            "{err}"
+        );
+        assert!(parse("mode = \"dense\"\nprefill_chunk_size = 768").is_ok());
+        let err = parse("block_size = 2\nrepr_topk = 4").unwrap_err();
+        assert!(err.contains("`repr_topk`"), "{err}");
+        let err = parse("question_weight = -1.0").unwrap_err();
+        assert!(err.contains("`question_weight`"), "{err}");
+        let err = parse("question_weight = nan").unwrap_err();
+        assert!(err.contains("`question_weight`"), "{err}");
+        let err = parse("topk = 4\nneighbours = 4").unwrap_err();
+        assert!(
+            err.contains("`neighbours` (4) must be less than `topk` (4)"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn positions_are_parsed_and_bound_the_rope_table_needed() {
+        let config = parse("positions = \"ordered\"\nneighbours = 1").unwrap();
+        assert_eq!(
+            (config.policy.positions, config.policy.neighbours),
+            (Positions::Ordered, 1)
+        );
+        // 1k preset: 128 sinks + 9 blocks of 64 + 2 x 512 + 512.
+        assert_eq!(config.policy.positions_needed(), 128 + 9 * 64 + 1024 + 512);
+        assert_eq!(Policy::default().positions_needed(), 512 + 512 - 1);
+        let config = parse("scoring = \"attention_mass\"\nselection = \"per_kv_head\"").unwrap();
+        assert_eq!(
+            (config.policy.scoring, config.policy.selection),
+            (Scoring::AttentionMass, Selection::PerKvHead)
+        );
+        assert!(parse("selection = \"per_head\"")
+            .unwrap_err()
+            .contains("per_head"));
+        assert!(parse("scoring = \"cosine\"")
+            .unwrap_err()
+            .contains("cosine"));
+        let err = parse("positions = \"absolute\"").unwrap_err();
+        assert!(err.contains("absolute"), "{err}");
+    }
+
+    #[test]
+    fn modes_and_presets_parse_from_strings() {
+        assert_eq!("streaming".parse::<Mode>(), Ok(Mode::Streaming));
+        assert_eq!("2k".parse::<Preset>(), Ok(Preset::Budget2k));
+        assert!("full".parse::<Mode>().unwrap_err().contains("full"));
+    }
+
+    #[test]
+    fn unknown_mode_and_preset_are_rejected() {
+        let err = parse("mode = \"sparse\"").unwrap_err();
+        assert!(err.contains("sparse"), "{err}");
+        let err = parse("preset = \"4k\"").unwrap_err();
+        assert!(err.contains("4k"), "{err}");
+    }
+
+    #[test]
+    fn question_token_rows_need_attention_mass_scoring() {
+        let config = parse("question_rows = \"tokens\"").unwrap();
+        assert_eq!(config.policy.question_rows, QuestionRows::Tokens);
+        let err = parse("question_rows = \"tokens\"\nscoring = \"dot\"").unwrap_err();
+        assert!(
+            err.contains("question_rows") && err.contains("attention_mass"),
+            "{err}"
+        );
+        assert!(parse("question_rows = \"all\"")
+            .unwrap_err()
+            .contains("all"));
+    }
+}

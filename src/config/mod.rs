@@ -1,0 +1,565 @@
+//! Configuration, in three parts with one owner each:
+//! - [`Policy`]: the method's knobs (mode, sizes, scoring); a request may
+//!   override them (see [`RequestOptions`]);
+//! - [`EngineSettings`]: how the engine feeds the hook (prompt chunks, the
+//!   longest prompt), fixed for a server;
+//! - [`MemoryCaps`]: what the server admits, fixed for a server.
+//!
+//! [`QllmConfig`] holds the three; [`ConfigFile`] is the TOML file, every
+//! key optional, resolved into a validated [`QllmConfig`].
+
+mod file;
+mod options;
+pub mod size;
+
+use std::str::FromStr;
+
+use candle_core::DType;
+use serde::de::IntoDeserializer;
+use serde::{Deserialize, Serialize};
+
+use crate::error::{Error, Result};
+
+pub use file::ConfigFile;
+pub(crate) use file::{question_weight, size};
+pub use options::RequestOptions;
+
+/// Which attention policy the hook runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Mode {
+    /// Q-LLM: block memory retrieved by the current queries plus the
+    /// question.
+    Qllm,
+    /// InfLLM: the same block memory, retrieved by the current queries only.
+    Infllm,
+    /// StreamingLLM-style: attention sinks plus the local window; evicted
+    /// tokens are dropped, no memory blocks.
+    Streaming,
+    /// Full causal attention over a KV store kept by the hook.
+    Dense,
+}
+
+impl Mode {
+    /// Whether evicted tokens are kept as retrievable blocks.
+    pub fn keeps_blocks(self) -> bool {
+        matches!(self, Mode::Qllm | Mode::Infllm)
+    }
+
+    /// Whether the question steers retrieval.
+    pub fn uses_question(self) -> bool {
+        self == Mode::Qllm
+    }
+}
+
+/// Budgets of the Q-LLM paper's released configs (`n_local + topk *
+/// block_size` keys besides the sinks), and InfLLM's own default.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+pub enum Preset {
+    /// `n_local` 256, 4 blocks of 64, execution blocks of 256.
+    #[serde(rename = "512")]
+    Budget512,
+    /// `n_local` 512, 8 blocks of 64, execution blocks of 512.
+    #[serde(rename = "1k")]
+    Budget1k,
+    /// `n_local` 1024, 8 blocks of 128, execution blocks of 512.
+    #[serde(rename = "2k")]
+    Budget2k,
+    /// InfLLM's repository default: `n_local` 4096, 16 blocks of 128.
+    #[serde(rename = "infllm")]
+    InfllmDefault,
+}
+
+/// Parses a config file's string value, e.g. `"qllm"` or `"1k"`.
+fn from_config_str<T: for<'de> Deserialize<'de>>(s: &str) -> std::result::Result<T, String> {
+    T::deserialize(s.into_deserializer()).map_err(|e: serde::de::value::Error| e.to_string())
+}
+
+impl FromStr for Mode {
+    type Err = String;
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        from_config_str(s)
+    }
+}
+
+impl std::fmt::Display for Mode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Mode::Qllm => "qllm",
+            Mode::Infllm => "infllm",
+            Mode::Streaming => "streaming",
+            Mode::Dense => "dense",
+        })
+    }
+}
+
+impl FromStr for Preset {
+    type Err = String;
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        from_config_str(s)
+    }
+}
+
+/// How memory blocks are ranked for retrieval.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Deserialize, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Scoring {
+    /// The paper's: the dot product of the (question-weighted) query with a
+    /// block's representative, summed over all heads.
+    Dot,
+    /// TokenSelect's: the same dot product per KV head (its query heads
+    /// summed), softmax-normalised over the blocks per KV head, then summed:
+    /// every head votes with the same weight, whatever its logits' scale.
+    HeadSoftmax,
+    /// A block's best token: the highest dot product of the query with any
+    /// of its keys (summed over heads), as token-level selection does. Reads
+    /// every stored key per retrieval, so it costs in proportion to the
+    /// context.
+    TokenMax,
+    /// The share of attention full attention would give each block: per
+    /// query head, a softmax over every stored key of the execution block's
+    /// mean query (and, as a second row weighted by `question_weight`, of
+    /// the question vector), summed over the block's tokens, then over
+    /// heads. Every head spends one unit, whatever its logits' scale. Reads
+    /// every stored key per retrieval, like `token_max`. The default.
+    #[default]
+    AttentionMass,
+}
+
+impl FromStr for Scoring {
+    type Err = String;
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        from_config_str(s)
+    }
+}
+
+impl std::fmt::Display for Scoring {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Scoring::Dot => "dot",
+            Scoring::HeadSoftmax => "head_softmax",
+            Scoring::TokenMax => "token_max",
+            Scoring::AttentionMass => "attention_mass",
+        })
+    }
+}
+
+/// Which heads share a retrieval.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Deserialize, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Selection {
+    /// The paper's: one set of `topk` blocks per layer, scored over all
+    /// heads together.
+    Shared,
+    /// Every KV head ranks the blocks by its own query heads' scores and
+    /// attends its own `topk` (as TokenSelect and InfiniteHiP select per
+    /// head): a block that matters to a few heads is not outvoted by the
+    /// rest. Same budget per head, so the same attention cost. The default.
+    #[default]
+    PerKvHead,
+}
+
+impl FromStr for Selection {
+    type Err = String;
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        from_config_str(s)
+    }
+}
+
+impl std::fmt::Display for Selection {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Selection::Shared => "shared",
+            Selection::PerKvHead => "per_kv_head",
+        })
+    }
+}
+
+/// What the question contributes to `attention_mass` scoring.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Deserialize, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum QuestionRows {
+    /// The paper's question vector: per head, the mean query of the
+    /// question's `repr_topk` most attended tokens, as one row.
+    #[default]
+    Mean,
+    /// Every question token's query as a row of its own (up to
+    /// [`MAX_QUESTION_ROWS`] per head, the most attended first), the rows
+    /// sharing `question_weight`: a rare name in the question finds the
+    /// block that holds it instead of being averaged away. Only with
+    /// `attention_mass` scoring.
+    Tokens,
+}
+
+/// Question tokens kept as rows per head with `question_rows = "tokens"`.
+pub const MAX_QUESTION_ROWS: usize = 64;
+
+impl FromStr for QuestionRows {
+    type Err = String;
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        from_config_str(s)
+    }
+}
+
+impl std::fmt::Display for QuestionRows {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            QuestionRows::Mean => "mean",
+            QuestionRows::Tokens => "tokens",
+        })
+    }
+}
+
+/// Where memory tokens sit for RoPE.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Positions {
+    /// The paper's: every token outside the local window (sinks, retrieved
+    /// blocks, older recent tokens) at one distance, `n_local` - 1, from
+    /// the query.
+    #[default]
+    Fixed,
+    /// Sinks, retrieved blocks (in their original order), older recent
+    /// tokens and the local window at consecutive positions, as ReAttention
+    /// and LongHeads place them: a retrieved sentence keeps its word order.
+    /// Still within `n_init + (topk + 1) * block_size + 2 * exc_block_size +
+    /// n_local` positions.
+    Ordered,
+}
+
+impl FromStr for Positions {
+    type Err = String;
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        from_config_str(s)
+    }
+}
+
+impl std::fmt::Display for Positions {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Positions::Fixed => "fixed",
+            Positions::Ordered => "ordered",
+        })
+    }
+}
+
+/// The dtype memory blocks are stored in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum BlockDType {
+    /// The model's compute dtype.
+    #[default]
+    Model,
+    /// bfloat16: half the bytes of f32, the exponent range of f32.
+    Bf16,
+    /// float16.
+    F16,
+    /// float32.
+    F32,
+}
+
+impl BlockDType {
+    /// The dtype for a model computing in `model`.
+    pub fn resolve(self, model: DType) -> DType {
+        match self {
+            BlockDType::Model => model,
+            BlockDType::Bf16 => DType::BF16,
+            BlockDType::F16 => DType::F16,
+            BlockDType::F32 => DType::F32,
+        }
+    }
+}
+
+
+/// The method's settings: what a sequence's memory and retrieval run with.
+/// A request may override them; the engine settings and memory caps it
+/// cannot.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Policy {
+    /// The attention policy.
+    pub mode: Mode,
+    /// Attention sinks: the first tokens of a sequence, always attended.
+    pub n_init: usize,
+    /// Local window: each query attends its last `n_local` tokens with exact
+    /// relative positions.
+    pub n_local: usize,
+    /// Tokens per memory block.
+    pub block_size: usize,
+    /// Prompt tokens that share one retrieval.
+    pub exc_block_size: usize,
+    /// Memory blocks retrieved per execution block and layer.
+    pub topk: usize,
+    /// Most-attended tokens averaged into a block's representative key.
+    pub repr_topk: usize,
+    /// Weight of the question vector in the retrieval score.
+    pub question_weight: f32,
+    /// What the question contributes to `attention_mass` scoring.
+    pub question_rows: QuestionRows,
+    /// Where memory tokens sit for RoPE.
+    pub positions: Positions,
+    /// How blocks are ranked for retrieval.
+    pub scoring: Scoring,
+    /// Whether the KV heads share one retrieval or make their own.
+    pub selection: Selection,
+    /// Blocks after each retrieved block attended with it (EM-LLM's
+    /// contiguity), within the same `topk` budget: a fact cut by a block
+    /// boundary is read whole.
+    pub neighbours: usize,
+    /// Storage dtype of memory blocks (the bulk of a long context's memory).
+    pub block_dtype: BlockDType,
+}
+
+impl Policy {
+    /// Full attention over the hook's own KV store.
+    pub fn dense() -> Self {
+        Self {
+            mode: Mode::Dense,
+            ..Self::preset(Preset::Budget1k)
+        }
+    }
+
+    /// This policy with `preset`'s budget: its `n_local`, `block_size`,
+    /// `exc_block_size` and `topk`.
+    pub fn with_preset(self, preset: Preset) -> Self {
+        let budget = Self::preset(preset);
+        Self {
+            n_local: budget.n_local,
+            block_size: budget.block_size,
+            exc_block_size: budget.exc_block_size,
+            topk: budget.topk,
+            ..self
+        }
+    }
+
+    /// Q-LLM with one of the paper's budgets.
+    pub fn preset(preset: Preset) -> Self {
+        let (n_local, block_size, topk, exc_block_size) = match preset {
+            Preset::Budget512 => (256, 64, 4, 256),
+            Preset::Budget1k => (512, 64, 8, 512),
+            Preset::Budget2k => (1024, 128, 8, 512),
+            Preset::InfllmDefault => (4096, 128, 16, 512),
+        };
+        Self {
+            mode: Mode::Qllm,
+            n_init: 128,
+            n_local,
+            block_size,
+            exc_block_size,
+            topk,
+            repr_topk: 4,
+            question_weight: 1.0,
+            question_rows: QuestionRows::Mean,
+            positions: Positions::Fixed,
+            // Not the paper's (`dot`, `shared`): with them a one-sentence
+            // fact in prose 12K tokens deep is retrieved by at most 2 of
+            // SmolLM2's 30 layers, with these by 8-10 (README, diagnosis).
+            scoring: Scoring::AttentionMass,
+            selection: Selection::PerKvHead,
+            neighbours: 0,
+            block_dtype: BlockDType::Model,
+        }
+    }
+
+    /// RoPE positions the policy may use: the model's table must cover them.
+    pub fn positions_needed(&self) -> usize {
+        match self.positions {
+            Positions::Fixed => self.n_local + self.exc_block_size - 1,
+            // Sinks, retrieved blocks, older recent tokens (fewer than a block
+            // plus an execution block) and the window of an execution block.
+            Positions::Ordered => {
+                self.n_init
+                    + (self.topk + 1) * self.block_size
+                    + 2 * self.exc_block_size
+                    + self.n_local
+            }
+        }
+    }
+
+    /// Checks the values against each other.
+    pub fn validate(&self) -> Result<()> {
+        // The file's keys are checked as they are read; a policy built in
+        // code is checked here.
+        for (key, value) in [
+            ("n_local", self.n_local),
+            ("block_size", self.block_size),
+            ("exc_block_size", self.exc_block_size),
+            ("repr_topk", self.repr_topk),
+        ] {
+            if value == 0 {
+                return invalid(key, "must be a positive integer, got 0".into());
+            }
+        }
+        if self.exc_block_size > self.n_local {
+            return invalid(
+                "exc_block_size",
+                format!(
+                    "({}) must not exceed `n_local` ({})",
+                    self.exc_block_size, self.n_local
+                ),
+            );
+        }
+        if self.repr_topk > self.block_size {
+            return invalid(
+                "repr_topk",
+                format!(
+                    "({}) must not exceed `block_size` ({})",
+                    self.repr_topk, self.block_size
+                ),
+            );
+        }
+        if self.topk > MAX_TOPK {
+            return invalid(
+                "topk",
+                format!(
+                    "is too large: {} (at most {MAX_TOPK} blocks per retrieval)",
+                    self.topk
+                ),
+            );
+        }
+        if self.neighbours >= self.topk.max(1) {
+            return invalid(
+                "neighbours",
+                format!(
+                    "({}) must be less than `topk` ({}): each retrieved block brings that many \
+                     neighbours within the `topk` budget",
+                    self.neighbours, self.topk
+                ),
+            );
+        }
+        if self.question_rows == QuestionRows::Tokens && self.scoring != Scoring::AttentionMass {
+            return invalid(
+                "question_rows",
+                format!(
+                    "\"tokens\" needs `scoring = \"attention_mass\"` (got \"{}\"): the other \
+                     scorings read the question as one vector",
+                    self.scoring
+                ),
+            );
+        }
+        if !self.question_weight.is_finite() || self.question_weight < 0.0 {
+            return invalid(
+                "question_weight",
+                format!("must be a finite number >= 0, got {}", self.question_weight),
+            );
+        }
+        Ok(())
+    }
+
+    /// Checks that prompt chunks of `engine` end where this policy's
+    /// execution blocks do.
+    pub fn validate_with(&self, engine: &EngineSettings) -> Result<()> {
+        self.validate()?;
+        // Retrieval runs once per execution block, cut at multiples of
+        // `exc_block_size`; a prompt chunk ending inside one would split it
+        // into two retrievals, so the answer would depend on the chunking.
+        if self.mode != Mode::Dense && !engine.prefill_chunk_size.is_multiple_of(self.exc_block_size)
+        {
+            return invalid(
+                "prefill_chunk_size",
+                format!(
+                    "({}) must be a multiple of `exc_block_size` ({}): prompt chunks must end \
+                     where execution blocks do",
+                    engine.prefill_chunk_size, self.exc_block_size
+                ),
+            );
+        }
+        Ok(())
+    }
+}
+
+impl Default for Policy {
+    fn default() -> Self {
+        Self::preset(Preset::Budget1k)
+    }
+}
+
+/// How the engine feeds the hook: the same for every request of a server.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct EngineSettings {
+    /// Prompts longer than this are fed to the model in chunks of this size.
+    pub prefill_chunk_size: usize,
+    /// Longest prompt accepted (replaces the model's own limit; not in
+    /// `dense` mode, which keeps it).
+    pub max_context_len: usize,
+}
+
+impl Default for EngineSettings {
+    fn default() -> Self {
+        Self {
+            prefill_chunk_size: 512,
+            max_context_len: 1 << 20,
+        }
+    }
+}
+
+impl EngineSettings {
+    fn validate(&self) -> Result<()> {
+        for (key, value) in [
+            ("prefill_chunk_size", self.prefill_chunk_size),
+            ("max_context_len", self.max_context_len),
+        ] {
+            if value == 0 {
+                return invalid(key, "must be a positive integer, got 0".into());
+            }
+        }
+        Ok(())
+    }
+}
+
+/// What a server admits, in bytes of Q-LLM state: a request that would go
+/// over a cap is refused before any work.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct MemoryCaps {
+    /// Cap on the state of all sequences together.
+    pub max_memory: Option<usize>,
+    /// Cap on the state of one request (all its sequences).
+    pub max_request_memory: Option<usize>,
+}
+
+/// Validated settings the hook runs with.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct QllmConfig {
+    /// The method's settings; requests may override them.
+    pub policy: Policy,
+    /// How the engine feeds the hook.
+    pub engine: EngineSettings,
+    /// What the server admits.
+    pub caps: MemoryCaps,
+}
+
+impl From<Policy> for QllmConfig {
+    fn from(policy: Policy) -> Self {
+        Self {
+            policy,
+            ..Self::default()
+        }
+    }
+}
+
+impl QllmConfig {
+    /// Full attention over the hook's own KV store.
+    pub fn dense() -> Self {
+        Policy::dense().into()
+    }
+
+    /// This config with prompts fed in chunks of `tokens`.
+    pub fn with_prefill_chunk_size(mut self, tokens: usize) -> Self {
+        self.engine.prefill_chunk_size = tokens;
+        self
+    }
+
+    /// Checks the values against each other.
+    pub fn validate(&self) -> Result<()> {
+        self.engine.validate()?;
+        self.policy.validate_with(&self.engine)
+    }
+}
+
+fn invalid(key: &'static str, reason: String) -> Result<()> {
+    Err(Error::InvalidConfig { key, reason })
+}
+
+/// More blocks than any budget retrieves (4096 blocks of 64 tokens attend
+/// 256K tokens per query, which defeats the purpose); larger `topk` values
+/// are refused rather than silently capped.
+pub const MAX_TOPK: usize = 4096;

@@ -1,0 +1,147 @@
+//! Per-request settings: the `qllm` object of a request body.
+
+use serde::Deserialize;
+
+use super::{question_weight, size, Mode, Policy, Positions, Preset, QllmConfig, QuestionRows, Scoring, Selection};
+use crate::error::{Error, Result};
+
+/// Per-request settings: the `qllm` object of a request body. Every field is
+/// optional; the server's config gives the rest.
+#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RequestOptions {
+    /// `false` serves the request with full attention and the model's own
+    /// length limit, as without Q-LLM.
+    pub enabled: Option<bool>,
+    /// The policy (`qllm`, `infllm`, `streaming`, `dense`).
+    pub mode: Option<Mode>,
+    /// A budget preset (`512`, `1k`, `2k`, `infllm`): its `n_local`,
+    /// `block_size`, `exc_block_size` and `topk` replace the server's.
+    pub preset: Option<Preset>,
+    /// Memory blocks retrieved per execution block.
+    pub topk: Option<i64>,
+    /// Local window.
+    pub n_local: Option<i64>,
+    /// Weight of the question in block retrieval.
+    pub question_weight: Option<f64>,
+    /// What the question contributes to `attention_mass` scoring (`mean`,
+    /// `tokens`).
+    pub question_rows: Option<QuestionRows>,
+    /// Where memory tokens sit for RoPE (`fixed`, `ordered`).
+    pub positions: Option<Positions>,
+    /// Neighbour blocks attended with each retrieved block.
+    pub neighbours: Option<i64>,
+    /// How blocks are ranked (`dot`, `head_softmax`, `token_max`,
+    /// `attention_mass`).
+    pub scoring: Option<Scoring>,
+    /// Whether KV heads share a retrieval (`shared`, `per_kv_head`).
+    pub selection: Option<Selection>,
+    /// The question; overrides the one found in the prompt.
+    pub question: Option<String>,
+    /// Debug: a passage of the prompt to trace; the response's report then
+    /// says, per layer, whether the memory blocks holding it were retrieved.
+    pub needle: Option<String>,
+    /// Debug, from Rust callers that know it: the token span to trace,
+    /// instead of `needle`'s text.
+    #[serde(skip)]
+    pub needle_span: Option<std::ops::Range<usize>>,
+}
+
+impl RequestOptions {
+    /// The policy of a request whose server runs with `base`: its policy
+    /// with these overrides, checked against its engine settings.
+    pub fn apply(&self, base: &QllmConfig) -> Result<Policy> {
+        let mut config = match self.preset {
+            Some(preset) => base.policy.with_preset(preset),
+            None => base.policy,
+        };
+        if let Some(mode) = self.mode {
+            config.mode = mode;
+        }
+        match self.enabled {
+            Some(false) => config.mode = Mode::Dense,
+            Some(true) if config.mode == Mode::Dense => config.mode = Mode::Qllm,
+            _ => {}
+        }
+        config.topk = size("topk", self.topk, config.topk, 0)?;
+        config.n_local = size("n_local", self.n_local, config.n_local, 1)?;
+        config.question_weight = question_weight(self.question_weight, config.question_weight)?;
+        if let Some(rows) = self.question_rows {
+            config.question_rows = rows;
+        }
+        if let Some(positions) = self.positions {
+            config.positions = positions;
+        }
+        if let Some(scoring) = self.scoring {
+            config.scoring = scoring;
+        }
+        if let Some(selection) = self.selection {
+            config.selection = selection;
+        }
+        config.neighbours = size("neighbours", self.neighbours, config.neighbours, 0)?;
+        for (key, text) in [("question", &self.question), ("needle", &self.needle)] {
+            if text.as_ref().is_some_and(|t| t.trim().is_empty()) {
+                return Err(Error::InvalidConfig {
+                    key,
+                    reason: "is empty".into(),
+                });
+            }
+        }
+        config.validate_with(&base.engine)?;
+        Ok(config)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn options_override_the_server_config() {
+        let base = QllmConfig::default();
+        let off = RequestOptions {
+            enabled: Some(false),
+            ..Default::default()
+        };
+        assert_eq!(off.apply(&base).unwrap().mode, Mode::Dense);
+        let tuned = RequestOptions {
+            preset: Some(Preset::Budget2k),
+            topk: Some(3),
+            question_weight: Some(2.0),
+            scoring: Some(Scoring::AttentionMass),
+            selection: Some(Selection::PerKvHead),
+            ..Default::default()
+        }
+        .apply(&base)
+        .unwrap();
+        assert_eq!((tuned.n_local, tuned.topk), (1024, 3));
+        assert_eq!(
+            (tuned.scoring, tuned.selection),
+            (Scoring::AttentionMass, Selection::PerKvHead)
+        );
+        assert!((tuned.question_weight - 2.0).abs() < f32::EPSILON);
+        let err = RequestOptions {
+            n_local: Some(64),
+            ..Default::default()
+        }
+        .apply(&base)
+        .unwrap_err();
+        assert!(err.to_string().contains("`exc_block_size`"), "{err}");
+        let err = RequestOptions {
+            topk: Some(-2),
+            ..Default::default()
+        }
+        .apply(&base)
+        .unwrap_err();
+        assert!(err.to_string().contains("`topk`"), "{err}");
+        let err = RequestOptions {
+            question: Some("  ".into()),
+            ..Default::default()
+        }
+        .apply(&base)
+        .unwrap_err();
+        assert!(err.to_string().contains("`question` is empty"), "{err}");
+        let err = serde_json::from_str::<RequestOptions>(r#"{"top_k": 3}"#).unwrap_err();
+        assert!(err.to_string().contains("top_k"), "{err}");
+    }
+}

@@ -1,0 +1,685 @@
+//! Q-LLM's per-layer context memory.
+//!
+//! One [`LayerMemory`] holds one layer of one sequence, composed of:
+//! - a [`Ledger`]: where every token is (sinks, blocks, recent), plain
+//!   counts whose invariants are property-tested;
+//! - the tensors: the sinks and the recent tokens ([`KvBuffer`]s), the
+//!   memory blocks ([`BlockStore`]), and the local attention each recent
+//!   token has received (per query head);
+//! - the [`Retrieval`] state: representatives, question, latest picks.
+//!
+//! Keys are stored pre-RoPE. A query attends its last `n_local` tokens with
+//! exact relative positions (rotated within the window, so positions stay
+//! below `n_local + exc_block_size`) and, in the same softmax, the sinks,
+//! the retrieved blocks and older not-yet-blocked tokens: with `positions =
+//! fixed` (the paper's) all at one distance `n_local - 1` (the query is
+//! rotated once to position `n_local - 1`, the keys stay unrotated); with
+//! `ordered` at consecutive positions in document order, the window right
+//! after them. Every past token is attended at most once.
+//! [`LayerMemory::append`] cuts a call into execution blocks.
+
+pub mod block_store;
+pub mod budget;
+pub mod kv_buffer;
+pub mod ledger;
+
+use std::ops::Range;
+
+use candle_core::{DType, Result, Tensor};
+
+pub use block_store::BlockStore;
+pub use budget::{sequence_bytes_bound, ModelShape};
+pub use kv_buffer::KvBuffer;
+pub use ledger::{Eviction, Ledger, ReadPlan};
+
+use crate::attention::mask::MaskGeometry;
+use crate::attention::{grouped_attention, positions, rotate_f32, MaskCache, Rotary};
+use crate::config::{Mode, Policy, Positions};
+use crate::retrieval::Retrieval;
+
+/// What a layer's memory holds, for statistics and tests.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct LayerStats {
+    /// Tokens processed so far.
+    pub processed: usize,
+    /// Sink tokens held.
+    pub init: usize,
+    /// Tokens not yet in a block: the local window and the tokens just past it.
+    pub recent: usize,
+    /// Memory blocks held.
+    pub blocks: usize,
+    /// Bytes allocated for memory blocks.
+    pub block_bytes: usize,
+    /// Evicted tokens that were dropped (`streaming` only).
+    pub dropped: usize,
+    /// Block indices retrieved for the latest execution block, ascending.
+    pub last_retrieved: Vec<usize>,
+    /// Whether the question vector has been captured.
+    pub has_question: bool,
+}
+
+/// The per-layer state of one sequence.
+#[derive(Debug, Default)]
+pub struct LayerMemory {
+    ledger: Ledger,
+    init: KvBuffer,
+    recent: KvBuffer,
+    /// Local attention received by each recent token, `heads` per token.
+    local_score: Vec<f32>,
+    blocks: BlockStore,
+    retrieval: Retrieval,
+}
+
+/// Per-step inputs shared by all layers.
+pub struct StepArgs<'a> {
+    /// The model's rotary embedding.
+    pub rope: &'a dyn Rotary,
+    /// Scale of `q k^T`.
+    pub softmax_scale: f32,
+    /// Token span of the question within the sequence, if known.
+    pub question: Option<Range<usize>>,
+    /// Length of the prompt, once known (0 otherwise): its last token gets
+    /// an execution block of its own, as the reference feeds it alone.
+    pub prompt_len: usize,
+    /// Masks shared by the layers of a step.
+    pub masks: &'a MaskCache,
+}
+
+/// What one execution block read and retrieved, for instruments.
+#[derive(Debug, Clone, Copy)]
+pub struct BlockRead<'a> {
+    /// Positions of its queries.
+    pub positions: &'a Range<usize>,
+    /// Blocks some head retrieved, ascending.
+    pub retrieved: &'a [usize],
+    /// Every block's retrieval score, per list (one, or one per KV head).
+    pub scores: &'a [Vec<f32>],
+    /// Blocks that existed when it was read.
+    pub blocks: usize,
+}
+
+impl LayerMemory {
+    /// Tokens processed so far.
+    pub fn processed(&self) -> usize {
+        self.ledger.processed()
+    }
+
+    /// What the memory holds.
+    pub fn stats(&self) -> LayerStats {
+        LayerStats {
+            processed: self.ledger.processed(),
+            init: self.init.len(),
+            recent: self.recent.len(),
+            blocks: self.blocks.len(),
+            block_bytes: self.blocks.bytes(),
+            dropped: self.ledger.dropped(),
+            last_retrieved: self.retrieval.retrieved().to_vec(),
+            has_question: self.retrieval.question_rows().is_some(),
+        }
+    }
+
+    /// Block indices retrieved for the latest execution block, ascending;
+    /// with `per_kv_head` selection, those some KV head retrieved.
+    pub fn last_retrieved(&self) -> &[usize] {
+        self.retrieval.retrieved()
+    }
+
+    /// Retrieval score of every block at the latest execution block: one
+    /// row, or one per KV head with `per_kv_head` selection (empty when
+    /// nothing was retrieved).
+    pub fn last_scores(&self) -> &[Vec<f32>] {
+        self.retrieval.scores()
+    }
+
+    /// Memory blocks held.
+    pub fn block_count(&self) -> usize {
+        self.blocks.len()
+    }
+
+    /// The question's rows, once captured or set: `heads * d` values (the
+    /// question vector), or `heads * r * d` with `question_rows = "tokens"`.
+    pub fn question_vector(&self) -> Option<&[f32]> {
+        self.retrieval.question_rows()
+    }
+
+    /// Sets the question's rows, computed elsewhere (a probe pass with the
+    /// same settings), so retrieval uses them from the first block on.
+    pub fn set_question(&mut self, vector: Vec<f32>) {
+        self.retrieval.question.set(vector);
+    }
+
+    /// Bytes held: KV in the model's dtype plus f32 bookkeeping.
+    pub fn bytes(&self) -> usize {
+        self.init.bytes()
+            + self.recent.bytes()
+            + self.blocks.bytes()
+            + self.local_score.capacity() * 4
+            + self.retrieval.bytes()
+    }
+
+    /// Attention for a call of `t` new tokens at positions `processed..`:
+    /// `q` is `(1, heads, t, d)`, `k` and `v` are `(1, kv_heads, t, d)`,
+    /// pre-RoPE. The call is cut into execution blocks at multiples of
+    /// `exc_block_size` (and before the prompt's last token); `observe`
+    /// sees what each one retrieved. Returns `(1, heads, t, d)` in `q`'s
+    /// dtype.
+    pub fn append(
+        &mut self,
+        policy: &Policy,
+        args: &StepArgs<'_>,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        mut observe: impl FnMut(BlockRead<'_>),
+    ) -> Result<Tensor> {
+        let len = q.dim(2)?;
+        let offset = self.processed();
+        let mut outputs = Vec::new();
+        let mut start = 0;
+        while start < len {
+            let pos = offset + start;
+            let mut stop = (pos / policy.exc_block_size + 1) * policy.exc_block_size;
+            if args.prompt_len > 0 && pos < args.prompt_len - 1 {
+                stop = stop.min(args.prompt_len - 1);
+            }
+            let n = stop.min(offset + len) - pos;
+            let blocks = self.blocks.len();
+            outputs.push(self.read_block(
+                policy,
+                args,
+                &q.narrow(2, start, n)?,
+                &k.narrow(2, start, n)?,
+                &v.narrow(2, start, n)?,
+            )?);
+            observe(BlockRead {
+                positions: &(pos..pos + n),
+                retrieved: self.retrieval.retrieved(),
+                scores: self.retrieval.scores(),
+                blocks,
+            });
+            start += n;
+        }
+        if outputs.len() == 1 {
+            return Ok(outputs.pop().expect("one output"));
+        }
+        Tensor::cat(&outputs, 2)
+    }
+
+    /// Attention for one execution block of `e` new tokens, then files the
+    /// tokens into the memory.
+    fn read_block(
+        &mut self,
+        policy: &Policy,
+        args: &StepArgs<'_>,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+    ) -> Result<Tensor> {
+        let (_, heads, e, d) = q.dims4()?;
+        let kv_heads = k.dim(1)?;
+        if kv_heads == 0 || heads % kv_heads != 0 {
+            candle_core::bail!("qllm: {heads} query heads do not group over {kv_heads} KV heads");
+        }
+        let group = heads / kv_heads;
+        let n_local = policy.n_local;
+        let recent_start = self.ledger.recent_start();
+        let plan = self.ledger.read(e, n_local);
+        self.recent.append(k, v)?;
+        self.local_score
+            .resize(self.local_score.len() + e * heads, 0.0);
+
+        let device = q.device();
+        let at_global = positions(std::iter::repeat_n(n_local - 1, e), device)?;
+        let q_global = rotate_f32(args.rope, q, &at_global)?;
+
+        self.retrieval
+            .retrieve(policy, &self.blocks, &q_global, group)?;
+        let retrieved = self.retrieval.picks();
+
+        let local_len = plan.local.len();
+        let (k_local, v_local) = self
+            .recent
+            .range(plan.local.start - recent_start, local_len)?;
+
+        // Keys past the window of some query: sinks, retrieved blocks and the
+        // oldest recent tokens, in that (the original) order. Gathered in
+        // f32: blocks may be stored in another dtype than the model computes
+        // in.
+        let global_recent = plan.global_recent.len();
+        let mut global_k = Vec::new();
+        let mut global_v = Vec::new();
+        let mut gather = |k: &Tensor, v: &Tensor| -> Result<()> {
+            global_k.push(k.to_dtype(DType::F32)?);
+            global_v.push(v.to_dtype(DType::F32)?);
+            Ok(())
+        };
+        if let Some((k, v)) = self.init.get()? {
+            gather(&k, &v)?;
+        }
+        let per_head_count = retrieved.first().map_or(0, Vec::len);
+        match retrieved {
+            [shared] => {
+                for &b in shared {
+                    let (k, v) = self.blocks.get(b)?;
+                    gather(&k, &v)?;
+                }
+            }
+            per_head if per_head_count > 0 => {
+                // Each KV head's own blocks, side by side along the head axis.
+                let (mut heads_k, mut heads_v) = (Vec::new(), Vec::new());
+                for (h, picks) in per_head.iter().enumerate() {
+                    if picks.len() != per_head_count {
+                        candle_core::bail!("qllm: KV heads retrieved unequal block counts");
+                    }
+                    let (mut ks, mut vs) = (Vec::new(), Vec::new());
+                    for &b in picks {
+                        let (k, v) = self.blocks.get(b)?;
+                        ks.push(k.narrow(1, h, 1)?);
+                        vs.push(v.narrow(1, h, 1)?);
+                    }
+                    heads_k.push(Tensor::cat(&ks, 2)?);
+                    heads_v.push(Tensor::cat(&vs, 2)?);
+                }
+                gather(&Tensor::cat(&heads_k, 1)?, &Tensor::cat(&heads_v, 1)?)?;
+            }
+            _ => {}
+        }
+        if global_recent > 0 {
+            let (k, v) = self.recent.range(0, global_recent)?;
+            gather(&k, &v)?;
+        }
+        let n_global = self.init.len() + per_head_count * policy.block_size + global_recent;
+
+        // Positions. Fixed (the paper's): the window at `0..local_len`,
+        // queries at their place in it; memory keys unrotated and queries at
+        // `n_local - 1`, so every memory token sits at that distance.
+        // Ordered: memory keys at `0..n_global`, the window right after them.
+        let window_base = match policy.positions {
+            Positions::Fixed => 0,
+            Positions::Ordered => n_global,
+        };
+        let k_local = rotate_f32(
+            args.rope,
+            &k_local,
+            &positions(window_base..window_base + local_len, device)?,
+        )?
+        .squeeze(0)?;
+        let query_at = plan.queries.start - plan.local.start;
+        let q_local = rotate_f32(
+            args.rope,
+            q,
+            &positions(window_base + query_at..window_base + query_at + e, device)?,
+        )?;
+        let q_memory = match policy.positions {
+            Positions::Fixed => &q_global,
+            Positions::Ordered => &q_local,
+        }
+        .reshape((kv_heads, group * e, d))?;
+        let q_local = q_local.reshape((kv_heads, group * e, d))?;
+
+        let mask = if e > 1 {
+            let geometry = MaskGeometry {
+                first_query: plan.queries.start,
+                queries: e,
+                fixed: n_global - global_recent,
+                global_recent_start: recent_start,
+                global_recent,
+                local_start: plan.local.start,
+                local_len,
+                n_local,
+            };
+            Some(args.masks.get(&geometry, device)?)
+        } else {
+            None
+        };
+        let v_local = v_local.to_dtype(DType::F32)?.squeeze(0)?;
+        let (out, probs) = if n_global > 0 {
+            let mut k_global = Tensor::cat(&global_k, 2)?;
+            if policy.positions == Positions::Ordered {
+                k_global = rotate_f32(args.rope, &k_global, &positions(0..n_global, device)?)?;
+            }
+            let k_global = k_global.squeeze(0)?;
+            global_v.push(v_local.unsqueeze(0)?);
+            let values = Tensor::cat(&global_v, 2)?.squeeze(0)?;
+            grouped_attention(
+                &[(&q_memory, &k_global), (&q_local, &k_local)],
+                &values,
+                mask.as_ref(),
+                args.softmax_scale,
+            )?
+        } else {
+            grouped_attention(
+                &[(&q_local, &k_local)],
+                &v_local,
+                mask.as_ref(),
+                args.softmax_scale,
+            )?
+        };
+        let out = out.reshape((1, heads, e, d))?.to_dtype(q.dtype())?;
+
+        // Attention received by each window token from this block's queries,
+        // the measure a block's representative tokens are chosen by.
+        let local_probs: Vec<Vec<f32>> = probs
+            .narrow(2, n_global, local_len)?
+            .contiguous()?
+            .reshape((heads, e, local_len))?
+            .sum(1)?
+            .to_vec2()?;
+        let first = (plan.local.start - recent_start) * heads;
+        for (h, row) in local_probs.iter().enumerate() {
+            for (t, p) in row.iter().enumerate() {
+                self.local_score[first + t * heads + h] += p;
+            }
+        }
+
+        if policy.mode.uses_question() && policy.question_weight > 0.0 {
+            if let Some(span) = &args.question {
+                let local_score = &self.local_score;
+                // The hook keeps spans within the local window, so every
+                // question token is still recent, with the attention it
+                // received so far.
+                let received = |span: Range<usize>| -> Result<Vec<f32>> {
+                    let first = span.start.checked_sub(recent_start).ok_or_else(|| {
+                        candle_core::Error::Msg(format!(
+                            "qllm: question span {span:?} starts before the recent tokens \
+                             ({recent_start})"
+                        ))
+                    })?;
+                    Ok(local_score[first * heads..(first + span.len()) * heads].to_vec())
+                };
+                self.retrieval.question.observe(
+                    policy,
+                    span,
+                    plan.queries.clone(),
+                    &q_global,
+                    received,
+                )?;
+            }
+        }
+        self.evict(policy, heads)?;
+        Ok(out)
+    }
+
+    /// Moves tokens that have left every future window out of the recent
+    /// ones, as the ledger plans: into the sinks until they are full, then
+    /// into blocks (or nowhere, for `streaming`).
+    fn evict(&mut self, policy: &Policy, heads: usize) -> Result<()> {
+        if policy.mode == Mode::Dense {
+            candle_core::bail!("qllm: dense mode has no block memory");
+        }
+        let plan = self.ledger.plan_eviction(policy);
+        if plan.to_sinks > 0 {
+            let (k, v) = self.recent.range(0, plan.to_sinks)?;
+            self.init.append(&k, &v)?;
+            self.drop_recent(plan.to_sinks, heads);
+        }
+        for _ in 0..plan.blocks {
+            self.form_block(policy, heads)?;
+        }
+        if plan.dropped > 0 {
+            self.drop_recent(plan.dropped, heads);
+        }
+        self.ledger.evict(&plan, policy.block_size);
+        Ok(())
+    }
+
+    fn form_block(&mut self, policy: &Policy, heads: usize) -> Result<()> {
+        let bs = policy.block_size;
+        let (k, v) = self.recent.range(0, bs)?;
+        let dtype = policy.block_dtype.resolve(k.dtype());
+        let kv_heads = k.dim(1)?;
+        let keys = k.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
+        self.retrieval
+            .add_block(policy, &keys, kv_heads, &self.local_score[..bs * heads], heads);
+        self.blocks.push(&k.to_dtype(dtype)?, &v.to_dtype(dtype)?)?;
+        self.drop_recent(bs, heads);
+        Ok(())
+    }
+
+    fn drop_recent(&mut self, n: usize, heads: usize) {
+        self.recent.drop_front(n);
+        self.local_score.drain(..n * heads);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use candle_core::Device;
+
+    use super::*;
+    use crate::attention::reference::{assert_close, random, reference_attention, MemoryState};
+    use crate::attention::RopeTable;
+    use crate::config::{QuestionRows, Scoring, Selection};
+    use crate::retrieval::scores::attention_mass_scores;
+    use crate::retrieval::top_k;
+
+    #[test]
+    fn question_token_rows_add_their_attention_mass_and_find_their_block() {
+        // Memory of 25 blocks; one question row per head points at a key of
+        // block 9, the others are random: retrieval must equal the written-out
+        // mass of all rows (the execution block's mean query with weight 1,
+        // each question row with `question_weight / rows`) and rank block 9
+        // first for every KV head.
+        let (heads, kv_heads, d, rows) = (4, 2, 16, 3);
+        let config = Policy {
+            scoring: Scoring::AttentionMass,
+            selection: Selection::PerKvHead,
+            question_rows: QuestionRows::Tokens,
+            question_weight: 3.0,
+            ..selective_config(Positions::Fixed, 0)
+        };
+        config.validate().unwrap();
+        let rope = RopeTable::new(10000.0, d, 256, true, &Device::Cpu).unwrap();
+        let masks = MaskCache::default();
+        let args = StepArgs {
+            rope: &rope,
+            softmax_scale: 0.25,
+            question: None,
+            prompt_len: 0,
+            masks: &masks,
+        };
+        let (total, planted, bs) = (120, 9, config.block_size);
+        let token = config.n_init + planted * bs + 1;
+        let q_all = random((1, heads, total, d), 11, 1.0);
+        // The planted token's key stands out: four times the others' size.
+        let k_all = random((1, kv_heads, total, d), 12, 1.0);
+        let k_all = Tensor::cat(
+            &[
+                k_all.narrow(2, 0, token).unwrap(),
+                (k_all.narrow(2, token, 1).unwrap() * 4.0).unwrap(),
+                k_all.narrow(2, token + 1, total - token - 1).unwrap(),
+            ],
+            2,
+        )
+        .unwrap();
+        let v_all = random((1, kv_heads, total, d), 13, 1.0);
+        let mut memory = LayerMemory::default();
+        for p0 in (0..total).step_by(8) {
+            let at = |t: &Tensor| t.narrow(2, p0, 8).unwrap();
+            memory
+                .append(&config, &args, &at(&q_all), &at(&k_all), &at(&v_all), |_| {})
+                .unwrap();
+            masks.clear();
+        }
+        let blocks = memory.block_count();
+        assert!(blocks > 20, "{blocks}");
+        let mut question = random((1, heads, rows, d), 14, 1.0);
+        let key =
+            |g: usize| (k_all.narrow(1, g, 1).unwrap().narrow(2, token, 1).unwrap() * 2.0).unwrap();
+        let planted_rows: Vec<Tensor> = (0..heads).map(|h| key(h / (heads / kv_heads))).collect();
+        let planted_rows = Tensor::cat(&planted_rows, 1).unwrap();
+        question =
+            Tensor::cat(&[planted_rows, question.narrow(2, 1, rows - 1).unwrap()], 2).unwrap();
+        memory.set_question(question.flatten_all().unwrap().to_vec1::<f32>().unwrap());
+
+        let q_global = random((1, heads, 8, d), 15, 1.0);
+        memory
+            .retrieval
+            .retrieve(&config, &memory.blocks, &q_global, heads / kv_heads)
+            .unwrap();
+
+        let group = heads / kv_heads;
+        let mean = q_global
+            .mean(2)
+            .unwrap()
+            .squeeze(0)
+            .unwrap()
+            .unsqueeze(1)
+            .unwrap();
+        let all_rows = Tensor::cat(&[mean, question.squeeze(0).unwrap()], 1)
+            .unwrap()
+            .reshape((kv_heads, group * (rows + 1), d))
+            .unwrap();
+        let mut weights = vec![1.0];
+        weights.extend([config.question_weight / 3.0; 3]);
+        let scale = 0.25; // 1 / sqrt(d)
+        let expected =
+            attention_mass_scores(&memory.blocks, config.block_size, &all_rows, &weights, scale)
+                .unwrap();
+        assert_eq!(memory.retrieval.scores().len(), kv_heads);
+        for (g, (got, e)) in memory.retrieval.scores().iter().zip(&expected).enumerate() {
+            assert_close(got, e, 1e-4);
+            assert_eq!(top_k(got, 1), vec![planted], "KV head {g}: {got:?}");
+            assert!(memory.retrieval.picks()[g].contains(&planted));
+        }
+    }
+
+    /// Runs 120 prompt tokens in execution blocks of 8, then 12 decode
+    /// steps, through `LayerMemory` and the written-out reference, with
+    /// `topk` 2 of up to 23 blocks; returns the largest difference and
+    /// whether retrieval was selective and whether KV heads ever retrieved
+    /// different blocks.
+    fn compare_with_reference(config: &Policy) -> (f32, bool, bool) {
+        let (heads, kv_heads, d) = (4, 2, 16);
+        let rope = RopeTable::new(10000.0, d, 256, true, &Device::Cpu).unwrap();
+        let masks = MaskCache::default();
+        let args = StepArgs {
+            rope: &rope,
+            softmax_scale: 0.25,
+            question: None,
+            prompt_len: 0,
+            masks: &masks,
+        };
+        let total = 132;
+        // Peaky queries and keys so retrieval has clear winners.
+        let q_all = random((1, heads, total, d), 1, 2.0);
+        let k_all = random((1, kv_heads, total, d), 2, 2.0);
+        let v_all = random((1, kv_heads, total, d), 3, 1.0);
+        let mut memory = LayerMemory::default();
+        let (mut worst, mut selective, mut heads_differ) = (0f32, false, false);
+        let mut p0 = 0;
+        while p0 < total {
+            let e = if p0 < 120 { 8 } else { 1 };
+            let (init, blocks) = (memory.stats().init, memory.block_count());
+            let q = q_all.narrow(2, p0, e).unwrap();
+            let out = memory
+                .append(
+                    config,
+                    &args,
+                    &q,
+                    &k_all.narrow(2, p0, e).unwrap(),
+                    &v_all.narrow(2, p0, e).unwrap(),
+                    |_| {},
+                )
+                .unwrap();
+            let retrieved = memory.retrieval.picks().to_vec();
+            selective |= retrieved
+                .first()
+                .is_some_and(|p| blocks > p.len() && !p.is_empty());
+            heads_differ |= retrieved.windows(2).any(|w| w[0] != w[1]);
+            let expected = reference_attention(
+                config,
+                &rope,
+                &q,
+                &k_all.narrow(2, 0, p0 + e).unwrap(),
+                &v_all.narrow(2, 0, p0 + e).unwrap(),
+                &MemoryState {
+                    p0,
+                    init,
+                    blocks,
+                    retrieved: &retrieved,
+                },
+                args.softmax_scale,
+            );
+            let got = out.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+            for (a, b) in got.iter().zip(&expected) {
+                worst = worst.max((a - b).abs());
+            }
+            masks.clear();
+            p0 += e;
+        }
+        (worst, selective, heads_differ)
+    }
+
+    fn selective_config(positions: Positions, neighbours: usize) -> Policy {
+        Policy {
+            n_init: 4,
+            n_local: 16,
+            block_size: 4,
+            exc_block_size: 8,
+            topk: 2,
+            repr_topk: 2,
+            positions,
+            neighbours,
+            ..Policy::default()
+        }
+    }
+
+    #[test]
+    fn selective_retrieval_matches_the_written_out_reference() {
+        use Selection::{PerKvHead, Shared};
+        for (positions, neighbours, scoring, selection) in [
+            (Positions::Fixed, 0, Scoring::Dot, Shared),
+            (Positions::Ordered, 0, Scoring::Dot, Shared),
+            (Positions::Fixed, 1, Scoring::Dot, Shared),
+            (Positions::Ordered, 1, Scoring::HeadSoftmax, Shared),
+            (Positions::Fixed, 0, Scoring::TokenMax, Shared),
+            (Positions::Fixed, 0, Scoring::AttentionMass, Shared),
+            (Positions::Fixed, 0, Scoring::Dot, PerKvHead),
+            (Positions::Ordered, 1, Scoring::AttentionMass, PerKvHead),
+            (Positions::Fixed, 0, Scoring::TokenMax, PerKvHead),
+        ] {
+            let config = Policy {
+                scoring,
+                selection,
+                ..selective_config(positions, neighbours)
+            };
+            let name = format!("{positions} {neighbours} {scoring} {selection}");
+            let (diff, selective, heads_differ) = compare_with_reference(&config);
+            assert!(selective, "{name}: every block was retrieved");
+            // Otherwise the per-head gather would go untested.
+            assert_eq!(
+                heads_differ,
+                selection == PerKvHead,
+                "{name}: KV heads retrieved different blocks"
+            );
+            assert!(diff <= 1e-4, "{name}: max abs difference {diff}");
+        }
+    }
+
+    #[test]
+    fn ordered_positions_change_what_memory_tokens_contribute() {
+        // The reference would pass for both position schemes if they gave the
+        // same numbers; they must not.
+        let fixed = selective_config(Positions::Fixed, 0);
+        let ordered = selective_config(Positions::Ordered, 0);
+        let rope = RopeTable::new(10000.0, 16, 256, true, &Device::Cpu).unwrap();
+        let q = random((1, 4, 8, 16), 1, 2.0);
+        let k = random((1, 2, 40, 16), 2, 2.0);
+        let v = random((1, 2, 40, 16), 3, 1.0);
+        let picks = [vec![0]];
+        let state = MemoryState {
+            p0: 32,
+            init: 4,
+            blocks: 2,
+            retrieved: &picks,
+        };
+        let a = reference_attention(&fixed, &rope, &q, &k, &v, &state, 0.25);
+        let b = reference_attention(&ordered, &rope, &q, &k, &v, &state, 0.25);
+        let diff = a
+            .iter()
+            .zip(&b)
+            .fold(0f32, |m, (x, y)| m.max((x - y).abs()));
+        assert!(diff > 1e-3, "{diff}");
+    }
+}

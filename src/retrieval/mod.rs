@@ -1,0 +1,208 @@
+//! Retrieval: which memory blocks an execution block attends. Blocks are
+//! scored against the execution block's queries (and the question, in
+//! `qllm` mode) by the rule `scoring` names, then the `topk` best are picked
+//! for all heads together or per KV head (`selection`).
+
+pub mod question;
+pub mod representative;
+pub mod scores;
+pub mod select;
+
+use candle_core::{Result, Tensor};
+
+use crate::config::{Policy, Scoring, Selection};
+use crate::memory::BlockStore;
+use question::{QuestionMass, QuestionState};
+use representative::{head_means, most_attended_rows};
+use scores::{
+    attention_mass_scores, block_scores, head_softmax_block_scores, kv_head_block_scores,
+    sum_rows, token_max_scores,
+};
+pub use select::{top_k, top_k_with_neighbours};
+
+/// One layer's retrieval state: the blocks' representative keys, the
+/// question, and what the latest execution block retrieved.
+#[derive(Debug, Default)]
+pub struct Retrieval {
+    /// One representative key per block, `heads * d` values each.
+    representatives: Vec<f32>,
+    pub(crate) question: QuestionState,
+    /// Blocks retrieved at the latest execution block: one list, or one
+    /// per KV head with `per_kv_head` selection.
+    picks: Vec<Vec<usize>>,
+    /// Blocks retrieved by some head at the latest execution block.
+    retrieved: Vec<usize>,
+    /// Retrieval score of every block at the latest execution block: one
+    /// row, or one per KV head with `per_kv_head` selection.
+    scores: Vec<Vec<f32>>,
+}
+
+impl Retrieval {
+    /// Blocks retrieved at the latest execution block, per list (one for all
+    /// heads, or one per KV head), each ascending and all of one length.
+    pub fn picks(&self) -> &[Vec<usize>] {
+        &self.picks
+    }
+
+    /// Blocks some head retrieved at the latest execution block, ascending.
+    pub fn retrieved(&self) -> &[usize] {
+        &self.retrieved
+    }
+
+    /// Every block's score at the latest execution block, per list.
+    pub fn scores(&self) -> &[Vec<f32>] {
+        &self.scores
+    }
+
+    /// The question's rows, once captured or set.
+    pub fn question_rows(&self) -> Option<&[f32]> {
+        self.question.rows.as_deref()
+    }
+
+    /// Files a new block's representative: per query head, the mean of its
+    /// `repr_topk` most attended keys. `keys` is the block's `(kv_heads,
+    /// block_size, d)` f32 keys flattened; `received` the local attention
+    /// each token received, `heads` per token.
+    pub fn add_block(
+        &mut self,
+        policy: &Policy,
+        keys: &[f32],
+        kv_heads: usize,
+        received: &[f32],
+        heads: usize,
+    ) {
+        let (bs, d) = (policy.block_size, keys.len() / (kv_heads * policy.block_size));
+        let representative = head_means(
+            &most_attended_rows(
+                keys,
+                heads / kv_heads,
+                bs,
+                d,
+                received,
+                heads,
+                policy.repr_topk,
+            ),
+            heads,
+            d,
+        );
+        self.representatives.extend_from_slice(&representative);
+    }
+
+    /// Picks the blocks of `store` for the execution block whose queries at
+    /// the memory distance are `q_global` (`(1, heads, e, d)` f32), for
+    /// query heads in groups of `group` per KV head.
+    pub fn retrieve(
+        &mut self,
+        policy: &Policy,
+        store: &BlockStore,
+        q_global: &Tensor,
+        group: usize,
+    ) -> Result<()> {
+        self.retrieved.clear();
+        self.scores.clear();
+        self.picks.clear();
+        if !policy.mode.keeps_blocks() || store.is_empty() || policy.topk == 0 {
+            return Ok(());
+        }
+        let per_head = policy.selection == Selection::PerKvHead;
+        let (heads, d) = (q_global.dim(1)?, q_global.dim(3)?);
+        let question = match (policy.mode.uses_question(), &self.question.rows) {
+            (true, Some(question)) if policy.question_weight > 0.0 => Some(question),
+            _ => None,
+        };
+        let question_rows = question.map_or(1, |q| q.len() / (heads * d));
+        #[allow(clippy::cast_precision_loss)] // a head size
+        let scale = 1.0 / (d as f32).sqrt();
+        let kv_heads = heads / group;
+        if policy.scoring == Scoring::AttentionMass {
+            let q = q_global.mean(2)?.squeeze(0)?.reshape((kv_heads, group, d))?;
+            let mut scores = attention_mass_scores(store, policy.block_size, &q, &[1.0], scale)?;
+            if question.is_some() {
+                self.add_question_mass(
+                    policy,
+                    store,
+                    (kv_heads, d),
+                    scale,
+                    question_rows,
+                    &mut scores,
+                )?;
+            }
+            self.scores = if per_head {
+                scores
+            } else {
+                vec![sum_rows(&scores)]
+            };
+        } else {
+            if question_rows != 1 {
+                candle_core::bail!(
+                    "qllm: {question_rows} question rows per head need `attention_mass` scoring"
+                );
+            }
+            let mut query = q_global.mean(2)?.flatten_all()?.to_vec1::<f32>()?;
+            if let Some(question) = question {
+                for (q, x) in query.iter_mut().zip(question) {
+                    *q += policy.question_weight * x;
+                }
+            }
+            let reps = &self.representatives;
+            self.scores = match policy.scoring {
+                // Per head, the softmax over blocks keeps the dot product's order.
+                Scoring::Dot | Scoring::HeadSoftmax if per_head => {
+                    kv_head_block_scores(reps, &query, d * group)
+                }
+                Scoring::Dot => vec![block_scores(reps, &query)],
+                Scoring::HeadSoftmax => {
+                    vec![head_softmax_block_scores(reps, &query, d * group, scale)]
+                }
+                Scoring::TokenMax => {
+                    let q = Tensor::from_slice(&query, (kv_heads, group, d), q_global.device())?
+                        .sum(1)?;
+                    token_max_scores(store, &q, !per_head)?
+                }
+                Scoring::AttentionMass => unreachable!("handled above"),
+            };
+        }
+        let picks: Vec<Vec<usize>> = self
+            .scores
+            .iter()
+            .map(|scores| top_k_with_neighbours(scores, policy.topk, policy.neighbours))
+            .collect();
+        self.retrieved = picks.concat();
+        self.retrieved.sort_unstable();
+        self.retrieved.dedup();
+        self.picks = picks;
+        Ok(())
+    }
+
+    /// Adds the question rows' attention mass to `scores` (per KV head),
+    /// `question_weight` shared by the `rows` rows of each query head.
+    fn add_question_mass(
+        &mut self,
+        policy: &Policy,
+        store: &BlockStore,
+        (kv_heads, d): (usize, usize),
+        scale: f32,
+        rows: usize,
+        scores: &mut [Vec<f32>],
+    ) -> Result<()> {
+        let (Some(question), Some(device)) = (&self.question.rows, store.device()) else {
+            return Ok(());
+        };
+        if self.question.mass.is_none() {
+            self.question.mass = Some(QuestionMass::new(question, kv_heads, d, device)?);
+        }
+        let mass = self.question.mass.as_mut().expect("just set");
+        mass.extend(store, policy.block_size, scale)?;
+        #[allow(clippy::cast_precision_loss)] // at most `MAX_QUESTION_ROWS`
+        let row_weight = policy.question_weight / rows as f32;
+        for (head, question) in scores.iter_mut().zip(mass.scores(row_weight, scale)?) {
+            head.iter_mut().zip(question).for_each(|(s, q)| *s += q);
+        }
+        Ok(())
+    }
+
+    /// Bytes held: representatives and the question's rows and partials.
+    pub fn bytes(&self) -> usize {
+        self.representatives.capacity() * 4 + self.question.bytes()
+    }
+}

@@ -1,0 +1,228 @@
+//! The question's part in retrieval: its rows (the paper's question vector,
+//! or one row per token), captured as its tokens pass, and its share of
+//! `attention_mass` scores, cached per block.
+
+use std::ops::Range;
+
+use candle_core::{Device, Result, Tensor};
+
+use super::representative::{head_means, most_attended_rows};
+use crate::config::{Policy, QuestionRows, MAX_QUESTION_ROWS};
+use crate::memory::BlockStore;
+
+/// The question's share of `attention_mass` scores, kept up to date as
+/// blocks form. The question's rows and the memory keys never move
+/// (queries at the fixed distance, keys unrotated), so each block's logits
+/// against them are computed once: per block and row, the largest logit and
+/// the sum of `exp(scale * (logit - largest))`, which combine into the
+/// softmax over all blocks without reading a key again.
+#[derive(Debug)]
+pub(crate) struct QuestionMass {
+    /// `(kv_heads, rows, d)` f32: each KV head's query heads' question rows.
+    rows: Tensor,
+    /// Per block, per KV head and row: the largest logit, then the sum.
+    partials: Vec<f32>,
+    /// Blocks covered by `partials`.
+    blocks: usize,
+}
+
+impl QuestionMass {
+    /// `question` is `(heads, r, d)` flattened: `r` rows per query head.
+    pub(crate) fn new(question: &[f32], kv_heads: usize, d: usize, device: &Device) -> Result<Self> {
+        let rows = question.len() / (kv_heads * d);
+        Ok(Self {
+            rows: Tensor::from_slice(question, (kv_heads, rows, d), device)?,
+            partials: Vec::new(),
+            blocks: 0,
+        })
+    }
+
+    /// Adds the partials of the blocks formed since the last call.
+    pub(crate) fn extend(&mut self, store: &BlockStore, block_size: usize, scale: f32) -> Result<()> {
+        let (kv_heads, rows, _) = self.rows.dims3()?;
+        for keys in store.keys_f32(self.blocks)? {
+            let tokens = keys.dim(1)?;
+            let logits = self
+                .rows
+                .matmul(&keys.t()?)?
+                .flatten_all()?
+                .to_vec1::<f32>()?;
+            let blocks = tokens / block_size;
+            let first = self.partials.len();
+            self.partials
+                .resize(first + blocks * kv_heads * rows * 2, 0.0);
+            for (row, logits) in logits.chunks_exact(tokens).enumerate() {
+                for (b, block) in logits.chunks_exact(block_size).enumerate() {
+                    let max = block.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+                    let sum: f32 = block.iter().map(|x| ((x - max) * scale).exp()).sum();
+                    let at = first + (b * kv_heads * rows + row) * 2;
+                    self.partials[at] = max;
+                    self.partials[at + 1] = sum;
+                }
+            }
+            self.blocks += blocks;
+        }
+        Ok(())
+    }
+
+    /// Per KV head and block, the attention the question rows give the
+    /// block, each row's softmax over all blocks' keys weighted by
+    /// `row_weight`, summed over the KV head's rows.
+    pub(crate) fn scores(&self, row_weight: f32, scale: f32) -> Result<Vec<Vec<f32>>> {
+        let (kv_heads, rows, _) = self.rows.dims3()?;
+        let stride = kv_heads * rows * 2;
+        let mut scores = vec![vec![0f32; self.blocks]; kv_heads];
+        for (g, head_scores) in scores.iter_mut().enumerate() {
+            for r in 0..rows {
+                let at = (g * rows + r) * 2;
+                let partial = |b: usize| {
+                    (
+                        self.partials[b * stride + at],
+                        self.partials[b * stride + at + 1],
+                    )
+                };
+                let max = (0..self.blocks)
+                    .map(|b| partial(b).0)
+                    .fold(f32::NEG_INFINITY, f32::max);
+                let masses: Vec<f32> = (0..self.blocks)
+                    .map(|b| {
+                        let (m, sum) = partial(b);
+                        sum * ((m - max) * scale).exp()
+                    })
+                    .collect();
+                let weight = row_weight / masses.iter().sum::<f32>();
+                for (s, mass) in head_scores.iter_mut().zip(&masses) {
+                    *s += weight * mass;
+                }
+            }
+        }
+        Ok(scores)
+    }
+
+    pub(crate) fn bytes(&self) -> usize {
+        (self.partials.capacity() + self.rows.elem_count()) * 4
+    }
+}
+
+/// What a layer knows of the question: its rows once captured (or set from
+/// a probe), the queries of its tokens while they pass, and the cached
+/// attention-mass partials.
+#[derive(Debug, Default)]
+pub(crate) struct QuestionState {
+    /// The question's rows, `(heads, r, d)` flattened: `r` is 1 (the
+    /// question vector) or, with `question_rows = "tokens"`, one per token.
+    pub rows: Option<Vec<f32>>,
+    /// The rows' `attention_mass` partials, built at the first retrieval
+    /// that uses them.
+    pub mass: Option<QuestionMass>,
+    /// Globally rotated queries of the question tokens seen so far,
+    /// `(heads, t, d)` f32 pieces.
+    queries: Vec<Tensor>,
+}
+
+impl QuestionState {
+    /// Sets the rows, computed elsewhere (a probe pass).
+    pub fn set(&mut self, rows: Vec<f32>) {
+        self.rows = Some(rows);
+        self.mass = None;
+    }
+
+    /// Collects the question's queries as they pass (`q_global`, the
+    /// execution block `p0..end`'s queries at the memory distance) and,
+    /// once the whole span has been read, turns them into the question's
+    /// rows. `received` is the local attention each token of the span has
+    /// received so far, `heads` per token.
+    pub fn observe(
+        &mut self,
+        policy: &Policy,
+        span: &Range<usize>,
+        block: Range<usize>,
+        q_global: &Tensor,
+        received: impl FnOnce(Range<usize>) -> Result<Vec<f32>>,
+    ) -> Result<()> {
+        if self.rows.is_some() || span.end <= block.start || span.start >= block.end {
+            return Ok(());
+        }
+        let from = span.start.max(block.start);
+        let to = span.end.min(block.end);
+        self.queries
+            .push(q_global.narrow(2, from - block.start, to - from)?.squeeze(0)?);
+        if span.end > block.end {
+            return Ok(());
+        }
+        let queries = Tensor::cat(&self.queries, 1)?;
+        self.queries.clear();
+        let (heads, len, d) = queries.dims3()?;
+        let scores = received(span.clone())?;
+        let queries = queries.flatten_all()?.to_vec1::<f32>()?;
+        self.set(question_rows(policy, &queries, heads, len, d, &scores));
+        Ok(())
+    }
+
+    /// Bytes held.
+    pub fn bytes(&self) -> usize {
+        self.rows.as_ref().map_or(0, Vec::capacity) * 4 + self.mass.as_ref().map_or(0, QuestionMass::bytes)
+    }
+}
+
+/// The question's rows from its tokens' queries (`(heads, len, d)`
+/// flattened) and the local attention each received (`len` x `heads`): per
+/// head, the mean of the `repr_topk` most attended tokens' queries (the
+/// paper's question vector), or with `question_rows = "tokens"` up to
+/// [`MAX_QUESTION_ROWS`] of them, most attended first.
+pub fn question_rows(
+    policy: &Policy,
+    queries: &[f32],
+    heads: usize,
+    len: usize,
+    d: usize,
+    received: &[f32],
+) -> Vec<f32> {
+    match policy.question_rows {
+        QuestionRows::Mean => head_means(
+            &most_attended_rows(queries, 1, len, d, received, heads, policy.repr_topk),
+            heads,
+            d,
+        ),
+        QuestionRows::Tokens => {
+            most_attended_rows(queries, 1, len, d, received, heads, MAX_QUESTION_ROWS)
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use crate::attention::reference::{assert_close, random};
+    use crate::retrieval::scores::attention_mass_scores;
+
+    use super::*;
+
+    #[test]
+    fn question_mass_partials_combine_into_the_softmax_over_all_blocks() {
+        // 20 blocks of 3 tokens over two slabs, covered in steps (7, then 13
+        // more across the slab boundary), against the one-pass softmax.
+        let (blocks, bs, kv_heads, d, rows) = (20, 3, 2, 4, 6);
+        let keys = random((1, kv_heads, blocks * bs, d), 9, 1.5);
+        let question = random((1, kv_heads, rows, d), 10, 2.0).squeeze(0).unwrap();
+        let flat = question.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        let (weight, scale) = (0.25, 0.5);
+        let mut store = BlockStore::default();
+        let mut mass = QuestionMass::new(&flat, kv_heads, d, &Device::Cpu).unwrap();
+        // The third step adds no block: nothing changes.
+        for (from, to) in [(0, 7), (7, blocks), (blocks, blocks)] {
+            for b in from..to {
+                let k = keys.narrow(2, b * bs, bs).unwrap();
+                store.push(&k, &k).unwrap();
+            }
+            mass.extend(&store, bs, scale).unwrap();
+            let got = mass.scores(weight, scale).unwrap();
+            let expected = attention_mass_scores(&store, bs, &question, &[weight], scale)
+                .unwrap();
+            assert_eq!(got.len(), kv_heads);
+            for (g, e) in got.iter().zip(&expected) {
+                assert_eq!(g.len(), to);
+                assert_close(g, e, 1e-5);
+            }
+        }
+    }
+}
