@@ -8,10 +8,10 @@
 
 use std::time::Instant;
 
-use candle_core::{DType, Device, Tensor};
-use mistralrs_core::layers::RotaryEmbedding;
-use qllm::memory::{LayerMemory, MaskCache, StepArgs};
-use qllm::{QllmConfig, QuestionRows, Scoring, Selection};
+use candle_core::{Device, Tensor};
+use qllm::attention::{MaskCache, RopeTable};
+use qllm::memory::{LayerMemory, StepArgs};
+use qllm::{Policy, QuestionRows, Scoring, Selection};
 
 const HEADS: usize = 9;
 const KV_HEADS: usize = 3;
@@ -27,14 +27,15 @@ const QUESTION_TOKENS: usize = 16;
 
 /// Fills a memory with `tokens` prompt tokens, then returns the median
 /// seconds of one decode step.
-fn decode_step_seconds(config: &QllmConfig, tokens: usize) -> f64 {
+fn decode_step_seconds(config: &Policy, tokens: usize) -> f64 {
     let device = Device::Cpu;
-    let rope = RotaryEmbedding::new(100_000.0, D, 2048, &device, true, DType::F32).unwrap();
+    let rope = RopeTable::new(100_000.0, D, 2048, true, &device).unwrap();
     let masks = MaskCache::default();
     let args = StepArgs {
         rope: &rope,
         softmax_scale: 0.125,
         question: None,
+        prompt_len: 0,
         masks: &masks,
     };
     let mut memory = LayerMemory::default();
@@ -50,7 +51,7 @@ fn decode_step_seconds(config: &QllmConfig, tokens: usize) -> f64 {
         let q = random((1, HEADS, e, D), &device);
         let k = random((1, KV_HEADS, e, D), &device);
         let v = random((1, KV_HEADS, e, D), &device);
-        memory.attend(config, &args, &q, &k, &v).unwrap();
+        memory.append(config, &args, &q, &k, &v, |_| {}).unwrap();
         masks.clear();
         done += e;
     }
@@ -60,7 +61,7 @@ fn decode_step_seconds(config: &QllmConfig, tokens: usize) -> f64 {
         let k = random((1, KV_HEADS, 1, D), &device);
         let v = random((1, KV_HEADS, 1, D), &device);
         let start = Instant::now();
-        memory.attend(config, &args, &q, &k, &v).unwrap();
+        memory.append(config, &args, &q, &k, &v, |_| {}).unwrap();
         times.push(start.elapsed().as_secs_f64());
     }
     times.sort_by(f64::total_cmp);
@@ -100,11 +101,11 @@ fn main() {
     println!("| setting | 1K tokens | 16K tokens | 64K tokens |");
     println!("|---|---|---|---|");
     for (name, scoring, selection, question_rows) in settings {
-        let config = QllmConfig {
+        let config = Policy {
             scoring,
             selection,
             question_rows,
-            ..QllmConfig::default()
+            ..Policy::default()
         };
         let cells: Vec<String> = [1024, 16_384, 65_536]
             .into_iter()

@@ -21,7 +21,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
-use qllm::passkey;
+use qllm::eval::passkey;
 use serde_json::{json, Value};
 
 struct Args {
@@ -139,7 +139,7 @@ fn read_response(mut stream: TcpStream) -> Result<(u16, String)> {
 
 /// Peak resident memory of a process, in MiB.
 fn peak_rss_mib(pid: u32) -> Option<f64> {
-    let bytes = qllm::limits::proc_bytes(&format!("/proc/{pid}/status"), "VmHWM")?;
+    let bytes = qllm::system::proc_bytes(&format!("/proc/{pid}/status"), "VmHWM")?;
     #[allow(clippy::cast_precision_loss)] // Display only.
     Some(bytes as f64 / (1024.0 * 1024.0))
 }

@@ -1,7 +1,7 @@
 //! Passkey retrieval through mistral.rs, with or without the Q-LLM hook.
 //!
 //! A 5-digit key is hidden at several depths of a long filler text
-//! ([`qllm::passkey`]); the model completes "The pass key is". Prints one
+//! ([`qllm::eval::passkey`]); the model completes "The pass key is". Prints one
 //! line per (length, depth) with the answer, prefill and decode speed, then
 //! the process's peak resident memory and the peak bytes the hook held.
 //!
@@ -23,8 +23,9 @@ use std::sync::Arc;
 use anyhow::{bail, Context, Result};
 use mistralrs_core::{MistralRs, ModelDType, ModelSelected, TokenSource};
 use mistralrs_server_core::mistralrs_for_server_builder::MistralRsForServerBuilder;
+use qllm::eval::passkey;
 use qllm::eval::{complete, tokenize};
-use qllm::{passkey, ConfigFile};
+use qllm::ConfigFile;
 
 struct Args {
     model: PathBuf,

@@ -74,11 +74,7 @@ pub async fn tokenize(mistralrs: &MistralRs, text: &str) -> Result<Vec<u32>> {
 
 /// The tokens of `text`, with the model's special tokens (such as BOS) when
 /// `special` is set.
-pub async fn tokenize_with(
-    mistralrs: &MistralRs,
-    text: &str,
-    special: bool,
-) -> Result<Vec<u32>> {
+pub async fn tokenize_with(mistralrs: &MistralRs, text: &str, special: bool) -> Result<Vec<u32>> {
     let (request, mut rx) = tokenization_request(text, special);
     mistralrs
         .get_sender(None)

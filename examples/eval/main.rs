@@ -30,9 +30,9 @@ use anyhow::{bail, Context, Result};
 use indicatif::{ProgressBar, ProgressStyle};
 use mistralrs_core::{ModelDType, ModelSelected, TokenSource};
 use mistralrs_server_core::mistralrs_for_server_builder::MistralRsForServerBuilder;
+use qllm::engine::trace::NeedleReport;
 use qllm::eval::{self, complete, Corpus, EngineTokenizer, Placement, Sample, Task};
-use qllm::request::RequestOptions;
-use qllm::trace::NeedleReport;
+use qllm::RequestOptions;
 use qllm::{ConfigFile, Mode};
 use serde::{Deserialize, Serialize};
 
@@ -225,7 +225,7 @@ fn context_length(model: &Path) -> Result<usize> {
 /// Peak resident memory since the last [`reset_peak_rss`].
 fn peak_rss_mib() -> f64 {
     #[allow(clippy::cast_precision_loss)] // Display only.
-    qllm::limits::proc_bytes("/proc/self/status", "VmHWM")
+    qllm::system::proc_bytes("/proc/self/status", "VmHWM")
         .map_or(f64::NAN, |bytes| bytes as f64 / (1024.0 * 1024.0))
 }
 

@@ -152,7 +152,6 @@ pub fn reference_attention(
     out
 }
 
-
 /// A tensor of uniform values in `[-scale, scale)` from `seed`
 /// (xorshift), the same on every machine.
 pub fn random(shape: (usize, usize, usize, usize), seed: u64, scale: f64) -> Tensor {
@@ -170,7 +169,6 @@ pub fn random(shape: (usize, usize, usize, usize), seed: u64, scale: f64) -> Ten
         .collect();
     (Tensor::from_vec(data, shape, &Device::Cpu).unwrap() * scale).unwrap()
 }
-
 
 /// Causal attention written out: query `i` of the last `l` of `n` positions
 /// sees keys `0..=n - l + i`; query head `h` reads KV head `h / group`.

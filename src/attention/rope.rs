@@ -122,8 +122,8 @@ mod tests {
         let at = [0, 7, 3, 30, 12];
         for neox in [true, false] {
             let rope = RopeTable::new(10000.0, 8, 32, neox, &Device::Cpu).unwrap();
-            let fast = rotate_f32(&rope, &x, &positions(at.into_iter(), &Device::Cpu).unwrap())
-                .unwrap();
+            let fast =
+                rotate_f32(&rope, &x, &positions(at.into_iter(), &Device::Cpu).unwrap()).unwrap();
             let slow = rotate_slow(&rope, &x, &at).unwrap();
             let diff = (fast - slow)
                 .unwrap()

@@ -270,7 +270,6 @@ impl BlockDType {
     }
 }
 
-
 /// The method's settings: what a sequence's memory and retrieval run with.
 /// A request may override them; the engine settings and memory caps it
 /// cannot.
@@ -452,7 +451,10 @@ impl Policy {
         // Retrieval runs once per execution block, cut at multiples of
         // `exc_block_size`; a prompt chunk ending inside one would split it
         // into two retrievals, so the answer would depend on the chunking.
-        if self.mode != Mode::Dense && !engine.prefill_chunk_size.is_multiple_of(self.exc_block_size)
+        if self.mode != Mode::Dense
+            && !engine
+                .prefill_chunk_size
+                .is_multiple_of(self.exc_block_size)
         {
             return invalid(
                 "prefill_chunk_size",

@@ -2,7 +2,10 @@
 
 use serde::Deserialize;
 
-use super::{question_weight, size, Mode, Policy, Positions, Preset, QllmConfig, QuestionRows, Scoring, Selection};
+use super::{
+    question_weight, size, Mode, Policy, Positions, Preset, QllmConfig, QuestionRows, Scoring,
+    Selection,
+};
 use crate::error::{Error, Result};
 
 /// Per-request settings: the `qllm` object of a request body. Every field is

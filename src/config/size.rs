@@ -99,7 +99,6 @@ pub fn format_bytes(bytes: usize) -> String {
     }
 }
 
-
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -38,7 +38,10 @@ impl Admission {
     pub fn model_loaded(&mut self, config: &QllmConfig, model: ModelShape) {
         let per_token =
             |m: &ModelShape| sequence_bytes_bound(&config.policy, &config.engine, m, 1 << 16);
-        if self.model.is_none_or(|k| per_token(&model) >= per_token(&k)) {
+        if self
+            .model
+            .is_none_or(|k| per_token(&model) >= per_token(&k))
+        {
             self.model = Some(model);
         }
     }

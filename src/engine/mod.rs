@@ -23,8 +23,8 @@ use crate::config::{Mode, QllmConfig};
 use crate::memory::{LayerStats, ModelShape};
 use crate::system::release_free_memory;
 use admission::{Admission, InUse};
-pub use requests::{Needle, RequestPlan, RequestReport};
 use requests::RequestRegistry;
+pub use requests::{Needle, RequestPlan, RequestReport};
 use sequences::{LayerCall, SeqState};
 
 /// A sequence that ends holding at least this much hands the freed memory
@@ -58,10 +58,11 @@ pub struct QllmHook {
 }
 
 impl QllmHook {
-    /// A hook with no sequences yet.
-    pub fn new(config: QllmConfig) -> Self {
+    /// A hook with no sequences yet (a [`crate::Policy`] converts, with the
+    /// default engine settings and no caps).
+    pub fn new(config: impl Into<QllmConfig>) -> Self {
         Self {
-            config,
+            config: config.into(),
             seqs: Mutex::default(),
             requests: Mutex::default(),
             admission: Mutex::default(),
@@ -216,7 +217,10 @@ impl AttentionHook for QllmHook {
     fn admit_request(&self, request: &HookRequest<'_>) -> Result<()> {
         let plan = lock(&self.requests).plan(request.id).cloned();
         let policy = plan.as_ref().map_or(self.config.policy, |p| p.policy);
-        let question = plan.as_ref().and_then(|p| p.question.as_ref()).map(Vec::len);
+        let question = plan
+            .as_ref()
+            .and_then(|p| p.question.as_ref())
+            .map(Vec::len);
         let in_use = || {
             let stats = self.memory_stats();
             InUse {
@@ -379,7 +383,10 @@ pub(crate) mod tests {
         });
         // No model shape yet: nothing to size requests by.
         admit(&hook, 1, 1 << 20).unwrap();
-        assert_eq!(hook.model_loaded(&hook_model()), Some(config.engine.max_context_len));
+        assert_eq!(
+            hook.model_loaded(&hook_model()),
+            Some(config.engine.max_context_len)
+        );
 
         let err = admit(&hook, 2, 20 * 1024).unwrap_err();
         assert!(

@@ -19,11 +19,13 @@ use std::path::Path;
 use std::str::FromStr;
 use std::sync::Arc;
 
-use mistralrs_core::{MistralRs, NormalRequest, Request, RequestMessage, Response, SamplingParams, Usage};
+use mistralrs_core::{
+    MistralRs, NormalRequest, Request, RequestMessage, Response, SamplingParams, Usage,
+};
 use serde::{Deserialize, Serialize};
 
-pub use crate::client::{tokenize, EngineTokenizer};
 use crate::client::{engine_gone, no_model};
+pub use crate::client::{tokenize, EngineTokenizer};
 use crate::config::RequestOptions;
 use crate::question::probe::prepare;
 use crate::{Error, QllmHook, RequestReport, Result};

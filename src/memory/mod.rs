@@ -429,8 +429,13 @@ impl LayerMemory {
         let dtype = policy.block_dtype.resolve(k.dtype());
         let kv_heads = k.dim(1)?;
         let keys = k.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
-        self.retrieval
-            .add_block(policy, &keys, kv_heads, &self.local_score[..bs * heads], heads);
+        self.retrieval.add_block(
+            policy,
+            &keys,
+            kv_heads,
+            &self.local_score[..bs * heads],
+            heads,
+        );
         self.blocks.push(&k.to_dtype(dtype)?, &v.to_dtype(dtype)?)?;
         self.drop_recent(bs, heads);
         Ok(())
@@ -497,7 +502,14 @@ mod tests {
         for p0 in (0..total).step_by(8) {
             let at = |t: &Tensor| t.narrow(2, p0, 8).unwrap();
             memory
-                .append(&config, &args, &at(&q_all), &at(&k_all), &at(&v_all), |_| {})
+                .append(
+                    &config,
+                    &args,
+                    &at(&q_all),
+                    &at(&k_all),
+                    &at(&v_all),
+                    |_| {},
+                )
                 .unwrap();
             masks.clear();
         }
@@ -533,9 +545,14 @@ mod tests {
         let mut weights = vec![1.0];
         weights.extend([config.question_weight / 3.0; 3]);
         let scale = 0.25; // 1 / sqrt(d)
-        let expected =
-            attention_mass_scores(&memory.blocks, config.block_size, &all_rows, &weights, scale)
-                .unwrap();
+        let expected = attention_mass_scores(
+            &memory.blocks,
+            config.block_size,
+            &all_rows,
+            &weights,
+            scale,
+        )
+        .unwrap();
         assert_eq!(memory.retrieval.scores().len(), kv_heads);
         for (g, (got, e)) in memory.retrieval.scores().iter().zip(&expected).enumerate() {
             assert_close(got, e, 1e-4);

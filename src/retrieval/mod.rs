@@ -15,8 +15,8 @@ use crate::memory::BlockStore;
 use question::{QuestionMass, QuestionState};
 use representative::{head_means, most_attended_rows};
 use scores::{
-    attention_mass_scores, block_scores, head_softmax_block_scores, kv_head_block_scores,
-    sum_rows, token_max_scores,
+    attention_mass_scores, block_scores, head_softmax_block_scores, kv_head_block_scores, sum_rows,
+    token_max_scores,
 };
 pub use select::{top_k, top_k_with_neighbours};
 
@@ -71,7 +71,10 @@ impl Retrieval {
         received: &[f32],
         heads: usize,
     ) {
-        let (bs, d) = (policy.block_size, keys.len() / (kv_heads * policy.block_size));
+        let (bs, d) = (
+            policy.block_size,
+            keys.len() / (kv_heads * policy.block_size),
+        );
         let representative = head_means(
             &most_attended_rows(
                 keys,
@@ -115,7 +118,10 @@ impl Retrieval {
         let scale = 1.0 / (d as f32).sqrt();
         let kv_heads = heads / group;
         if policy.scoring == Scoring::AttentionMass {
-            let q = q_global.mean(2)?.squeeze(0)?.reshape((kv_heads, group, d))?;
+            let q = q_global
+                .mean(2)?
+                .squeeze(0)?
+                .reshape((kv_heads, group, d))?;
             let mut scores = attention_mass_scores(store, policy.block_size, &q, &[1.0], scale)?;
             if question.is_some() {
                 self.add_question_mass(

@@ -28,7 +28,12 @@ pub(crate) struct QuestionMass {
 
 impl QuestionMass {
     /// `question` is `(heads, r, d)` flattened: `r` rows per query head.
-    pub(crate) fn new(question: &[f32], kv_heads: usize, d: usize, device: &Device) -> Result<Self> {
+    pub(crate) fn new(
+        question: &[f32],
+        kv_heads: usize,
+        d: usize,
+        device: &Device,
+    ) -> Result<Self> {
         let rows = question.len() / (kv_heads * d);
         Ok(Self {
             rows: Tensor::from_slice(question, (kv_heads, rows, d), device)?,
@@ -38,7 +43,12 @@ impl QuestionMass {
     }
 
     /// Adds the partials of the blocks formed since the last call.
-    pub(crate) fn extend(&mut self, store: &BlockStore, block_size: usize, scale: f32) -> Result<()> {
+    pub(crate) fn extend(
+        &mut self,
+        store: &BlockStore,
+        block_size: usize,
+        scale: f32,
+    ) -> Result<()> {
         let (kv_heads, rows, _) = self.rows.dims3()?;
         for keys in store.keys_f32(self.blocks)? {
             let tokens = keys.dim(1)?;
@@ -145,8 +155,11 @@ impl QuestionState {
         }
         let from = span.start.max(block.start);
         let to = span.end.min(block.end);
-        self.queries
-            .push(q_global.narrow(2, from - block.start, to - from)?.squeeze(0)?);
+        self.queries.push(
+            q_global
+                .narrow(2, from - block.start, to - from)?
+                .squeeze(0)?,
+        );
         if span.end > block.end {
             return Ok(());
         }
@@ -161,7 +174,8 @@ impl QuestionState {
 
     /// Bytes held.
     pub fn bytes(&self) -> usize {
-        self.rows.as_ref().map_or(0, Vec::capacity) * 4 + self.mass.as_ref().map_or(0, QuestionMass::bytes)
+        self.rows.as_ref().map_or(0, Vec::capacity) * 4
+            + self.mass.as_ref().map_or(0, QuestionMass::bytes)
     }
 }
 
@@ -216,8 +230,7 @@ mod tests {
             }
             mass.extend(&store, bs, scale).unwrap();
             let got = mass.scores(weight, scale).unwrap();
-            let expected = attention_mass_scores(&store, bs, &question, &[weight], scale)
-                .unwrap();
+            let expected = attention_mass_scores(&store, bs, &question, &[weight], scale).unwrap();
             assert_eq!(got.len(), kv_heads);
             for (g, e) in got.iter().zip(&expected) {
                 assert_eq!(g.len(), to);

@@ -169,7 +169,10 @@ mod tests {
         // products follow head 0; normalised, each head has one vote.
         let representatives = [10.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 3.0, 3.0];
         let query = [1.0, 1.0, 1.0];
-        assert_eq!(crate::retrieval::top_k(&block_scores(&representatives, &query), 1), vec![0]);
+        assert_eq!(
+            crate::retrieval::top_k(&block_scores(&representatives, &query), 1),
+            vec![0]
+        );
         let scores = head_softmax_block_scores(&representatives, &query, 1, 1.0);
         assert!(
             (scores.iter().sum::<f32>() - 3.0).abs() < 1e-5,

@@ -9,7 +9,7 @@ use std::sync::Arc;
 
 use mistralrs_core::attention_hook::{set_attention_hook, AttentionHook};
 use mistralrs_core::ModelDType;
-use qllm::{QllmConfig, QllmHook};
+use qllm::{Policy, QllmConfig, QllmHook};
 
 use crate::engine::{engine_lock, generate_tokens, load_gguf, max_abs_diff, runtime};
 use crate::tiny::{self, prompt, Arch};
@@ -51,16 +51,16 @@ fn tolerance(dtype: ModelDType) -> f32 {
 }
 
 fn qllm(n_local: usize) -> QllmConfig {
-    QllmConfig {
+    QllmConfig::from(Policy {
         n_init: 4,
         n_local,
         block_size: 8,
         exc_block_size: 16,
         topk: 2,
         repr_topk: 2,
-        prefill_chunk_size: 16,
-        ..QllmConfig::default()
-    }
+        ..Policy::default()
+    })
+    .with_prefill_chunk_size(16)
 }
 
 #[test]
@@ -78,10 +78,9 @@ fn the_hook_runs_in_every_dtype_for_every_architecture() {
                 - builtin[0][0].iter().fold(f32::MAX, |m, &x| m.min(x));
             assert!(spread > 1.0, "{arch:?} {dtype:?}: logit spread {spread}");
 
-            let dense_hook = Arc::new(QllmHook::new(QllmConfig {
-                prefill_chunk_size: 16,
-                ..QllmConfig::dense()
-            }));
+            let dense_hook = Arc::new(QllmHook::new(
+                QllmConfig::dense().with_prefill_chunk_size(16),
+            ));
             let dense = logits(&file, dtype, Some(dense_hook), &prompts);
             let d_dense = max_abs_diff(&builtin, &dense);
 

@@ -113,10 +113,7 @@ fn dense_hook_matches_builtin_attention_for_a_batch_of_two() {
     assert_eq!(reference[1].len(), DECODE_STEPS + 1);
 
     // Small chunks, so the 45- and 46-token prompts are fed in several pieces.
-    let config = QllmConfig {
-        prefill_chunk_size: 16,
-        ..QllmConfig::dense()
-    };
+    let config = QllmConfig::dense().with_prefill_chunk_size(16);
     let hook = Arc::new(Recording::new(QllmHook::new(config)));
     set_attention_hook(Some(hook.clone()));
     let (engine, hooked) = rt.block_on(run_pair(&file, true));

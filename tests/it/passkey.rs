@@ -7,9 +7,10 @@ use std::sync::Arc;
 
 use mistralrs_core::attention_hook::set_attention_hook;
 use mistralrs_core::ModelDType;
+use qllm::eval::passkey;
 use qllm::eval::{complete, EngineTokenizer};
-use qllm::request::RequestOptions;
-use qllm::{passkey, Mode, QllmConfig, QllmHook};
+use qllm::RequestOptions;
+use qllm::{Mode, Policy, QllmHook};
 
 use crate::assets;
 use crate::engine::{engine_lock, load_gguf, runtime};
@@ -36,9 +37,9 @@ impl Cell {
 /// given to the hook (a probe pass reads it before the document) and the
 /// needle traced.
 fn passkey_cells(mode: Mode, keys: u64) -> Vec<Cell> {
-    let hook = Arc::new(QllmHook::new(QllmConfig {
+    let hook = Arc::new(QllmHook::new(Policy {
         mode,
-        ..QllmConfig::default()
+        ..Policy::default()
     }));
     set_attention_hook(Some(hook.clone()));
     let rt = runtime();

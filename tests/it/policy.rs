@@ -4,7 +4,7 @@
 use candle_core::{DType, Device, Tensor};
 use mistralrs_core::attention_hook::{AttentionHook, AttentionHookCtx, StepSequence};
 use mistralrs_core::layers::RotaryEmbedding;
-use qllm::{BlockDType, LayerStats, Mode, QllmConfig, QllmHook};
+use qllm::{BlockDType, LayerStats, Mode, Policy, QllmConfig, QllmHook};
 
 const HEADS: usize = 4;
 const KV_HEADS: usize = 2;
@@ -14,8 +14,8 @@ const DIM: usize = 16;
 /// query along the same direction at the global position.
 const SLOW_DIM: usize = DIM - 2;
 
-fn small_config(mode: Mode) -> QllmConfig {
-    QllmConfig {
+fn small_config(mode: Mode) -> Policy {
+    Policy {
         mode,
         n_init: 8,
         n_local: 32,
@@ -29,11 +29,7 @@ fn small_config(mode: Mode) -> QllmConfig {
         scoring: qllm::Scoring::Dot,
         selection: qllm::Selection::Shared,
         neighbours: 0,
-        prefill_chunk_size: 64,
-        max_context_len: 1 << 20,
         block_dtype: BlockDType::Model,
-        max_memory: None,
-        max_request_memory: None,
     }
 }
 
@@ -82,9 +78,9 @@ struct Feed {
 }
 
 impl Feed {
-    fn new(config: QllmConfig, prompt_len: usize) -> Self {
+    fn new(policy: Policy, prompt_len: usize) -> Self {
         Self {
-            hook: QllmHook::new(config),
+            hook: QllmHook::new(QllmConfig::from(policy).with_prefill_chunk_size(64)),
             rope: rope(),
             seq_id: 7,
             tokens: (0..prompt_len as u32).collect(),
@@ -208,7 +204,7 @@ fn streaming_keeps_sinks_and_window_only() {
 /// `SLOW_DIM`, and optionally a question span at the end whose queries point
 /// along `question_dim`.
 fn planted_prompt(
-    config: QllmConfig,
+    config: Policy,
     len: usize,
     planted: usize,
     question: Option<(usize, usize)>,
@@ -250,7 +246,7 @@ fn planted_prompt(
 
 #[test]
 fn planted_key_block_is_retrieved_by_the_matching_query() {
-    let config = QllmConfig {
+    let config = Policy {
         topk: 1,
         ..small_config(Mode::Infllm)
     };
@@ -282,7 +278,7 @@ fn question_steers_qllm_and_infllm_ignores_it() {
     // the decoded token's query points away from it.
     let planted = 5;
     let decode = |mode: Mode, with_question: bool| {
-        let config = QllmConfig {
+        let config = Policy {
             topk: 1,
             question_weight: 2.0,
             ..small_config(mode)
@@ -403,7 +399,7 @@ fn sequences_in_one_batch_do_not_see_each_other() {
 fn bf16_blocks_halve_block_memory_and_keep_the_output_close() {
     let run = |block_dtype: BlockDType| {
         let feed = Feed::new(
-            QllmConfig {
+            Policy {
                 block_dtype,
                 ..small_config(Mode::Qllm)
             },

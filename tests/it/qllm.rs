@@ -7,12 +7,15 @@ use std::path::Path;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use candle_core::{DType, Result, Tensor};
+use candle_core::{Result, Tensor};
 use mistralrs_core::attention_hook::{
     set_attention_hook, AttentionHook, AttentionHookCtx, HookModel, StepSequence,
 };
 use mistralrs_core::ModelDType;
-use qllm::{LayerStats, Mode, Positions, QllmConfig, QllmHook, QuestionRows, Scoring, Selection};
+use qllm::attention::reference::{reference_attention, MemoryState};
+use qllm::{
+    LayerStats, Mode, Policy, Positions, QllmConfig, QllmHook, QuestionRows, Scoring, Selection,
+};
 
 use crate::engine::{engine_lock, generate_tokens, load_gguf, max_abs_diff, runtime};
 use crate::tiny::{self, prompt};
@@ -120,10 +123,7 @@ fn qllm_equals_dense_when_the_window_covers_the_sequence() {
     let dir = tempfile::tempdir().unwrap();
     let file = tiny::write(dir.path(), 11, 0.3);
     let prompts = [prompt(45, 1), prompt(46, 2)];
-    let dense = QllmConfig {
-        prefill_chunk_size: 16,
-        ..QllmConfig::dense()
-    };
+    let dense = QllmConfig::dense().with_prefill_chunk_size(16);
     let reference = logits_with(&file, Arc::new(QllmHook::new(dense)), &prompts, || true);
     let variants = [
         (
@@ -176,7 +176,7 @@ fn qllm_equals_dense_when_the_window_covers_the_sequence() {
         ),
     ];
     for (mode, positions, scoring, neighbours, selection, question_rows) in variants {
-        let config = QllmConfig {
+        let config = QllmConfig::from(Policy {
             mode,
             positions,
             scoring,
@@ -189,9 +189,9 @@ fn qllm_equals_dense_when_the_window_covers_the_sequence() {
             exc_block_size: 16,
             topk: 2,
             repr_topk: 2,
-            prefill_chunk_size: 16,
-            ..QllmConfig::default()
-        };
+            ..Policy::default()
+        })
+        .with_prefill_chunk_size(16);
         let hook = Recording::new(config);
         let got = logits_with(&file, hook.clone(), &prompts, || hook.settled());
         let diff = max_abs_diff(&reference, &got);
@@ -212,10 +212,10 @@ fn qllm_equals_dense_when_the_window_covers_the_sequence() {
     }
 }
 
-/// Q-LLM's attention as the method describes it, written out: query `i`
+/// Q-LLM's attention with every past token attended, as the crate's
+/// written-out reference computes it ([`reference_attention`]): query `i`
 /// sees key `j <= i` at its true relative position while `i - j < n_local`,
-/// and at distance `n_local - 1` (query rotated to `n_local - 1`, key
-/// unrotated) otherwise, all in one softmax.
+/// and at distance `n_local - 1` otherwise, all in one softmax.
 struct Reference {
     n_local: usize,
     kv: Mutex<HashMap<(usize, usize), RawKv>>,
@@ -223,19 +223,6 @@ struct Reference {
 
 /// Every raw key and value a layer of a sequence has seen, call by call.
 type RawKv = (Vec<Tensor>, Vec<Tensor>);
-
-fn rows(t: &Tensor) -> Vec<Vec<Vec<f32>>> {
-    t.squeeze(0)
-        .unwrap()
-        .to_dtype(DType::F32)
-        .unwrap()
-        .to_vec3()
-        .unwrap()
-}
-
-fn dot(a: &[f32], b: &[f32]) -> f32 {
-    a.iter().zip(b).map(|(x, y)| x * y).sum()
-}
 
 impl AttentionHook for Reference {
     fn attend(
@@ -255,49 +242,21 @@ impl AttentionHook for Reference {
         }
         ks.push(k.clone());
         vs.push(v.clone());
-        let keys = Tensor::cat(ks, 2)?;
-        let values = rows(&Tensor::cat(vs, 2)?);
-        let (_, heads, len, d) = q.dims4()?;
-        let n = keys.dim(2)?;
-        let group = heads / keys.dim(1)?;
-        let at = |range: Vec<u32>| Tensor::new(range, q.device());
-        let keys_raw = rows(&keys);
-        let keys_at_pos = rows(&ctx.rope.rotate(&keys, &at((0..n as u32).collect())?)?);
-        let q_at_pos = rows(
-            &ctx.rope
-                .rotate(q, &at((offset as u32..(offset + len) as u32).collect())?)?,
+        let policy = Policy {
+            n_local: self.n_local,
+            positions: Positions::Fixed,
+            ..Policy::default()
+        };
+        let out = reference_attention(
+            &policy,
+            ctx.rope,
+            q,
+            &Tensor::cat(ks, 2)?,
+            &Tensor::cat(vs, 2)?,
+            &MemoryState::every_token(offset),
+            ctx.softmax_scale,
         );
-        let q_far = rows(
-            &ctx.rope
-                .rotate(q, &at(vec![self.n_local as u32 - 1; len])?)?,
-        );
-        let mut out = vec![0f32; heads * len * d];
-        for h in 0..heads {
-            let g = h / group;
-            for i in 0..len {
-                let pos = offset + i;
-                let scores: Vec<f32> = (0..=pos)
-                    .map(|j| {
-                        let s = if pos - j < self.n_local {
-                            dot(&q_at_pos[h][i], &keys_at_pos[g][j])
-                        } else {
-                            dot(&q_far[h][i], &keys_raw[g][j])
-                        };
-                        s * ctx.softmax_scale
-                    })
-                    .collect();
-                let max = scores.iter().fold(f32::MIN, |m, &s| m.max(s));
-                let weights: Vec<f32> = scores.iter().map(|s| (s - max).exp()).collect();
-                let total: f32 = weights.iter().sum();
-                let row = &mut out[(h * len + i) * d..(h * len + i + 1) * d];
-                for (j, w) in weights.iter().enumerate() {
-                    for (o, x) in row.iter_mut().zip(&values[g][j]) {
-                        *o += w / total * x;
-                    }
-                }
-            }
-        }
-        Tensor::from_vec(out, (1, heads, len, d), q.device())?.to_dtype(q.dtype())
+        Tensor::from_vec(out, q.shape(), q.device())?.to_dtype(q.dtype())
     }
 
     fn model_loaded(&self, _model: &HookModel) -> Option<usize> {
@@ -321,7 +280,7 @@ fn qllm_retrieving_every_block_equals_the_written_out_reference() {
         &prompts,
         || true,
     );
-    let config = QllmConfig {
+    let config = QllmConfig::from(Policy {
         mode: Mode::Qllm,
         n_init: 8,
         n_local,
@@ -330,9 +289,9 @@ fn qllm_retrieving_every_block_equals_the_written_out_reference() {
         topk: 1000,
         repr_topk: 2,
         // Three execution blocks per call: the hook cuts them.
-        prefill_chunk_size: 48,
-        ..QllmConfig::default()
-    };
+        ..Policy::default()
+    })
+    .with_prefill_chunk_size(48);
     let hook = Recording::new(config);
     let got = logits_with(&file, hook.clone(), &prompts, || hook.settled());
     let diff = max_abs_diff(&reference, &got);
@@ -362,16 +321,18 @@ fn chunking_does_not_change_selective_retrieval() {
     let dir = tempfile::tempdir().unwrap();
     let file = tiny::write(dir.path(), 13, 0.3);
     let prompts = [prompt(150, 5)];
-    let config = |prefill_chunk_size| QllmConfig {
-        mode: Mode::Qllm,
-        n_init: 8,
-        n_local: 32,
-        block_size: 8,
-        exc_block_size: 16,
-        topk: 2,
-        repr_topk: 2,
-        prefill_chunk_size,
-        ..QllmConfig::default()
+    let config = |prefill_chunk_size| {
+        QllmConfig::from(Policy {
+            mode: Mode::Qllm,
+            n_init: 8,
+            n_local: 32,
+            block_size: 8,
+            exc_block_size: 16,
+            topk: 2,
+            repr_topk: 2,
+            ..Policy::default()
+        })
+        .with_prefill_chunk_size(prefill_chunk_size)
     };
     let err = config(40).validate().unwrap_err().to_string();
     assert!(

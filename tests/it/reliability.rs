@@ -429,7 +429,7 @@ fn concurrent_requests_answer_as_they_do_one_by_one() {
     .map(|(i, &(units, depth, stream))| {
         json!({
             "model": "default",
-            "prompt": qllm::passkey::prompt(units, depth, qllm::passkey::key(7, i as u64)),
+            "prompt": qllm::eval::passkey::prompt(units, depth, qllm::eval::passkey::key(7, i as u64)),
             "max_tokens": 10,
             "temperature": 0,
             "stream": stream,
@@ -438,7 +438,7 @@ fn concurrent_requests_answer_as_they_do_one_by_one() {
     .collect();
     let (alone, together) = alone_and_together(port, &requests);
     for (i, (alone, together)) in alone.iter().zip(&together).enumerate() {
-        let key = qllm::passkey::key(7, i as u64).to_string();
+        let key = qllm::eval::passkey::key(7, i as u64).to_string();
         assert!(alone.text.contains(&key), "request {i}: {alone:?}");
         assert_eq!(alone.text, together.text, "request {i}");
         if !alone.report.is_null() {

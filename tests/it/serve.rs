@@ -1,8 +1,8 @@
 //! `mistralrs --qllm serve` with the `qllm` request extension, over real HTTP.
 
 use mistralrs_core::ModelDType;
+use qllm::eval::passkey;
 use qllm::eval::{self, Corpus, EngineTokenizer, Placement, Task};
-use qllm::passkey;
 use serde_json::{json, Value};
 
 use crate::assets;
