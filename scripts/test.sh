@@ -10,4 +10,8 @@ cargo fmt -p qllm --check
 # Tests run in release: the CLI build and the test build share one build of
 # mistral.rs, and model runs in debug builds are far too slow.
 cargo build --release -p mistralrs-cli
+# The patched core's own unit tests of the series' fixes (0009, 0010).
+cargo test --release -p mistralrs-core --lib -- default_scheduler sequence::tests
+# The rooms that need only candle build without the engine.
+cargo build --release -p qllm --lib --no-default-features
 cargo test --release -p qllm

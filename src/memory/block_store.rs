@@ -2,6 +2,8 @@
 
 use candle_core::{DType, Result, Tensor};
 
+use crate::retrieval::BlockKeys;
+
 /// Blocks per slab of a [`BlockStore`].
 pub(crate) const SLAB_BLOCKS: usize = 16;
 
@@ -58,7 +60,7 @@ impl BlockStore {
 
     /// Keys of blocks `from..self.len()` as f32, one `(kv_heads, tokens, d)`
     /// piece per slab they fall in, in block order.
-    pub fn keys_f32(&self, from: usize) -> Result<Vec<Tensor>> {
+    fn slab_keys_f32(&self, from: usize) -> Result<Vec<Tensor>> {
         let mut pieces = Vec::new();
         for (i, (keys, _)) in self.slabs.iter().enumerate().skip(from / SLAB_BLOCKS) {
             let block_size = keys.dim(2)? / SLAB_BLOCKS;
@@ -76,16 +78,20 @@ impl BlockStore {
         Ok(pieces)
     }
 
-    /// The device the blocks live on, once one is held.
-    pub fn device(&self) -> Option<&candle_core::Device> {
-        self.slabs.first().map(|(k, _)| k.device())
-    }
-
     /// Bytes allocated, including the free slots of the last slab.
     pub fn bytes(&self) -> usize {
         self.slabs
             .iter()
             .map(|(k, v)| (k.elem_count() + v.elem_count()) * k.dtype().size_in_bytes())
             .sum()
+    }
+}
+
+impl BlockKeys for BlockStore {
+    fn blocks(&self) -> usize {
+        self.len
+    }
+    fn keys_f32(&self, from: usize) -> Result<Vec<Tensor>> {
+        self.slab_keys_f32(from)
     }
 }

@@ -177,3 +177,18 @@ async fn probe(
         None => Err(Error::Request("the engine stopped during the probe".into())),
     }
 }
+
+/// [`prepare`] with the server's settings, for callers that send requests
+/// to the engine themselves (the CLI's `run`, Rust programs): the question
+/// is found and probed as `serve` does it. `None` when no hook is installed.
+pub async fn prepare_installed(
+    mistralrs: &MistralRs,
+    request: &NormalRequest,
+) -> Result<Option<Prepared>> {
+    let Some(hook) = crate::installed() else {
+        return Ok(None);
+    };
+    prepare(mistralrs, &hook, request, &RequestOptions::default())
+        .await
+        .map(Some)
+}

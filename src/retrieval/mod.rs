@@ -8,10 +8,9 @@ pub mod representative;
 pub mod scores;
 pub mod select;
 
-use candle_core::{Result, Tensor};
+use candle_core::{Device, Result, Tensor};
 
 use crate::config::{Policy, Scoring, Selection};
-use crate::memory::BlockStore;
 use question::{QuestionMass, QuestionState};
 use representative::{head_means, most_attended_rows};
 use scores::{
@@ -19,6 +18,51 @@ use scores::{
     token_max_scores,
 };
 pub use select::{top_k, top_k_with_neighbours};
+
+/// The memory blocks' keys, as retrieval reads them (the memory's block
+/// store implements it; retrieval does not depend on how blocks are kept).
+pub trait BlockKeys {
+    /// Blocks held.
+    fn blocks(&self) -> usize;
+    /// Keys of blocks `from..`, as f32 `(kv_heads, tokens, d)` pieces in
+    /// block order.
+    fn keys_f32(&self, from: usize) -> Result<Vec<Tensor>>;
+}
+
+/// Blocks for tests: keys only, in pieces of 16 blocks as the store keeps
+/// them.
+#[cfg(test)]
+#[derive(Debug, Default)]
+pub(crate) struct TestBlocks {
+    /// `(1, kv_heads, block_size, d)` keys per block.
+    keys: Vec<Tensor>,
+}
+
+#[cfg(test)]
+impl TestBlocks {
+    pub fn push(&mut self, k: &Tensor, _v: &Tensor) -> Result<()> {
+        self.keys.push(k.clone());
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+impl BlockKeys for TestBlocks {
+    fn blocks(&self) -> usize {
+        self.keys.len()
+    }
+    fn keys_f32(&self, from: usize) -> Result<Vec<Tensor>> {
+        let mut pieces = Vec::new();
+        let mut start = from;
+        while start < self.keys.len() {
+            let end = ((start / 16 + 1) * 16).min(self.keys.len());
+            let piece = Tensor::cat(&self.keys[start..end], 2)?;
+            pieces.push(piece.squeeze(0)?.to_dtype(candle_core::DType::F32)?);
+            start = end;
+        }
+        Ok(pieces)
+    }
+}
 
 /// One layer's retrieval state: the blocks' representative keys, the
 /// question, and what the latest execution block retrieved.
@@ -97,14 +141,14 @@ impl Retrieval {
     pub fn retrieve(
         &mut self,
         policy: &Policy,
-        store: &BlockStore,
+        store: &dyn BlockKeys,
         q_global: &Tensor,
         group: usize,
     ) -> Result<()> {
         self.retrieved.clear();
         self.scores.clear();
         self.picks.clear();
-        if !policy.mode.keeps_blocks() || store.is_empty() || policy.topk == 0 {
+        if !policy.mode.keeps_blocks() || store.blocks() == 0 || policy.topk == 0 {
             return Ok(());
         }
         let per_head = policy.selection == Selection::PerKvHead;
@@ -127,7 +171,7 @@ impl Retrieval {
                 self.add_question_mass(
                     policy,
                     store,
-                    (kv_heads, d),
+                    (kv_heads, d, q_global.device()),
                     scale,
                     question_rows,
                     &mut scores,
@@ -185,13 +229,13 @@ impl Retrieval {
     fn add_question_mass(
         &mut self,
         policy: &Policy,
-        store: &BlockStore,
-        (kv_heads, d): (usize, usize),
+        store: &dyn BlockKeys,
+        (kv_heads, d, device): (usize, usize, &Device),
         scale: f32,
         rows: usize,
         scores: &mut [Vec<f32>],
     ) -> Result<()> {
-        let (Some(question), Some(device)) = (&self.question.rows, store.device()) else {
+        let Some(question) = &self.question.rows else {
             return Ok(());
         };
         if self.question.mass.is_none() {

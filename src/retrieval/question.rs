@@ -7,8 +7,8 @@ use std::ops::Range;
 use candle_core::{Device, Result, Tensor};
 
 use super::representative::{head_means, most_attended_rows};
+use super::BlockKeys;
 use crate::config::{Policy, QuestionRows, MAX_QUESTION_ROWS};
-use crate::memory::BlockStore;
 
 /// The question's share of `attention_mass` scores, kept up to date as
 /// blocks form. The question's rows and the memory keys never move
@@ -45,7 +45,7 @@ impl QuestionMass {
     /// Adds the partials of the blocks formed since the last call.
     pub(crate) fn extend(
         &mut self,
-        store: &BlockStore,
+        store: &dyn BlockKeys,
         block_size: usize,
         scale: f32,
     ) -> Result<()> {
@@ -208,6 +208,7 @@ pub fn question_rows(
 mod tests {
     use crate::attention::reference::{assert_close, random};
     use crate::retrieval::scores::attention_mass_scores;
+    use crate::retrieval::TestBlocks;
 
     use super::*;
 
@@ -220,7 +221,7 @@ mod tests {
         let question = random((1, kv_heads, rows, d), 10, 2.0).squeeze(0).unwrap();
         let flat = question.flatten_all().unwrap().to_vec1::<f32>().unwrap();
         let (weight, scale) = (0.25, 0.5);
-        let mut store = BlockStore::default();
+        let mut store = TestBlocks::default();
         let mut mass = QuestionMass::new(&flat, kv_heads, d, &Device::Cpu).unwrap();
         // The third step adds no block: nothing changes.
         for (from, to) in [(0, 7), (7, blocks), (blocks, blocks)] {
@@ -236,6 +237,63 @@ mod tests {
                 assert_eq!(g.len(), to);
                 assert_close(g, e, 1e-5);
             }
+        }
+    }
+
+    #[test]
+    fn a_question_split_across_two_execution_blocks_gives_the_rows_of_the_whole() {
+        // Question at tokens 5..13, read in execution blocks 0..8 and 8..16:
+        // its rows must be those of its 8 queries taken at once, per head
+        // the mean of the `repr_topk` most attended.
+        let (heads, d) = (3, 4);
+        let policy = Policy {
+            repr_topk: 3,
+            ..Policy::default()
+        };
+        let q_global = random((1, heads, 16, d), 21, 1.0);
+        let received: Vec<f32> = (0..16 * heads)
+            .map(|i| f32::from(u8::try_from((i * 7) % 23).unwrap()))
+            .collect();
+        let span = 5..13;
+        let mut state = QuestionState::default();
+        for block in [0..8, 8..16] {
+            let q = q_global.narrow(2, block.start, block.len()).unwrap();
+            let received =
+                |span: Range<usize>| Ok(received[span.start * heads..span.end * heads].to_vec());
+            state
+                .observe(&policy, &span, block.clone(), &q, received)
+                .unwrap();
+            // Nothing is captured before the span has been read whole.
+            assert_eq!(state.rows.is_some(), block.end >= span.end);
+        }
+        let whole = q_global
+            .narrow(2, span.start, span.len())
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap();
+        let expected = question_rows(
+            &policy,
+            &whole,
+            heads,
+            span.len(),
+            d,
+            &received[span.start * heads..span.end * heads],
+        );
+        assert_eq!(state.rows.as_deref(), Some(expected.as_slice()));
+        // Written out for head 0: its three most attended tokens' queries.
+        let score = |t: usize| received[(span.start + t) * heads];
+        let mut order: Vec<usize> = (0..span.len()).collect();
+        order.sort_by(|&a, &b| score(b).total_cmp(&score(a)));
+        let query = |t: usize, j: usize| whole[t * d + j];
+        for j in 0..d {
+            let mean = order[..3].iter().map(|&t| query(t, j)).sum::<f32>() / 3.0;
+            assert!(
+                (expected[j] - mean).abs() < 1e-6,
+                "{j}: {} vs {mean}",
+                expected[j]
+            );
         }
     }
 }

@@ -3,7 +3,7 @@
 
 use candle_core::{Result, Tensor};
 
-use crate::memory::BlockStore;
+use super::BlockKeys;
 
 /// Relevance of each block: the dot product of its representative (a row of
 /// `representatives`) with `query`, i.e. summed over heads.
@@ -83,7 +83,7 @@ pub(crate) fn dot(a: &[f32], b: &[f32]) -> f32 {
 /// `(kv_heads, d)` f32 (each KV head's query heads summed). One row per
 /// KV head, or with `summed` one row of the dot products summed over KV
 /// heads before the maximum is taken.
-pub fn token_max_scores(store: &BlockStore, q: &Tensor, summed: bool) -> Result<Vec<Vec<f32>>> {
+pub fn token_max_scores(store: &dyn BlockKeys, q: &Tensor, summed: bool) -> Result<Vec<Vec<f32>>> {
     let q = q.unsqueeze(1)?;
     let logits = store
         .keys_f32(0)?
@@ -96,7 +96,7 @@ pub fn token_max_scores(store: &BlockStore, q: &Tensor, summed: bool) -> Result<
     }
     let rows = logits.dim(0)?;
     logits
-        .reshape((rows, store.len(), ()))?
+        .reshape((rows, store.blocks(), ()))?
         .max(2)?
         .to_vec2::<f32>()
 }
@@ -108,7 +108,7 @@ pub fn token_max_scores(store: &BlockStore, q: &Tensor, summed: bool) -> Result<
 /// `weights[r % weights.len()]` (one weight per distinct query row),
 /// then summed over the rows.
 pub fn attention_mass_scores(
-    store: &BlockStore,
+    store: &dyn BlockKeys,
     block_size: usize,
     q: &Tensor,
     weights: &[f32],
@@ -123,7 +123,7 @@ pub fn attention_mass_scores(
         .iter()
         .map(|keys| Ok(q.matmul(&keys.t()?)?.flatten_all()?.to_vec1::<f32>()?))
         .collect::<Result<Vec<Vec<f32>>>>()?;
-    let blocks = store.len();
+    let blocks = store.blocks();
     let mut scores = vec![vec![0f32; blocks]; kv_heads];
     let mut row_blocks = vec![0f32; blocks];
     let row = |slab: &[f32], at: usize| -> std::ops::Range<usize> {
@@ -159,6 +159,7 @@ pub fn attention_mass_scores(
 #[cfg(test)]
 mod tests {
     use crate::attention::reference::{assert_close, random};
+    use crate::retrieval::TestBlocks;
 
     use super::*;
 
@@ -190,7 +191,7 @@ mod tests {
         // 20 blocks of 3 tokens (two slabs), 2 KV heads of size 4.
         let (blocks, bs, kv_heads, d) = (20, 3, 2, 4);
         let keys = random((1, kv_heads, blocks * bs, d), 5, 1.0);
-        let mut store = BlockStore::default();
+        let mut store = TestBlocks::default();
         for b in 0..blocks {
             let k = keys.narrow(2, b * bs, bs).unwrap();
             store.push(&k, &k).unwrap();
@@ -227,7 +228,7 @@ mod tests {
         // rows per KV head alternating between two weights.
         let (blocks, bs, kv_heads, d, m) = (20, 3, 2, 4, 4);
         let keys = random((1, kv_heads, blocks * bs, d), 7, 1.0);
-        let mut store = BlockStore::default();
+        let mut store = TestBlocks::default();
         for b in 0..blocks {
             let k = keys.narrow(2, b * bs, bs).unwrap();
             store.push(&k, &k).unwrap();

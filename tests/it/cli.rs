@@ -1,9 +1,11 @@
 //! The patched `mistralrs` binary with `--qllm`.
 
+use std::collections::BTreeSet;
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
 use std::path::Path;
 use std::process::{Child, Command, Output, Stdio};
+use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use crate::assets;
@@ -48,6 +50,14 @@ fn run_with_qllm_answers_a_one_shot_prompt() {
     // mistral.rs logs to stdout.
     assert!(
         stdout.contains("Q-LLM attention hook installed"),
+        "stdout: {stdout}"
+    );
+    // The prompt's question is found and probed, as `serve` does it.
+    let found = stdout
+        .lines()
+        .find(|l| l.contains("question from the end of the last user message"));
+    assert!(
+        found.is_some_and(|l| l.contains(&format!("{PARIS_QUESTION:?}"))),
         "stdout: {stdout}"
     );
 }
@@ -109,12 +119,20 @@ impl Drop for Server {
     }
 }
 
+/// A port that was free a moment ago and that no other server of this test
+/// process was given: the kernel may hand a just-released port out again.
 pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+    static GIVEN: Mutex<BTreeSet<u16>> = Mutex::new(BTreeSet::new());
+    loop {
+        let port = TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        if GIVEN.lock().unwrap().insert(port) {
+            return port;
+        }
+    }
 }
 
 pub fn http(port: u16, method: &str, path: &str, body: &str) -> std::io::Result<(u16, String)> {
@@ -161,6 +179,27 @@ pub fn start_server(
     model: &Path,
     dequantize: bool,
 ) -> (Server, u16) {
+    // Another process may take the port between our check and the server's
+    // bind: the server then exits, and it is started again on another port.
+    for _ in 0..5 {
+        if let Some(started) = try_start_server(global, serve, model, dequantize) {
+            return started;
+        }
+    }
+    panic!(
+        "the server exited before it became healthy, 5 times (a taken port, or a start \
+         failure: QLLM_TEST_SERVER_LOG=DIR keeps its log)"
+    );
+}
+
+/// [`start_server`] on one port: `None` if the server exited before it
+/// became healthy (its port was taken).
+fn try_start_server(
+    global: &[String],
+    serve: &[&str],
+    model: &Path,
+    dequantize: bool,
+) -> Option<(Server, u16)> {
     let port = free_port();
     let mut args: Vec<String> = vec!["--qllm".into()];
     args.extend(global.iter().cloned());
@@ -186,13 +225,20 @@ pub fn start_server(
     if dequantize {
         command.env("CANDLE_DEQUANTIZE_ALL", "1");
     }
-    let server = Server(command.spawn().expect("server starts"));
+    let mut server = Server(command.spawn().expect("server starts"));
     let deadline = Instant::now() + Duration::from_secs(180);
-    while !matches!(http(port, "GET", "/health", ""), Ok((200, _))) {
+    loop {
+        // Exited: it could not bind (or failed to start, which the retry
+        // reports the same way after its tries).
+        if server.0.try_wait().expect("server status").is_some() {
+            return None;
+        }
+        if matches!(http(port, "GET", "/health", ""), Ok((200, _))) {
+            return Some((server, port));
+        }
         assert!(Instant::now() < deadline, "server did not become healthy");
         std::thread::sleep(Duration::from_millis(100));
     }
-    (server, port)
 }
 
 #[test]

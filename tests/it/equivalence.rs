@@ -169,16 +169,25 @@ fn each_sequence_gets_one_prompt_step_and_a_step_per_further_token() {
         );
         mistralrs
     });
-    // Finished sequences end in the step that finishes them; give the engine
-    // time to get there, and to take any step it should not.
+    // Finished sequences end in the step that finishes them.
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
     while hook.ended.lock().unwrap().len() < 2 && std::time::Instant::now() < deadline {
         std::thread::sleep(std::time::Duration::from_millis(20));
     }
-    std::thread::sleep(std::time::Duration::from_millis(200));
-    let steps = hook.steps.lock().unwrap().clone();
     let mut ended = hook.ended.lock().unwrap().clone();
     ended.sort_unstable();
+    let stepped: Vec<usize> = hook.steps.lock().unwrap().keys().copied().collect();
+    // A third request, run to its end, is the barrier: any step the engine
+    // should not take of the first two would come before it is answered.
+    rt.block_on(generate_tokens(&engine, prompts()[0].clone(), 1, &[EOS]));
+    let steps: BTreeMap<usize, (usize, usize)> = hook
+        .steps
+        .lock()
+        .unwrap()
+        .iter()
+        .filter(|(id, _)| stepped.contains(id))
+        .map(|(&id, &counts)| (id, counts))
+        .collect();
     rt.block_on(async move { drop(engine) });
     set_attention_hook(None);
     assert_eq!(
