@@ -176,7 +176,7 @@ mod tests {
                 // tokens (or to the oldest recent one), the new keys included.
                 prop_assert!(plan.local.start >= before.recent_start);
                 prop_assert_eq!(plan.local.end, plan.queries.end);
-                prop_assert!(plan.local.len() <= n_local + e - 1);
+                prop_assert!(plan.local.len() < n_local + e);
                 prop_assert_eq!(plan.global_recent.start, before.recent_start);
                 prop_assert!(plan.global_recent.end <= plan.queries.end.saturating_sub(n_local).max(before.recent_start));
                 let eviction = ledger.plan_eviction(&policy);

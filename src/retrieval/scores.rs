@@ -121,7 +121,7 @@ pub fn attention_mass_scores(
     let slabs = store
         .keys_f32(0)?
         .iter()
-        .map(|keys| Ok(q.matmul(&keys.t()?)?.flatten_all()?.to_vec1::<f32>()?))
+        .map(|keys| q.matmul(&keys.t()?)?.flatten_all()?.to_vec1::<f32>())
         .collect::<Result<Vec<Vec<f32>>>>()?;
     let blocks = store.blocks();
     let mut scores = vec![vec![0f32; blocks]; kv_heads];
