@@ -88,14 +88,6 @@ pub fn reference_attention(
         Positions::Fixed => 0,
         Positions::Ordered => memory[0].len(),
     };
-    let rows = |t: &Tensor| -> Vec<Vec<Vec<f32>>> {
-        t.squeeze(0)
-            .unwrap()
-            .to_dtype(DType::F32)
-            .unwrap()
-            .to_vec3()
-            .unwrap()
-    };
     let n = keys.dim(2).unwrap();
     let raw = rows(keys);
     let vals = rows(values);
@@ -176,14 +168,6 @@ pub fn random(shape: (usize, usize, usize, usize), seed: u64, scale: f64) -> Ten
 pub fn causal_attention_slow(q: &Tensor, k: &Tensor, v: &Tensor, softmax_scale: f32) -> Vec<f32> {
     let (_, heads, l, d) = q.dims4().unwrap();
     let (_, kv_heads, n, _) = k.dims4().unwrap();
-    let rows = |t: &Tensor| -> Vec<Vec<Vec<f32>>> {
-        t.squeeze(0)
-            .unwrap()
-            .to_dtype(DType::F32)
-            .unwrap()
-            .to_vec3()
-            .unwrap()
-    };
     let (q, k, v) = (rows(q), rows(k), rows(v));
     let group = heads / kv_heads;
     let mut out = vec![0f32; heads * l * d];
@@ -205,6 +189,28 @@ pub fn causal_attention_slow(q: &Tensor, k: &Tensor, v: &Tensor, softmax_scale: 
         }
     }
     out
+}
+
+/// The rows of a `(1, h, t, d)` tensor as f32, `[h][t][d]`.
+fn rows(t: &Tensor) -> Vec<Vec<Vec<f32>>> {
+    t.squeeze(0)
+        .unwrap()
+        .to_dtype(DType::F32)
+        .unwrap()
+        .to_vec3()
+        .unwrap()
+}
+
+/// The largest absolute elementwise difference of two tensors of one shape.
+pub fn tensor_max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
+    (a.to_dtype(DType::F32).unwrap() - b.to_dtype(DType::F32).unwrap())
+        .unwrap()
+        .abs()
+        .unwrap()
+        .max_all()
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap()
 }
 
 /// The plain dot product.

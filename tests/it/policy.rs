@@ -4,6 +4,7 @@
 use candle_core::{DType, Device, Tensor};
 use mistralrs_core::attention_hook::{AttentionHook, AttentionHookCtx, StepSequence};
 use mistralrs_core::layers::RotaryEmbedding;
+use qllm::attention::reference::tensor_max_abs_diff;
 use qllm::{BlockDType, LayerStats, Mode, Policy, QllmConfig, QllmHook};
 
 const HEADS: usize = 4;
@@ -55,18 +56,6 @@ fn along(heads: usize, len: usize, dim: usize, scale: f32) -> Tensor {
         row[dim] = scale;
     }
     Tensor::from_vec(values, (1, heads, len, DIM), &Device::Cpu).unwrap()
-}
-
-/// Largest absolute elementwise difference of two f32 tensors.
-fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
-    (a - b)
-        .unwrap()
-        .abs()
-        .unwrap()
-        .max_all()
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap()
 }
 
 /// One layer of one sequence fed through the hook.
@@ -386,7 +375,7 @@ fn sequences_in_one_batch_do_not_see_each_other() {
             ));
         }
         let alone_out = Tensor::cat(&outs, 2).unwrap();
-        let diff = max_abs_diff(&alone_out, &batched.narrow(0, row, 1).unwrap());
+        let diff = tensor_max_abs_diff(&alone_out, &batched.narrow(0, row, 1).unwrap());
         assert_eq!(diff, 0.0, "row {row}");
         assert_eq!(alone.sequence_stats(id), together.sequence_stats(id));
     }
@@ -423,6 +412,6 @@ fn bf16_blocks_halve_block_memory_and_keep_the_output_close() {
     assert_eq!(f32_stats.block_bytes, 2 * bf16_stats.block_bytes);
     assert_eq!(f32_bytes - bf16_bytes, bf16_stats.block_bytes);
     assert_eq!(bf16_out.dtype(), DType::F32);
-    let diff = max_abs_diff(&f32_out, &bf16_out);
+    let diff = tensor_max_abs_diff(&f32_out, &bf16_out);
     assert!(diff > 0.0 && diff < 1e-3, "max abs diff {diff}");
 }
