@@ -12,6 +12,8 @@ cargo fmt -p qllm --check
 cargo build --release -p mistralrs-cli
 # The patched core's own unit tests of the series' fixes (0009, 0010).
 cargo test --release -p mistralrs-core --lib -- default_scheduler sequence::tests
+# The hook's doctest (patch 0002).
+cargo test --release -p mistralrs-core --doc -- attention::hook
 # The rooms that need only candle build without the engine.
 cargo build --release -p qllm --lib --no-default-features
 cargo test --release -p qllm
