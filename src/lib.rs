@@ -20,7 +20,7 @@
 //! rows), [`attention`] (the math and its slow reference twins), and, with
 //! the `engine` feature (default), [`engine`] (the hook), [`question`] (the
 //! question's text, span and probe) and [`client`]; [`server`] (feature
-//! `server`, default) and [`eval`] (feature `eval`) build on them.
+//! `server`, default) and `eval` (feature `eval`) build on them.
 
 #![deny(clippy::cast_possible_truncation, clippy::cast_precision_loss)]
 #![warn(missing_docs)]

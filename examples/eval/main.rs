@@ -14,7 +14,7 @@
 //!
 //! Each prompt's question is given to Q-LLM as the request's question, whose
 //! vectors a probe pass computes before the prompt is read
-//! ([`qllm::request`]); `--in-line-question` instead captures them where the
+//! ([`qllm::question`]); `--in-line-question` instead captures them where the
 //! question is read, as the paper's code does.
 //!
 //! Finished cells are kept in `OUT/results.json` and not recomputed when the

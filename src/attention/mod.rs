@@ -1,7 +1,7 @@
 //! Attention math, in f32 whatever the model's dtype: one grouped-query
 //! softmax kernel that both dense attention and Q-LLM's two-stage attention
 //! run, the masks they share, rotation, and slow written-out twins of each
-//! ([`reference`]) that the fast code is tested against.
+//! ([`mod@reference`]) that the fast code is tested against.
 
 pub mod dense;
 pub mod mask;

@@ -1,7 +1,7 @@
 //! The adapter between mistral.rs's attention hook and this crate's memory:
 //! [`QllmHook`] is a thin [`AttentionHook`] over a sequence registry
-//! ([`sequences`]), a request registry ([`requests`]) and admission
-//! ([`admission`]).
+//! (`sequences.rs`), a request registry ([`requests`]) and admission
+//! (`admission.rs`).
 
 mod admission;
 pub mod requests;

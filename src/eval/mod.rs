@@ -58,7 +58,7 @@ pub struct Completion {
 /// Greedy completion of `prompt` (no chat template) with at most
 /// `max_new_tokens` new tokens. With `qllm`, the request is first prepared
 /// with the hook and options given (its question found and probed, see
-/// [`crate::request::prepare`]), and the hook's report is returned.
+/// [`crate::question::probe::prepare`]), and the hook's report is returned.
 pub async fn complete(
     mistralrs: &MistralRs,
     prompt: String,

@@ -8,7 +8,7 @@ use crate::retrieval::BlockKeys;
 pub(crate) const SLAB_BLOCKS: usize = 16;
 
 /// The memory blocks of one layer: `block_size` consecutive evicted tokens
-/// each, pre-RoPE, in slabs of [`SLAB_BLOCKS`] blocks. One allocation per
+/// each, pre-RoPE, in slabs of `SLAB_BLOCKS` (16) blocks. One allocation per
 /// slab rather than per block: thousands of small long-lived buffers
 /// interleaved with transient ones fragment the heap.
 #[derive(Debug, Default)]
