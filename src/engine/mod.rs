@@ -256,7 +256,8 @@ impl AttentionHook for QllmHook {
     }
 
     fn begin_step(&self, seqs: &[StepSequence<'_>]) -> Result<()> {
-        let global_question = lock(&self.question_tokens).clone();
+        // Read by a sequence's first prompt step only: borrowed, not copied.
+        let global_question = lock(&self.question_tokens);
         let mut states = self.lock();
         for seq in seqs {
             tracing::trace!(
@@ -269,7 +270,7 @@ impl AttentionHook for QllmHook {
                 tracing::debug!("qllm: sequence {} stepped before it began", seq.seq_id);
                 self.new_state()
             });
-            state.begin_prompt(seq, global_question.clone());
+            state.begin_prompt(seq, global_question.as_deref());
         }
         Ok(())
     }

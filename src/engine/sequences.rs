@@ -131,15 +131,15 @@ impl SeqState {
     /// span and where the question's vectors come from, and the needle to
     /// trace. Later prompt steps (an engine that re-runs a parked sequence)
     /// change nothing.
-    pub fn begin_prompt(&mut self, seq: &StepSequence<'_>, global_question: Option<Vec<u32>>) {
+    pub fn begin_prompt(&mut self, seq: &StepSequence<'_>, global_question: Option<&[u32]>) {
         if !seq.is_prompt || self.prompt_len != 0 {
             return;
         }
         self.prompt_len = seq.tokens.len();
         if !self.question_searched && self.policy.mode.uses_question() {
             self.question_searched = true;
-            let question = self.question_tokens.clone().or(global_question);
-            self.settle_question(seq, question.as_deref());
+            let question = self.question_tokens.take();
+            self.settle_question(seq, question.as_deref().or(global_question));
         }
         self.start_needle_trace(seq);
     }

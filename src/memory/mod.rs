@@ -332,29 +332,29 @@ impl LayerMemory {
         } else {
             None
         };
-        let v_local = v_local.to_dtype(DType::F32)?.squeeze(0)?;
-        let (out, probs) = if n_global > 0 {
+        let v_local = v_local.to_dtype(DType::F32)?;
+        let (k_global, values) = if n_global > 0 {
             let mut k_global = Tensor::cat(&global_k, 2)?;
             if policy.positions == Positions::Ordered {
                 k_global = rotate_f32(args.rope, &k_global, &positions(0..n_global, device)?)?;
             }
-            let k_global = k_global.squeeze(0)?;
-            global_v.push(v_local.unsqueeze(0)?);
-            let values = Tensor::cat(&global_v, 2)?.squeeze(0)?;
-            grouped_attention(
-                &[(&q_memory, &k_global), (&q_local, &k_local)],
-                &values,
-                mask.as_ref(),
-                args.softmax_scale,
-            )?
+            global_v.push(v_local);
+            (Some(k_global.squeeze(0)?), Tensor::cat(&global_v, 2)?)
         } else {
-            grouped_attention(
-                &[(&q_local, &k_local)],
-                &v_local,
-                mask.as_ref(),
-                args.softmax_scale,
-            )?
+            (None, v_local)
         };
+        // Memory keys first, then the window: the mask's column order.
+        let mut parts = Vec::with_capacity(2);
+        if let Some(k_global) = &k_global {
+            parts.push((&q_memory, k_global));
+        }
+        parts.push((&q_local, &k_local));
+        let (out, probs) = grouped_attention(
+            &parts,
+            &values.squeeze(0)?,
+            mask.as_ref(),
+            args.softmax_scale,
+        )?;
         let out = out.reshape((1, heads, e, d))?.to_dtype(q.dtype())?;
 
         // Attention received by each window token from this block's queries,
