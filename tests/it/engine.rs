@@ -26,6 +26,11 @@ pub fn runtime() -> tokio::runtime::Runtime {
 
 /// Loads a local GGUF through the same builder `mistralrs serve` uses.
 pub async fn load_gguf(file: &Path, dtype: ModelDType) -> Arc<MistralRs> {
+    try_load_gguf(file, dtype).await.expect("model loads")
+}
+
+/// [`load_gguf`], returning the loader's error (with its causes) instead.
+pub async fn try_load_gguf(file: &Path, dtype: ModelDType) -> Result<Arc<MistralRs>, String> {
     let dir = file.parent().unwrap().to_string_lossy().to_string();
     let name = file.file_name().unwrap().to_string_lossy().to_string();
     MistralRsForServerBuilder::new()
@@ -43,7 +48,7 @@ pub async fn load_gguf(file: &Path, dtype: ModelDType) -> Arc<MistralRs> {
         .with_max_seqs(4)
         .build()
         .await
-        .expect("model loads")
+        .map_err(|e| format!("{e:#}"))
 }
 
 /// Runs a token prompt with greedy sampling for `new_tokens` tokens and records
@@ -72,6 +77,40 @@ pub async fn generate_tokens(
         mistralrs,
         RequestMessage::CompletionTokens(prompt),
         new_tokens,
+        vec![Arc::new(recorder)],
+    )
+    .await;
+    let logits = trace.lock().unwrap().clone();
+    logits
+}
+
+/// Runs a token prompt, then decodes exactly `forced` (whatever the model
+/// prefers), and records the logits of every step (prompt step first): two
+/// implementations compared this way read the same tokens even where their
+/// rounding would break a near-tie differently.
+pub async fn forced_logits(
+    mistralrs: &MistralRs,
+    prompt: Vec<u32>,
+    forced: &[u32],
+) -> Vec<Vec<f32>> {
+    let trace = Arc::new(Mutex::new(Vec::<Vec<f32>>::new()));
+    let recorder = {
+        let trace = trace.clone();
+        let forced = forced.to_vec();
+        move |logits: &Tensor, _ctx: &[u32]| -> candle_core::Result<Tensor> {
+            let values = logits.to_vec1::<f32>()?;
+            let mut trace = trace.lock().unwrap();
+            let step = trace.len();
+            trace.push(values.clone());
+            let mut only = vec![f32::NEG_INFINITY; values.len()];
+            only[forced[step.min(forced.len() - 1)] as usize] = 0.0;
+            Tensor::new(only, logits.device())
+        }
+    };
+    greedy(
+        mistralrs,
+        RequestMessage::CompletionTokens(prompt),
+        forced.len(),
         vec![Arc::new(recorder)],
     )
     .await;

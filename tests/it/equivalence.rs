@@ -12,7 +12,7 @@ use mistralrs_core::{MistralRs, ModelDType};
 use qllm::{QllmConfig, QllmHook};
 
 use crate::engine::{engine_lock, generate_tokens, load_gguf, max_abs_diff, runtime};
-use crate::tiny;
+use crate::tiny::{self, Arch};
 
 /// Delegates to the real hook and records the widest batch it served, the
 /// steps each sequence took and the sequences that ended.
@@ -101,14 +101,20 @@ async fn run_pair(file: &std::path::Path, together: bool) -> (Arc<MistralRs>, Ve
 fn dense_hook_matches_builtin_attention_for_a_batch_of_two() {
     let _guard = engine_lock();
     let dir = tempfile::tempdir().unwrap();
-    let file = tiny::write(dir.path(), 7, 0.3);
+    for arch in Arch::ALL {
+        let file = tiny::write_arch(dir.path(), arch, 7, 0.3);
+        dense_hook_matches_builtin_attention(arch, &file);
+    }
+}
+
+fn dense_hook_matches_builtin_attention(arch: Arch, file: &std::path::Path) {
     let rt = runtime();
 
     // The reference runs each sequence alone: mistral.rs 0.8.1's own batched
     // decode of sequences with different histories does not reproduce its
     // single-sequence logits on CPU, so it cannot serve as the oracle.
     set_attention_hook(None);
-    let (_, reference) = rt.block_on(run_pair(&file, false));
+    let (_, reference) = rt.block_on(run_pair(file, false));
     assert_eq!(reference[0].len(), DECODE_STEPS + 1);
     assert_eq!(reference[1].len(), DECODE_STEPS + 1);
 
@@ -116,19 +122,19 @@ fn dense_hook_matches_builtin_attention_for_a_batch_of_two() {
     let config = QllmConfig::dense().with_prefill_chunk_size(16);
     let hook = Arc::new(Recording::new(QllmHook::new(config)));
     set_attention_hook(Some(hook.clone()));
-    let (engine, hooked) = rt.block_on(run_pair(&file, true));
+    let (engine, hooked) = rt.block_on(run_pair(file, true));
 
     let diff = max_abs_diff(&reference, &hooked);
-    assert!(diff <= 1e-4, "max abs logit difference {diff}");
+    assert!(diff <= 1e-4, "{arch:?}: max abs logit difference {diff}");
     assert_eq!(
         hook.max_rows.load(Ordering::Relaxed),
         2,
-        "the two sequences never shared a step"
+        "{arch:?}: the two sequences never shared a step"
     );
     // The logits must be informative, or equality would prove nothing.
     let spread = reference[0][0].iter().fold(f32::MIN, |m, &x| m.max(x))
         - reference[0][0].iter().fold(f32::MAX, |m, &x| m.min(x));
-    assert!(spread > 1.0, "logit spread {spread}");
+    assert!(spread > 1.0, "{arch:?}: logit spread {spread}");
     // Finished sequences are dropped by the running engine's next scheduling
     // pass; that is when their state must go.
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
@@ -138,7 +144,7 @@ fn dense_hook_matches_builtin_attention_for_a_batch_of_two() {
     assert_eq!(
         hook.inner.memory_stats().sequences,
         0,
-        "state of finished sequences was not freed"
+        "{arch:?}: state of finished sequences was not freed"
     );
     rt.block_on(async move { drop(engine) });
     set_attention_hook(None);

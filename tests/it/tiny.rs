@@ -1,6 +1,6 @@
-//! Tiny GGUFs (llama or qwen2) with random f32 weights and an embedded
-//! unigram tokenizer, written with candle's GGUF writer and read back by
-//! mistral.rs's real loader.
+//! Tiny GGUFs of every architecture the hook is wired into, with random f32
+//! weights and an embedded unigram tokenizer, written with candle's GGUF
+//! writer and read back by mistral.rs's real loader.
 
 use std::path::{Path, PathBuf};
 
@@ -57,17 +57,48 @@ pub fn prompt(len: u32, salt: u32) -> Vec<u32> {
 pub enum Arch {
     /// Interleaved RoPE, no attention biases.
     Llama,
+    /// Llama's tensors under `mistral3.` metadata (mistral.rs loads it with
+    /// its llama model).
+    Mistral3,
     /// GPT-NeoX RoPE (tables kept in f32 by mistral.rs), q/k/v biases.
     Qwen2,
+    /// Per-head q/k RMSNorm before RoPE, and a head size that is not
+    /// `embedding_length / head_count` (`attention.key_length`).
+    Qwen3,
+    /// Qwen3's attention; no experts (`expert_count` 0), so every layer
+    /// keeps a dense MLP: mistral.rs 0.8.1 runs GGUF experts on CUDA only.
+    Qwen3Moe,
+    /// Fused qkv and gate/up projections, RoPE tables of its own.
+    Phi3,
 }
 
 impl Arch {
-    pub const ALL: [Arch; 2] = [Arch::Llama, Arch::Qwen2];
+    pub const ALL: [Arch; 6] = [
+        Arch::Llama,
+        Arch::Mistral3,
+        Arch::Qwen2,
+        Arch::Qwen3,
+        Arch::Qwen3Moe,
+        Arch::Phi3,
+    ];
 
+    /// `general.architecture`.
     pub fn name(self) -> &'static str {
         match self {
             Arch::Llama => "llama",
+            Arch::Mistral3 => "mistral3",
             Arch::Qwen2 => "qwen2",
+            Arch::Qwen3 => "qwen3",
+            Arch::Qwen3Moe => "qwen3moe",
+            Arch::Phi3 => "phi3",
+        }
+    }
+
+    /// Size of one attention head.
+    fn head_dim(self, s: &TinyShape) -> usize {
+        match self {
+            Arch::Qwen3 | Arch::Qwen3Moe => 2 * s.embd / s.heads,
+            _ => s.embd / s.heads,
         }
     }
 }
@@ -80,11 +111,22 @@ pub fn write(dir: &Path, seed: u64, scale: f32) -> PathBuf {
 
 /// [`write`] for any wired architecture.
 pub fn write_arch(dir: &Path, arch: Arch, seed: u64, scale: f32) -> PathBuf {
+    write_file(dir, arch, arch.name(), seed, scale)
+}
+
+/// A llama model that declares itself `architecture`, for one the hook is
+/// not wired into.
+pub fn write_unwired(dir: &Path, architecture: &str) -> PathBuf {
+    write_file(dir, Arch::Llama, architecture, 1, 0.3)
+}
+
+/// `arch`'s tensors, under `architecture`'s metadata keys and name.
+fn write_file(dir: &Path, arch: Arch, architecture: &str, seed: u64, scale: f32) -> PathBuf {
     let device = Device::Cpu;
     let tokens = vocab();
     let n_vocab = tokens.len();
     let s = &SHAPE;
-    let head_dim = s.embd / s.heads;
+    let head_dim = arch.head_dim(s);
     let mut rng = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
     let mut random = |shape: &[usize], scale: f32| -> QTensor {
         let n: usize = shape.iter().product();
@@ -102,6 +144,15 @@ pub fn write_arch(dir: &Path, arch: Arch, seed: u64, scale: f32) -> PathBuf {
         let t = Tensor::from_vec(data, shape, &device).unwrap();
         QTensor::quantize(&t, GgmlDType::F32).unwrap()
     };
+    // mistral.rs's GGUF phi3 takes only block-quantized projections (f32 ones
+    // hit an `unreachable!`), as every published phi3 GGUF has.
+    let projection = |t: QTensor| -> QTensor {
+        if arch != Arch::Phi3 {
+            return t;
+        }
+        let t = t.dequantize(&device).unwrap();
+        QTensor::quantize(&t, GgmlDType::Q8_0).unwrap()
+    };
     let ones = |n: usize| {
         QTensor::quantize(
             &Tensor::ones(n, candle_core::DType::F32, &device).unwrap(),
@@ -117,50 +168,78 @@ pub fn write_arch(dir: &Path, arch: Arch, seed: u64, scale: f32) -> PathBuf {
     ];
     for l in 0..s.layers {
         let p = format!("blk.{l}");
+        let (q_rows, kv_rows) = (s.heads * head_dim, s.kv_heads * head_dim);
         tensors.push((format!("{p}.attn_norm.weight"), ones(s.embd)));
         tensors.push((format!("{p}.ffn_norm.weight"), ones(s.embd)));
-        tensors.push((
-            format!("{p}.attn_q.weight"),
-            random(&[s.heads * head_dim, s.embd], scale),
-        ));
-        tensors.push((
-            format!("{p}.attn_k.weight"),
-            random(&[s.kv_heads * head_dim, s.embd], scale),
-        ));
-        tensors.push((
-            format!("{p}.attn_v.weight"),
-            random(&[s.kv_heads * head_dim, s.embd], scale),
-        ));
+        if arch == Arch::Phi3 {
+            tensors.push((
+                format!("{p}.attn_qkv.weight"),
+                projection(random(&[q_rows + 2 * kv_rows, s.embd], scale)),
+            ));
+        } else {
+            tensors.push((
+                format!("{p}.attn_q.weight"),
+                random(&[q_rows, s.embd], scale),
+            ));
+            tensors.push((
+                format!("{p}.attn_k.weight"),
+                random(&[kv_rows, s.embd], scale),
+            ));
+            tensors.push((
+                format!("{p}.attn_v.weight"),
+                random(&[kv_rows, s.embd], scale),
+            ));
+        }
         if arch == Arch::Qwen2 {
-            tensors.push((
-                format!("{p}.attn_q.bias"),
-                random(&[s.heads * head_dim], scale),
-            ));
-            tensors.push((
-                format!("{p}.attn_k.bias"),
-                random(&[s.kv_heads * head_dim], scale),
-            ));
-            tensors.push((
-                format!("{p}.attn_v.bias"),
-                random(&[s.kv_heads * head_dim], scale),
-            ));
+            tensors.push((format!("{p}.attn_q.bias"), random(&[q_rows], scale)));
+            tensors.push((format!("{p}.attn_k.bias"), random(&[kv_rows], scale)));
+            tensors.push((format!("{p}.attn_v.bias"), random(&[kv_rows], scale)));
+        }
+        if matches!(arch, Arch::Qwen3 | Arch::Qwen3Moe) {
+            // Not all ones, so a norm applied in the wrong place shows.
+            tensors.push((format!("{p}.attn_q_norm.weight"), random(&[head_dim], 2.0)));
+            tensors.push((format!("{p}.attn_k_norm.weight"), random(&[head_dim], 2.0)));
         }
         tensors.push((
             format!("{p}.attn_output.weight"),
-            random(&[s.embd, s.heads * head_dim], scale),
+            projection(random(&[s.embd, q_rows], scale)),
         ));
-        tensors.push((
-            format!("{p}.ffn_gate.weight"),
-            random(&[s.ffn, s.embd], scale),
-        ));
-        tensors.push((
-            format!("{p}.ffn_up.weight"),
-            random(&[s.ffn, s.embd], scale),
-        ));
+        if arch == Arch::Phi3 {
+            tensors.push((
+                format!("{p}.ffn_up.weight"),
+                projection(random(&[2 * s.ffn, s.embd], scale)),
+            ));
+        } else {
+            tensors.push((
+                format!("{p}.ffn_gate.weight"),
+                random(&[s.ffn, s.embd], scale),
+            ));
+            tensors.push((
+                format!("{p}.ffn_up.weight"),
+                random(&[s.ffn, s.embd], scale),
+            ));
+        }
         tensors.push((
             format!("{p}.ffn_down.weight"),
-            random(&[s.embd, s.ffn], scale),
+            projection(random(&[s.embd, s.ffn], scale)),
         ));
+        if arch == Arch::Qwen3Moe {
+            // Read by the loader's size estimate only (`expert_count` is 0).
+            tensors.push((
+                format!("{p}.ffn_gate_inp.weight"),
+                random(&[1, s.embd], scale),
+            ));
+            for name in ["gate", "up"] {
+                tensors.push((
+                    format!("{p}.ffn_{name}_exps.weight"),
+                    random(&[1, s.ffn, s.embd], scale),
+                ));
+            }
+            tensors.push((
+                format!("{p}.ffn_down_exps.weight"),
+                random(&[1, s.embd, s.ffn], scale),
+            ));
+        }
     }
 
     let u32v = |v: usize| Value::U32(v as u32);
@@ -187,9 +266,9 @@ pub fn write_arch(dir: &Path, arch: Arch, seed: u64, scale: f32) -> PathBuf {
             })
         })
         .collect();
-    let a = arch.name();
+    let a = architecture;
     let key = |k: &str| format!("{a}.{k}");
-    let metadata: Vec<(String, Value)> = vec![
+    let mut metadata: Vec<(String, Value)> = vec![
         ("general.architecture".into(), Value::String(a.into())),
         ("general.name".into(), Value::String(format!("tiny-{a}"))),
         (key("context_length"), Value::U32(CONTEXT_LEN)),
@@ -214,9 +293,21 @@ pub fn write_arch(dir: &Path, arch: Arch, seed: u64, scale: f32) -> PathBuf {
             ),
         ),
     ];
-    let path = dir.join(match arch {
-        Arch::Llama => FILE_NAME.to_string(),
-        Arch::Qwen2 => format!("tiny-{a}.gguf"),
+    match arch {
+        Arch::Qwen3 | Arch::Qwen3Moe => {
+            metadata.push((key("attention.key_length"), u32v(head_dim)));
+            metadata.push((key("attention.value_length"), u32v(head_dim)));
+        }
+        _ => {}
+    }
+    if arch == Arch::Qwen3Moe {
+        metadata.push((key("expert_count"), u32v(0)));
+        metadata.push((key("expert_used_count"), u32v(0)));
+        metadata.push((key("expert_feed_forward_length"), u32v(s.ffn)));
+    }
+    let path = dir.join(match a {
+        "llama" => FILE_NAME.to_string(),
+        _ => format!("tiny-{a}.gguf"),
     });
     let mut file = std::fs::File::create(&path).unwrap();
     let md: Vec<(&str, &Value)> = metadata.iter().map(|(k, v)| (k.as_str(), v)).collect();
