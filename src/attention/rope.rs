@@ -2,8 +2,9 @@
 //! or keeps its RoPE tables in.
 //!
 //! mistral.rs builds each model's tables in a dtype of its own choosing
-//! (GGUF qwen2: f32; GGUF llama: the compute dtype), while the hook receives
-//! q/k in the compute dtype; candle's rope kernels need all three to agree.
+//! (GGUF qwen2 and qwen3: f32; GGUF llama and phi3: the compute dtype),
+//! while the hook receives q/k in the compute dtype; candle's rope kernels
+//! need all three to agree.
 //! The hook computes attention in f32, so it rotates in f32: the input is
 //! upcast and the table rows are upcast to match.
 
