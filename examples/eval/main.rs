@@ -9,8 +9,12 @@
 //!     [--lengths 1024,4096] [--depths 0,0.5,1] [--modes qllm,infllm,streaming,dense]
 //!     [--samples 1] [--seed 1] [--question-first] [--preset 1k] [--config qllm.toml]
 //!     [--max-new-tokens 16] [--quantized-matmul] [--in-line-question]
-//!     [--out results/eval/NAME]
+//!     [--drawn-as TOKENS] [--out results/eval/NAME]
 //! ```
+//!
+//! `--drawn-as 12288` draws every cell's needle, question and haystack as
+//! for a 12288-token cell and cuts the document to the cell's length: the
+//! facts of a 12K grid, asked of full attention inside the window.
 //!
 //! Each prompt's question is given to Q-LLM as the request's question, whose
 //! vectors a probe pass computes before the prompt is read
@@ -51,6 +55,10 @@ struct Settings {
     /// when they are captured where the question is read (`--in-line-question`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     question_vectors: Option<String>,
+    /// Every cell's needle, question and haystack drawn as for a cell of
+    /// this many tokens (`--drawn-as`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    drawn_as: Option<usize>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -124,13 +132,14 @@ struct Args {
     max_new_tokens: usize,
     quantized_matmul: bool,
     in_line_question: bool,
+    drawn_as: Option<usize>,
     out: Option<PathBuf>,
 }
 
 const USAGE: &str = "usage: eval [--quick] [--model FILE.gguf] [--tasks LIST] [--lengths LIST] \
                      [--depths LIST] [--modes LIST] [--samples N] [--seed N] [--question-first] \
                      [--preset NAME] [--config FILE] [--max-new-tokens N] [--quantized-matmul] \
-                     [--in-line-question] [--out DIR]";
+                     [--in-line-question] [--drawn-as TOKENS] [--out DIR]";
 
 fn parse_args() -> Result<Args> {
     let mut args = Args {
@@ -147,6 +156,7 @@ fn parse_args() -> Result<Args> {
         max_new_tokens: 16,
         quantized_matmul: false,
         in_line_question: false,
+        drawn_as: None,
         out: None,
     };
     let mut it = std::env::args().skip(1);
@@ -168,6 +178,7 @@ fn parse_args() -> Result<Args> {
             "--seed" => args.seed = value()?.parse().context("--seed")?,
             "--question-first" => args.placement = Placement::First,
             "--in-line-question" => args.in_line_question = true,
+            "--drawn-as" => args.drawn_as = Some(value()?.parse().context("--drawn-as")?),
             "--preset" => args.preset = Some(value()?),
             "--config" => args.config = Some(value()?.into()),
             "--max-new-tokens" => {
@@ -304,6 +315,7 @@ fn main() -> Result<()> {
         }
         .into(),
         question_vectors: (!args.in_line_question).then(|| "probe".into()),
+        drawn_as: args.drawn_as,
     };
     for &mode in &args.modes {
         hook_config(&args, mode)?;
@@ -430,9 +442,10 @@ fn run_plan(
     for (task, length, depth, sample, modes) in plan {
         bar.set_message(format!("{} {length} @ {depth}", task.name()));
         let seed = args.seed.wrapping_add(sample as u64);
-        let prompt: Sample = eval::generate(
+        let prompt: Sample = eval::generate_drawn_as(
             task,
             length,
+            args.drawn_as.unwrap_or(length),
             depth,
             seed,
             args.placement,

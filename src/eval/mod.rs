@@ -465,15 +465,48 @@ pub fn generate(
     corpus: &Corpus,
     tokenizer: &dyn TokenCount,
 ) -> Result<Sample> {
+    generate_drawn_as(
+        task,
+        target_tokens,
+        target_tokens,
+        depth,
+        seed,
+        placement,
+        corpus,
+        tokenizer,
+    )
+}
+
+/// [`generate`] with the needle, question and haystack drawn as for a cell
+/// of `drawn_as` tokens (at least `target_tokens`), then cut to
+/// `target_tokens`: the same fact at the same depth of a shorter document,
+/// so full attention inside the model's window can be asked what Q-LLM was
+/// asked beyond it.
+#[allow(clippy::too_many_arguments)]
+pub fn generate_drawn_as(
+    task: Task,
+    target_tokens: usize,
+    drawn_as: usize,
+    depth: f64,
+    seed: u64,
+    placement: Placement,
+    corpus: &Corpus,
+    tokenizer: &dyn TokenCount,
+) -> Result<Sample> {
     if !(0.0..=1.0).contains(&depth) {
         return Err(Error::Eval(format!("depth {depth} is not between 0 and 1")));
     }
+    if drawn_as < target_tokens {
+        return Err(Error::Eval(format!(
+            "a {target_tokens}-token prompt cannot be drawn as a shorter one ({drawn_as} tokens)"
+        )));
+    }
     // One stream per cell so every cell is reproducible on its own.
     #[allow(clippy::cast_possible_truncation, clippy::cast_sign_loss)]
-    let stream = (task as u64) << 48 ^ (target_tokens as u64) << 16 ^ (depth * 1000.0) as u64;
+    let stream = (task as u64) << 48 ^ (drawn_as as u64) << 16 ^ (depth * 1000.0) as u64;
     let mut rng = Rng::new(seed, stream);
     // Generous: no unit is shorter than one token.
-    let max_units = target_tokens + 16;
+    let max_units = drawn_as + 16;
     let mut spec = build_spec(task, max_units, &mut rng, placement, corpus)?;
     spec.needles[0].1 = depth;
 
@@ -1104,6 +1137,66 @@ mod tests {
                 assert_eq!(first.unwrap().prompt.matches(&sample.question).count(), 2);
             }
         }
+    }
+
+    #[test]
+    fn a_prompt_drawn_as_a_longer_one_asks_the_same_at_the_same_depth() {
+        let corpus = corpus();
+        for task in Task::ALL {
+            let name = task.name();
+            let long = generate(task, 4000, 0.3, 7, Placement::Last, &corpus, &Quarters).unwrap();
+            let short = generate_drawn_as(
+                task,
+                1000,
+                4000,
+                0.3,
+                7,
+                Placement::Last,
+                &corpus,
+                &Quarters,
+            )
+            .unwrap();
+            assert_eq!(short.question, long.question, "{name}");
+            assert_eq!(short.answers, long.answers, "{name}");
+            assert!((960..=1000).contains(&short.prompt_tokens), "{name}");
+            assert!(
+                short.answers.iter().all(|a| short.prompt.contains(a)),
+                "{name}"
+            );
+            // The tail (question and answer prefix) is the same text.
+            let tail = |p: &str| p[p.rfind(&long.question).unwrap()..].to_string();
+            assert_eq!(tail(&short.prompt), tail(&long.prompt), "{name}");
+            let own = generate(task, 1000, 0.3, 7, Placement::Last, &corpus, &Quarters).unwrap();
+            assert_eq!(
+                generate_drawn_as(
+                    task,
+                    1000,
+                    1000,
+                    0.3,
+                    7,
+                    Placement::Last,
+                    &corpus,
+                    &Quarters
+                )
+                .unwrap(),
+                own,
+                "{name}"
+            );
+        }
+        let err = generate_drawn_as(
+            Task::Fact,
+            2000,
+            1000,
+            0.5,
+            1,
+            Placement::Last,
+            &corpus,
+            &Quarters,
+        );
+        assert!(err
+            .unwrap_err()
+            .to_string()
+            .contains("cannot be drawn as a shorter one"));
     }
 
     #[test]
