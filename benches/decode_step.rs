@@ -37,6 +37,7 @@ fn decode_step_seconds(config: &Policy, tokens: usize) -> f64 {
         question: None,
         prompt_len: 0,
         masks: &masks,
+        votes: None,
     };
     let mut memory = LayerMemory::default();
     let rows = match config.question_rows {

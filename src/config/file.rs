@@ -53,6 +53,8 @@ pub struct ConfigFile {
     pub selection: Option<Selection>,
     /// See [`Policy::neighbours`].
     pub neighbours: Option<i64>,
+    /// See [`Policy::consensus`].
+    pub consensus: Option<i64>,
     /// See [`EngineSettings::prefill_chunk_size`].
     pub prefill_chunk_size: Option<i64>,
     /// See [`EngineSettings::max_context_len`].
@@ -102,6 +104,7 @@ impl ConfigFile {
             scoring: self.scoring.unwrap_or(base.scoring),
             selection: self.selection.unwrap_or(base.selection),
             neighbours: size("neighbours", self.neighbours, base.neighbours, 0)?,
+            consensus: size("consensus", self.consensus, base.consensus, 0)?,
             block_dtype: self.block_dtype.unwrap_or(base.block_dtype),
         };
         let engine = EngineSettings {
@@ -325,6 +328,14 @@ mod tests {
             err.contains("`neighbours` (4) must be less than `topk` (4)"),
             "{err}"
         );
+        let err = parse("consensus = 8").unwrap_err();
+        assert!(
+            err.contains("`consensus` (8) must be less than `topk` (8)"),
+            "{err}"
+        );
+        let err = parse("consensus = -1").unwrap_err();
+        assert!(err.contains("`consensus`"), "{err}");
+        assert_eq!(parse("consensus = 2").unwrap().policy.consensus, 2);
     }
 
     #[test]

@@ -304,6 +304,10 @@ pub struct Policy {
     /// contiguity), within the same `topk` budget: a fact cut by a block
     /// boundary is read whole.
     pub neighbours: usize,
+    /// Blocks of each layer's `topk` given to the blocks the sequence's
+    /// other layers retrieved most by their own scores (cross-layer
+    /// consensus; 0: each layer by its own scores, the paper's).
+    pub consensus: usize,
     /// Storage dtype of memory blocks (the bulk of a long context's memory).
     pub block_dtype: BlockDType,
 }
@@ -355,6 +359,7 @@ impl Policy {
             scoring: Scoring::AttentionMass,
             selection: Selection::PerKvHead,
             neighbours: 0,
+            consensus: 0,
             block_dtype: BlockDType::Model,
         }
     }
@@ -422,6 +427,16 @@ impl Policy {
                     "({}) must be less than `topk` ({}): each retrieved block brings that many \
                      neighbours within the `topk` budget",
                     self.neighbours, self.topk
+                ),
+            );
+        }
+        if self.consensus > 0 && self.consensus >= self.topk {
+            return invalid(
+                "consensus",
+                format!(
+                    "({}) must be less than `topk` ({}): it is the part of the `topk` budget \
+                     given to the blocks other layers retrieved",
+                    self.consensus, self.topk
                 ),
             );
         }

@@ -34,6 +34,8 @@ pub struct RequestOptions {
     pub positions: Option<Positions>,
     /// Neighbour blocks attended with each retrieved block.
     pub neighbours: Option<i64>,
+    /// Blocks of `topk` taken from those the other layers retrieved most.
+    pub consensus: Option<i64>,
     /// How blocks are ranked (`dot`, `head_softmax`, `token_max`,
     /// `attention_mass`).
     pub scoring: Option<Scoring>,
@@ -82,6 +84,7 @@ impl RequestOptions {
             config.selection = selection;
         }
         config.neighbours = size("neighbours", self.neighbours, config.neighbours, 0)?;
+        config.consensus = size("consensus", self.consensus, config.consensus, 0)?;
         for (key, text) in [("question", &self.question), ("needle", &self.needle)] {
             if text.as_ref().is_some_and(|t| t.trim().is_empty()) {
                 return Err(Error::InvalidConfig {
@@ -144,6 +147,16 @@ mod tests {
         .apply(&base)
         .unwrap_err();
         assert!(err.to_string().contains("`question` is empty"), "{err}");
+        let voted: RequestOptions = serde_json::from_str(r#"{"consensus": 2}"#).unwrap();
+        assert_eq!(voted.apply(&base).unwrap().consensus, 2);
+        let err = RequestOptions {
+            topk: Some(2),
+            consensus: Some(2),
+            ..Default::default()
+        }
+        .apply(&base)
+        .unwrap_err();
+        assert!(err.to_string().contains("`consensus` (2)"), "{err}");
         let err = serde_json::from_str::<RequestOptions>(r#"{"top_k": 3}"#).unwrap_err();
         assert!(err.to_string().contains("top_k"), "{err}");
     }

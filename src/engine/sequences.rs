@@ -1,6 +1,7 @@
 //! Per-sequence state: the memory of each layer (or the full KV in `dense`
 //! mode), the question's span and vectors, the needle trace and the report.
 
+use std::cell::RefCell;
 use std::collections::BTreeSet;
 use std::ops::Range;
 use std::sync::Arc;
@@ -15,6 +16,7 @@ use crate::attention::{causal_attention, positions, rotate_f32, CausalMasks, Mas
 use crate::config::{Mode, Policy};
 use crate::memory::{KvBuffer, LayerMemory, LayerStats, StepArgs};
 use crate::question::span::{find_question_span, read_in_time, resolve};
+use crate::retrieval::LayerVotes;
 
 /// The KV a sequence keeps, one entry per layer.
 #[derive(Debug)]
@@ -52,6 +54,8 @@ pub(crate) struct SeqState {
     needle_asked: Option<Needle>,
     /// The trace, once the span was found in the prompt.
     needle: Option<NeedleTrace>,
+    /// What each layer retrieved lately, for `consensus`.
+    votes: RefCell<LayerVotes>,
 }
 
 /// What one call of the hook needs besides the sequence's own state.
@@ -87,6 +91,7 @@ impl SeqState {
             question_searched: false,
             needle_asked: None,
             needle: None,
+            votes: RefCell::default(),
         }
     }
 
@@ -274,6 +279,7 @@ impl SeqState {
             SeqMemory::Blocks(layers) => {
                 if layers.len() != ctx.num_layers {
                     layers.resize_with(ctx.num_layers, LayerMemory::default);
+                    self.votes.get_mut().resize(ctx.num_layers);
                 }
                 let policy = &self.policy;
                 let table = ctx.rope.max_positions();
@@ -283,6 +289,9 @@ impl SeqState {
                 let memory = &mut layers[layer];
                 if call.offset == 0 {
                     *memory = LayerMemory::default();
+                    if layer == 0 {
+                        self.votes.get_mut().clear();
+                    }
                     // Only read when the layer starts: borrowed, not copied.
                     let probed = self
                         .probed
@@ -305,6 +314,7 @@ impl SeqState {
                     question: self.question.clone(),
                     prompt_len: self.prompt_len,
                     masks: call.memory_masks,
+                    votes: Some((layer, &self.votes)),
                 };
                 let needle = &mut self.needle;
                 let out = memory.append(policy, &args, q, k, v, |read| {

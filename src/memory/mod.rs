@@ -23,6 +23,7 @@ pub mod budget;
 pub mod kv_buffer;
 pub mod ledger;
 
+use std::cell::RefCell;
 use std::ops::Range;
 
 use candle_core::{DType, Result, Tensor};
@@ -35,7 +36,7 @@ pub use ledger::{Eviction, Ledger, ReadPlan};
 use crate::attention::mask::MaskGeometry;
 use crate::attention::{grouped_attention, positions, rotate_f32, MaskCache, Rotary};
 use crate::config::{Mode, Policy, Positions};
-use crate::retrieval::Retrieval;
+use crate::retrieval::{LayerVotes, Retrieval};
 
 /// What a layer's memory holds, for statistics and tests.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -83,6 +84,9 @@ pub struct StepArgs<'a> {
     pub prompt_len: usize,
     /// Masks shared by the layers of a step.
     pub masks: &'a MaskCache,
+    /// The layer this memory is, and the sequence's cross-layer votes
+    /// (`consensus`; `None` when the layer runs alone).
+    pub votes: Option<(usize, &'a RefCell<LayerVotes>)>,
 }
 
 /// What one execution block read and retrieved, for instruments.
@@ -232,8 +236,19 @@ impl LayerMemory {
         let at_global = positions(std::iter::repeat_n(n_local - 1, e), device)?;
         let q_global = rotate_f32(args.rope, q, &at_global)?;
 
+        let votes = args.votes.filter(|_| policy.consensus > 0);
+        let voted = votes.map_or_else(Vec::new, |(layer, votes)| {
+            votes
+                .borrow()
+                .ranking(layer, plan.queries.start, self.blocks.len())
+        });
         self.retrieval
-            .retrieve(policy, &self.blocks, &q_global, group)?;
+            .retrieve(policy, &self.blocks, &q_global, group, &voted)?;
+        if let Some((layer, votes)) = votes {
+            votes
+                .borrow_mut()
+                .record(layer, plan.queries.start, self.retrieval.own_picks());
+        }
         let retrieved = self.retrieval.picks();
 
         let local_len = plan.local.len();
@@ -482,6 +497,7 @@ mod tests {
             question: None,
             prompt_len: 0,
             masks: &masks,
+            votes: None,
         };
         let (total, planted, bs) = (120, 9, config.block_size);
         let token = config.n_init + planted * bs + 1;
@@ -527,7 +543,7 @@ mod tests {
         let q_global = random((1, heads, 8, d), 15, 1.0);
         memory
             .retrieval
-            .retrieve(&config, &memory.blocks, &q_global, heads / kv_heads)
+            .retrieve(&config, &memory.blocks, &q_global, heads / kv_heads, &[])
             .unwrap();
 
         let group = heads / kv_heads;
@@ -561,6 +577,101 @@ mod tests {
         }
     }
 
+    #[test]
+    fn consensus_brings_a_block_another_layer_found_into_a_layer_that_missed_it() {
+        // Three layers of one sequence. The question of layers 0 and 1
+        // points at a planted key of block 9, so their own scores rank that
+        // block first; layer 2's queries and keys are unrelated noise. With
+        // `consensus = 1` layer 2 attends block 9 anyway, from the others'
+        // votes, and one block of its own per KV head.
+        let (heads, kv_heads, d) = (4, 2, 16);
+        let config = Policy {
+            scoring: Scoring::AttentionMass,
+            selection: Selection::PerKvHead,
+            question_weight: 3.0,
+            consensus: 1,
+            ..selective_config(Positions::Fixed, 0)
+        };
+        config.validate().unwrap();
+        let rope = RopeTable::new(10000.0, d, 256, true, &Device::Cpu).unwrap();
+        let masks = MaskCache::default();
+        let votes = RefCell::new(LayerVotes::default());
+        let (total, planted) = (120, 9);
+        let token = config.n_init + planted * config.block_size + 1;
+        let k0 = random((1, kv_heads, total, d), 12, 1.0);
+        let k0 = Tensor::cat(
+            &[
+                k0.narrow(2, 0, token).unwrap(),
+                (k0.narrow(2, token, 1).unwrap() * 4.0).unwrap(),
+                k0.narrow(2, token + 1, total - token - 1).unwrap(),
+            ],
+            2,
+        )
+        .unwrap();
+        // Layers 0 and 1 see the planted key, layer 2 noise.
+        let inputs = [
+            (random((1, heads, total, d), 11, 1.0), k0.clone()),
+            (random((1, heads, total, d), 31, 1.0), k0.clone()),
+            (
+                random((1, heads, total, d), 21, 1.0),
+                random((1, kv_heads, total, d), 22, 1.0),
+            ),
+        ];
+        let v = random((1, kv_heads, total, d), 13, 1.0);
+        let mut layers: [LayerMemory; 3] = Default::default();
+        let question: Vec<Tensor> = (0..heads)
+            .map(|h| {
+                (k0.narrow(1, h / (heads / kv_heads), 1)
+                    .unwrap()
+                    .narrow(2, token, 1)
+                    .unwrap()
+                    * 2.0)
+                    .unwrap()
+            })
+            .collect();
+        let question = Tensor::cat(&question, 1).unwrap();
+        let question = question.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        layers[0].set_question(question.clone());
+        layers[1].set_question(question);
+        let mut brought = 0;
+        for p0 in (0..total).step_by(8) {
+            for (layer, memory) in layers.iter_mut().enumerate() {
+                let args = StepArgs {
+                    rope: &rope,
+                    softmax_scale: 0.25,
+                    question: None,
+                    prompt_len: 0,
+                    masks: &masks,
+                    votes: Some((layer, &votes)),
+                };
+                let (q, k) = &inputs[layer];
+                let at = |t: &Tensor| t.narrow(2, p0, 8).unwrap();
+                memory
+                    .append(&config, &args, &at(q), &at(k), &at(&v), |_| {})
+                    .unwrap();
+                masks.clear();
+            }
+            // Blocks when this execution block retrieved.
+            let blocks = layers[0].retrieval.scores().first().map_or(0, Vec::len);
+            if blocks <= planted {
+                continue;
+            }
+            for found_it in &layers[..2] {
+                assert!(found_it.retrieval.own_picks().contains(&(planted, 0)));
+            }
+            let noise = &layers[2].retrieval;
+            for picks in noise.picks() {
+                assert!(picks.contains(&planted), "{picks:?}");
+                assert_eq!(picks.len(), config.topk);
+            }
+            // Steps where its own scores alone would have missed the block.
+            if noise.own_picks().iter().all(|&(b, _)| b != planted) {
+                brought += 1;
+            }
+        }
+        assert!(brought >= 3, "{brought}");
+    }
+
     /// Runs 120 prompt tokens in execution blocks of 8, then 12 decode
     /// steps, through `LayerMemory` and the written-out reference, with
     /// `topk` 2 of up to 23 blocks; returns the largest difference and
@@ -570,12 +681,18 @@ mod tests {
         let (heads, kv_heads, d) = (4, 2, 16);
         let rope = RopeTable::new(10000.0, d, 256, true, &Device::Cpu).unwrap();
         let masks = MaskCache::default();
+        // Votes of another layer, so `consensus` brings blocks this layer's
+        // own scores did not pick: block 3, then 9.
+        let votes = RefCell::new(LayerVotes::default());
+        votes.borrow_mut().record(1, 0, &[(3, 0), (9, 1)]);
+        votes.borrow_mut().record(2, 0, &[(3, 0)]);
         let args = StepArgs {
             rope: &rope,
             softmax_scale: 0.25,
             question: None,
             prompt_len: 0,
             masks: &masks,
+            votes: Some((0, &votes)),
         };
         let total = 132;
         // Peaky queries and keys so retrieval has clear winners.
@@ -656,21 +773,24 @@ mod tests {
             (Positions::Ordered, 1, Scoring::AttentionMass, PerKvHead),
             (Positions::Fixed, 0, Scoring::TokenMax, PerKvHead),
         ] {
-            let config = Policy {
-                scoring,
-                selection,
-                ..selective_config(positions, neighbours)
-            };
-            let name = format!("{positions} {neighbours} {scoring} {selection}");
-            let (diff, selective, heads_differ) = compare_with_reference(&config);
-            assert!(selective, "{name}: every block was retrieved");
-            // Otherwise the per-head gather would go untested.
-            assert_eq!(
-                heads_differ,
-                selection == PerKvHead,
-                "{name}: KV heads retrieved different blocks"
-            );
-            assert!(diff <= 1e-4, "{name}: max abs difference {diff}");
+            for consensus in [0, 1] {
+                let config = Policy {
+                    scoring,
+                    selection,
+                    consensus,
+                    ..selective_config(positions, neighbours)
+                };
+                let name = format!("{positions} {neighbours} {scoring} {selection} {consensus}");
+                let (diff, selective, heads_differ) = compare_with_reference(&config);
+                assert!(selective, "{name}: every block was retrieved");
+                // Otherwise the per-head gather would go untested.
+                assert_eq!(
+                    heads_differ,
+                    selection == PerKvHead,
+                    "{name}: KV heads retrieved different blocks"
+                );
+                assert!(diff <= 1e-4, "{name}: max abs difference {diff}");
+            }
         }
     }
 

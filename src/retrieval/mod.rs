@@ -7,6 +7,7 @@ pub mod question;
 pub mod representative;
 pub mod scores;
 pub mod select;
+pub mod votes;
 
 use candle_core::{Device, Result, Tensor};
 
@@ -18,6 +19,7 @@ use scores::{
     token_max_scores,
 };
 pub use select::{top_k, top_k_with_neighbours};
+pub use votes::LayerVotes;
 
 /// The memory blocks' keys, as retrieval reads them (the memory's block
 /// store implements it; retrieval does not depend on how blocks are kept).
@@ -76,6 +78,9 @@ pub struct Retrieval {
     picks: Vec<Vec<usize>>,
     /// Blocks retrieved by some head at the latest execution block.
     retrieved: Vec<usize>,
+    /// Those some head picked by its own scores (before `consensus`), with
+    /// their best place in a list (0 = some head's best).
+    own: Vec<(usize, usize)>,
     /// Retrieval score of every block at the latest execution block: one
     /// row, or one per KV head with `per_kv_head` selection.
     scores: Vec<Vec<f32>>,
@@ -91,6 +96,13 @@ impl Retrieval {
     /// Blocks some head retrieved at the latest execution block, ascending.
     pub fn retrieved(&self) -> &[usize] {
         &self.retrieved
+    }
+
+    /// Blocks some head picked by its own scores at the latest execution
+    /// block, ascending, each with its best place in a list (0 = some
+    /// head's best): this layer's vote for the others (`consensus`).
+    pub fn own_picks(&self) -> &[(usize, usize)] {
+        &self.own
     }
 
     /// Every block's score at the latest execution block, per list.
@@ -137,15 +149,19 @@ impl Retrieval {
 
     /// Picks the blocks of `store` for the execution block whose queries at
     /// the memory distance are `q_global` (`(1, heads, e, d)` f32), for
-    /// query heads in groups of `group` per KV head.
+    /// query heads in groups of `group` per KV head. `voted` ranks the
+    /// blocks the other layers retrieved (most votes first); the first
+    /// `consensus` of them join every list.
     pub fn retrieve(
         &mut self,
         policy: &Policy,
         store: &dyn BlockKeys,
         q_global: &Tensor,
         group: usize,
+        voted: &[usize],
     ) -> Result<()> {
         self.retrieved.clear();
+        self.own.clear();
         self.scores.clear();
         self.picks.clear();
         if !policy.mode.keeps_blocks() || store.blocks() == 0 || policy.topk == 0 {
@@ -212,11 +228,24 @@ impl Retrieval {
                 Scoring::AttentionMass => unreachable!("handled above"),
             };
         }
-        let picks: Vec<Vec<usize>> = self
+        let own: Vec<Vec<usize>> = self
             .scores
             .iter()
             .map(|scores| top_k_with_neighbours(scores, policy.topk, policy.neighbours))
             .collect();
+        self.own = best_places(&own, &self.scores);
+        let picks = if policy.consensus > 0 && store.blocks() > policy.topk {
+            votes::with_consensus(
+                &own,
+                voted,
+                policy.consensus,
+                &self.scores,
+                policy.topk,
+                policy.neighbours,
+            )
+        } else {
+            own
+        };
         self.retrieved = picks.concat();
         self.retrieved.sort_unstable();
         self.retrieved.dedup();
@@ -255,4 +284,20 @@ impl Retrieval {
     pub fn bytes(&self) -> usize {
         self.representatives.capacity() * 4 + self.question.bytes()
     }
+}
+
+/// The blocks of `lists` (each scored by the same row of `scores`),
+/// ascending, each with its best place in a list by score (0 = a list's
+/// best).
+fn best_places(lists: &[Vec<usize>], scores: &[Vec<f32>]) -> Vec<(usize, usize)> {
+    let mut places = std::collections::BTreeMap::new();
+    for (list, row) in lists.iter().zip(scores) {
+        let mut ranked = list.clone();
+        ranked.sort_by(|&a, &b| row[b].total_cmp(&row[a]).then(a.cmp(&b)));
+        for (place, b) in ranked.into_iter().enumerate() {
+            let best = places.entry(b).or_insert(place);
+            *best = (*best).min(place);
+        }
+    }
+    places.into_iter().collect()
 }

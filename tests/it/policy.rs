@@ -30,6 +30,7 @@ fn small_config(mode: Mode) -> Policy {
         scoring: qllm::Scoring::Dot,
         selection: qllm::Selection::Shared,
         neighbours: 0,
+        consensus: 0,
         block_dtype: BlockDType::Model,
     }
 }

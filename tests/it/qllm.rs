@@ -183,6 +183,9 @@ fn qllm_equals_dense_when_the_window_covers_the_sequence() {
             neighbours,
             selection,
             question_rows,
+            // Cross-layer votes on: nothing to vote for while the window
+            // covers the prompt.
+            consensus: usize::from(mode == Mode::Qllm),
             n_init: 4,
             n_local: 64,
             block_size: 8,
