@@ -567,9 +567,11 @@ fn needle_summary(needle: Option<&NeedleReport>) -> String {
                 .map_or("-".to_string(), ToString::to_string);
             format!(
                 "needle in blocks {:?}: retrieved by {}/{} layers at the question (median rank \
-                 {median}), {}/{} at decode",
+                 {median}), {}/{} at the answer's first token, {}/{} at decode",
                 n.blocks,
                 n.at_question,
+                n.layers,
+                n.at_answer,
                 n.layers,
                 n.at_decode.first().copied().unwrap_or(0),
                 n.layers

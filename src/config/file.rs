@@ -55,6 +55,8 @@ pub struct ConfigFile {
     pub neighbours: Option<i64>,
     /// See [`Policy::consensus`].
     pub consensus: Option<i64>,
+    /// See [`Policy::question_topk`].
+    pub question_topk: Option<i64>,
     /// See [`EngineSettings::prefill_chunk_size`].
     pub prefill_chunk_size: Option<i64>,
     /// See [`EngineSettings::max_context_len`].
@@ -105,6 +107,7 @@ impl ConfigFile {
             selection: self.selection.unwrap_or(base.selection),
             neighbours: size("neighbours", self.neighbours, base.neighbours, 0)?,
             consensus: size("consensus", self.consensus, base.consensus, 0)?,
+            question_topk: size("question_topk", self.question_topk, base.question_topk, 0)?,
             block_dtype: self.block_dtype.unwrap_or(base.block_dtype),
         };
         let engine = EngineSettings {
@@ -336,6 +339,12 @@ mod tests {
         let err = parse("consensus = -1").unwrap_err();
         assert!(err.contains("`consensus`"), "{err}");
         assert_eq!(parse("consensus = 2").unwrap().policy.consensus, 2);
+        let err = parse("question_topk = 513").unwrap_err();
+        assert!(err.contains("`question_topk` is too large: 513"), "{err}");
+        assert_eq!(
+            parse("question_topk = 256").unwrap().policy.question_topk,
+            256
+        );
     }
 
     #[test]

@@ -308,6 +308,12 @@ pub struct Policy {
     /// other layers retrieved most by their own scores (cross-layer
     /// consensus; 0: each layer by its own scores, the paper's).
     pub consensus: usize,
+    /// Blocks retrieved, instead of `topk`, by the execution blocks that
+    /// read the question and the prompt's last token (which gives the
+    /// answer's first token); 0: `topk`, the paper's. At most
+    /// [`MAX_QUESTION_TOPK`]: those execution blocks attend that many
+    /// blocks at once.
+    pub question_topk: usize,
     /// Storage dtype of memory blocks (the bulk of a long context's memory).
     pub block_dtype: BlockDType,
 }
@@ -360,6 +366,7 @@ impl Policy {
             selection: Selection::PerKvHead,
             neighbours: 0,
             consensus: 0,
+            question_topk: 0,
             block_dtype: BlockDType::Model,
         }
     }
@@ -372,10 +379,20 @@ impl Policy {
             // plus an execution block) and the window of an execution block.
             Positions::Ordered => {
                 self.n_init
-                    + (self.topk + 1) * self.block_size
+                    + (self.topk.max(self.question_topk) + 1) * self.block_size
                     + 2 * self.exc_block_size
                     + self.n_local
             }
+        }
+    }
+
+    /// Blocks an execution block retrieves: `question_topk` (if set) for
+    /// one that reads the question or the prompt's last token, else `topk`.
+    pub fn topk_for(&self, reads_question: bool) -> usize {
+        if reads_question && self.question_topk > 0 {
+            self.question_topk
+        } else {
+            self.topk
         }
     }
 
@@ -427,6 +444,16 @@ impl Policy {
                     "({}) must be less than `topk` ({}): each retrieved block brings that many \
                      neighbours within the `topk` budget",
                     self.neighbours, self.topk
+                ),
+            );
+        }
+        if self.question_topk > MAX_QUESTION_TOPK {
+            return invalid(
+                "question_topk",
+                format!(
+                    "is too large: {} (at most {MAX_QUESTION_TOPK} blocks, attended at once by \
+                     the question's execution blocks)",
+                    self.question_topk
                 ),
             );
         }
@@ -580,3 +607,7 @@ fn invalid(key: &'static str, reason: String) -> Result<()> {
 /// 256K tokens per query, which defeats the purpose); larger `topk` values
 /// are refused rather than silently capped.
 pub const MAX_TOPK: usize = 4096;
+
+/// Largest `question_topk`: 512 blocks of 64 are 32K tokens, whose scores
+/// against a 512-token execution block of SmolLM2's 9 heads take 600 MB.
+pub const MAX_QUESTION_TOPK: usize = 512;

@@ -36,6 +36,8 @@ pub struct RequestOptions {
     pub neighbours: Option<i64>,
     /// Blocks of `topk` taken from those the other layers retrieved most.
     pub consensus: Option<i64>,
+    /// Blocks retrieved by the question's execution blocks.
+    pub question_topk: Option<i64>,
     /// How blocks are ranked (`dot`, `head_softmax`, `token_max`,
     /// `attention_mass`).
     pub scoring: Option<Scoring>,
@@ -85,6 +87,7 @@ impl RequestOptions {
         }
         config.neighbours = size("neighbours", self.neighbours, config.neighbours, 0)?;
         config.consensus = size("consensus", self.consensus, config.consensus, 0)?;
+        config.question_topk = size("question_topk", self.question_topk, config.question_topk, 0)?;
         for (key, text) in [("question", &self.question), ("needle", &self.needle)] {
             if text.as_ref().is_some_and(|t| t.trim().is_empty()) {
                 return Err(Error::InvalidConfig {
@@ -147,8 +150,10 @@ mod tests {
         .apply(&base)
         .unwrap_err();
         assert!(err.to_string().contains("`question` is empty"), "{err}");
-        let voted: RequestOptions = serde_json::from_str(r#"{"consensus": 2}"#).unwrap();
-        assert_eq!(voted.apply(&base).unwrap().consensus, 2);
+        let voted: RequestOptions =
+            serde_json::from_str(r#"{"consensus": 2, "question_topk": 64}"#).unwrap();
+        let voted = voted.apply(&base).unwrap();
+        assert_eq!((voted.consensus, voted.question_topk), (2, 64));
         let err = RequestOptions {
             topk: Some(2),
             consensus: Some(2),

@@ -1,6 +1,7 @@
 //! A debug instrument: for a known span of the prompt (a needle), whether
 //! the memory blocks holding it were retrieved, per layer, at the execution
-//! block that reads the question and at the first decode steps.
+//! block that reads the question, at the prompt's last token (which gives
+//! the answer's first token) and at the first decode steps.
 //!
 //! Blocks are cut at fixed offsets (`n_init + b * block_size`), the same in
 //! every layer, so where the needle lies in blocks is known from its span
@@ -83,6 +84,9 @@ pub fn rank(needle_blocks: &Range<usize>, scores: &[Vec<f32>]) -> Option<usize> 
 #[derive(Debug, Clone, Default)]
 struct LayerTrace {
     at_question: Option<Sight>,
+    /// At the prompt's last token, whose execution block gives the answer's
+    /// first token.
+    at_answer: Option<Sight>,
     rank_at_question: Option<usize>,
     rank_at_first_decode: Option<usize>,
     decode: Vec<Sight>,
@@ -156,6 +160,9 @@ impl NeedleTrace {
             trace.at_question = Some(seen);
             trace.rank_at_question = rank;
         }
+        if positions.contains(&(self.prompt_len.max(1) - 1)) {
+            trace.at_answer = Some(seen);
+        }
         if !self.blocks.is_empty() && blocks > self.blocks.start {
             trace.prefill_chances += 1;
             trace.prefill_whole += usize::from(seen == Sight::Whole);
@@ -186,12 +193,18 @@ impl NeedleTrace {
             layers: self.layers.len(),
             at_question: count(&|l| l.at_question, Sight::Whole),
             at_question_partly: count(&|l| l.at_question, Sight::Part),
+            at_answer: count(&|l| l.at_answer, Sight::Whole),
             at_decode,
             prefill_share,
             per_layer_at_question: self
                 .layers
                 .iter()
                 .map(|l| l.at_question.map_or('?', Sight::symbol))
+                .collect(),
+            per_layer_at_answer: self
+                .layers
+                .iter()
+                .map(|l| l.at_answer.map_or('?', Sight::symbol))
                 .collect(),
             per_layer_first_decode: self
                 .layers
@@ -220,6 +233,10 @@ pub struct NeedleReport {
     pub at_question: usize,
     /// Layers that attended part of it there.
     pub at_question_partly: usize,
+    /// Layers that attended all of it at the prompt's last token, whose
+    /// execution block gives the answer's first token.
+    #[serde(default)]
+    pub at_answer: usize,
     /// Per decode step (the first few): layers that attended all of it.
     pub at_decode: Vec<usize>,
     /// Share of (layer, prefill execution block) pairs after the needle's
@@ -228,7 +245,10 @@ pub struct NeedleReport {
     /// One character per layer at the question: `+` whole, `~` part, `-`
     /// missed, `?` not traced.
     pub per_layer_at_question: String,
-    /// The same at the first decode step.
+    /// The same at the prompt's last token.
+    #[serde(default)]
+    pub per_layer_at_answer: String,
+    /// The same at the first decode step (the answer's second token).
     pub per_layer_first_decode: String,
     /// Per layer, the rank (0 = best) of the needle's best block by the
     /// retrieval score at the question: how far scoring was from picking it.
@@ -282,7 +302,9 @@ mod tests {
                 trace.observe(layer, start..start + 16, retrieved, &[], blocks);
             }
             trace.observe(layer, 96..99, retrieved, &[scores[layer].to_vec()], 9);
-            trace.observe(layer, 99..100, retrieved, &[scores[layer].to_vec()], 9);
+            // The prompt's last token: layer 1 now sees all of the needle.
+            let last: &[usize] = if layer == 1 { &[2, 3] } else { retrieved };
+            trace.observe(layer, 99..100, last, &[scores[layer].to_vec()], 9);
             trace.observe(layer, 100..101, retrieved, &[scores[layer].to_vec()], 9);
         }
         let report = trace.report();
@@ -291,12 +313,15 @@ mod tests {
         assert_eq!(report.at_question, 1);
         assert_eq!(report.at_question_partly, 1);
         assert_eq!(report.per_layer_at_question, "+~-");
+        assert_eq!(report.at_answer, 2);
+        assert_eq!(report.per_layer_at_answer, "++-");
         assert_eq!(report.at_decode, vec![1]);
         assert_eq!(report.per_layer_first_decode, "+~-");
         assert_eq!(report.ranks_at_question, vec![Some(0), Some(1), Some(4)]);
         assert_eq!(report.ranks_at_first_decode, report.ranks_at_question);
-        // Layer 0 saw it whole at every chance, the others never.
+        // Five chances per layer: layer 0 saw it whole at every one, layer 1
+        // at the last, layer 2 never.
         let share = report.prefill_share.unwrap();
-        assert!((share - 1.0 / 3.0).abs() < 1e-9, "{share}");
+        assert!((share - 6.0 / 15.0).abs() < 1e-9, "{share}");
     }
 }

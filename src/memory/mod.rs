@@ -242,8 +242,19 @@ impl LayerMemory {
                 .borrow()
                 .ranking(layer, plan.queries.start, self.blocks.len())
         });
+        // The execution blocks whose queries read the question or give the
+        // answer's first token may retrieve more (`question_topk`).
+        let queries = &plan.queries;
+        let reads_question = args.prompt_len > 0
+            && queries.start < args.prompt_len
+            && (queries.contains(&(args.prompt_len - 1))
+                || args
+                    .question
+                    .as_ref()
+                    .is_some_and(|q| q.start < queries.end && queries.start < q.end));
+        let topk = policy.topk_for(reads_question);
         self.retrieval
-            .retrieve(policy, &self.blocks, &q_global, group, &voted)?;
+            .retrieve(policy, &self.blocks, &q_global, (group, topk), &voted)?;
         if let Some((layer, votes)) = votes {
             votes
                 .borrow_mut()
@@ -543,7 +554,13 @@ mod tests {
         let q_global = random((1, heads, 8, d), 15, 1.0);
         memory
             .retrieval
-            .retrieve(&config, &memory.blocks, &q_global, heads / kv_heads, &[])
+            .retrieve(
+                &config,
+                &memory.blocks,
+                &q_global,
+                (heads / kv_heads, config.topk),
+                &[],
+            )
             .unwrap();
 
         let group = heads / kv_heads;
@@ -672,12 +689,23 @@ mod tests {
         assert!(brought >= 3, "{brought}");
     }
 
+    /// What [`compare_with_reference`] saw.
+    struct Compared {
+        /// Largest difference from the reference.
+        worst: f32,
+        /// Whether retrieval ever left blocks out.
+        selective: bool,
+        /// Whether KV heads ever retrieved different blocks.
+        heads_differ: bool,
+        /// Per call: its first position and the blocks per retrieval list.
+        picked: Vec<(usize, usize)>,
+    }
+
     /// Runs 120 prompt tokens in execution blocks of 8, then 12 decode
     /// steps, through `LayerMemory` and the written-out reference, with
-    /// `topk` 2 of up to 23 blocks; returns the largest difference and
-    /// whether retrieval was selective and whether KV heads ever retrieved
-    /// different blocks.
-    fn compare_with_reference(config: &Policy) -> (f32, bool, bool) {
+    /// `topk` 2 of up to 23 blocks. With `question_topk` set, the prompt is
+    /// 121 tokens (its last one fed alone) and its question at 96..100.
+    fn compare_with_reference(config: &Policy) -> Compared {
         let (heads, kv_heads, d) = (4, 2, 16);
         let rope = RopeTable::new(10000.0, d, 256, true, &Device::Cpu).unwrap();
         let masks = MaskCache::default();
@@ -686,11 +714,12 @@ mod tests {
         let votes = RefCell::new(LayerVotes::default());
         votes.borrow_mut().record(1, 0, &[(3, 0), (9, 1)]);
         votes.borrow_mut().record(2, 0, &[(3, 0)]);
+        let with_question = config.question_topk > 0;
         let args = StepArgs {
             rope: &rope,
             softmax_scale: 0.25,
-            question: None,
-            prompt_len: 0,
+            question: with_question.then_some(96..100),
+            prompt_len: if with_question { 121 } else { 0 },
             masks: &masks,
             votes: Some((0, &votes)),
         };
@@ -701,6 +730,7 @@ mod tests {
         let v_all = random((1, kv_heads, total, d), 3, 1.0);
         let mut memory = LayerMemory::default();
         let (mut worst, mut selective, mut heads_differ) = (0f32, false, false);
+        let mut picked = Vec::new();
         let mut p0 = 0;
         while p0 < total {
             let e = if p0 < 120 { 8 } else { 1 };
@@ -717,6 +747,7 @@ mod tests {
                 )
                 .unwrap();
             let retrieved = memory.retrieval.picks().to_vec();
+            picked.push((p0, retrieved.first().map_or(0, Vec::len)));
             selective |= retrieved
                 .first()
                 .is_some_and(|p| blocks > p.len() && !p.is_empty());
@@ -742,7 +773,12 @@ mod tests {
             masks.clear();
             p0 += e;
         }
-        (worst, selective, heads_differ)
+        Compared {
+            worst,
+            selective,
+            heads_differ,
+            picked,
+        }
     }
 
     fn selective_config(positions: Positions, neighbours: usize) -> Policy {
@@ -781,7 +817,12 @@ mod tests {
                     ..selective_config(positions, neighbours)
                 };
                 let name = format!("{positions} {neighbours} {scoring} {selection} {consensus}");
-                let (diff, selective, heads_differ) = compare_with_reference(&config);
+                let Compared {
+                    worst: diff,
+                    selective,
+                    heads_differ,
+                    ..
+                } = compare_with_reference(&config);
                 assert!(selective, "{name}: every block was retrieved");
                 // Otherwise the per-head gather would go untested.
                 assert_eq!(
@@ -790,6 +831,38 @@ mod tests {
                     "{name}: KV heads retrieved different blocks"
                 );
                 assert!(diff <= 1e-4, "{name}: max abs difference {diff}");
+            }
+        }
+    }
+
+    #[test]
+    fn the_question_and_the_last_prompt_token_retrieve_question_topk_blocks() {
+        for (positions, scoring, selection) in [
+            (
+                Positions::Fixed,
+                Scoring::AttentionMass,
+                Selection::PerKvHead,
+            ),
+            (Positions::Ordered, Scoring::Dot, Selection::Shared),
+        ] {
+            let config = Policy {
+                scoring,
+                selection,
+                question_topk: 5,
+                ..selective_config(positions, 0)
+            };
+            config.validate().unwrap();
+            let compared = compare_with_reference(&config);
+            let name = format!("{positions} {scoring} {selection}");
+            assert!(compared.worst <= 1e-4, "{name}: {}", compared.worst);
+            for &(p0, picked) in &compared.picked {
+                // The call at 96 reads the question, the one at 120 is the
+                // prompt's last token; blocks exist from the first calls on.
+                let want = if p0 == 96 || p0 == 120 { 5 } else { 2 };
+                assert!(picked <= want, "{name}: call at {p0} took {picked}");
+                if p0 >= 32 {
+                    assert_eq!(picked, want, "{name}: call at {p0}");
+                }
             }
         }
     }

@@ -149,22 +149,23 @@ impl Retrieval {
 
     /// Picks the blocks of `store` for the execution block whose queries at
     /// the memory distance are `q_global` (`(1, heads, e, d)` f32), for
-    /// query heads in groups of `group` per KV head. `voted` ranks the
-    /// blocks the other layers retrieved (most votes first); the first
-    /// `consensus` of them join every list.
+    /// query heads in groups of `group` per KV head: `topk` blocks per list
+    /// (the policy's, or its `question_topk`). `voted` ranks the blocks the
+    /// other layers retrieved (most votes first); the first `consensus` of
+    /// them join every list.
     pub fn retrieve(
         &mut self,
         policy: &Policy,
         store: &dyn BlockKeys,
         q_global: &Tensor,
-        group: usize,
+        (group, topk): (usize, usize),
         voted: &[usize],
     ) -> Result<()> {
         self.retrieved.clear();
         self.own.clear();
         self.scores.clear();
         self.picks.clear();
-        if !policy.mode.keeps_blocks() || store.blocks() == 0 || policy.topk == 0 {
+        if !policy.mode.keeps_blocks() || store.blocks() == 0 || topk == 0 {
             return Ok(());
         }
         let per_head = policy.selection == Selection::PerKvHead;
@@ -231,16 +232,16 @@ impl Retrieval {
         let own: Vec<Vec<usize>> = self
             .scores
             .iter()
-            .map(|scores| top_k_with_neighbours(scores, policy.topk, policy.neighbours))
+            .map(|scores| top_k_with_neighbours(scores, topk, policy.neighbours))
             .collect();
         self.own = best_places(&own, &self.scores);
-        let picks = if policy.consensus > 0 && store.blocks() > policy.topk {
+        let picks = if policy.consensus > 0 && store.blocks() > topk && topk == policy.topk {
             votes::with_consensus(
                 &own,
                 voted,
                 policy.consensus,
                 &self.scores,
-                policy.topk,
+                topk,
                 policy.neighbours,
             )
         } else {

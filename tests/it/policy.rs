@@ -31,6 +31,7 @@ fn small_config(mode: Mode) -> Policy {
         selection: qllm::Selection::Shared,
         neighbours: 0,
         consensus: 0,
+        question_topk: 0,
         block_dtype: BlockDType::Model,
     }
 }

@@ -183,9 +183,11 @@ fn qllm_equals_dense_when_the_window_covers_the_sequence() {
             neighbours,
             selection,
             question_rows,
-            // Cross-layer votes on: nothing to vote for while the window
-            // covers the prompt.
+            // Cross-layer votes and the question's wider retrieval on:
+            // nothing to vote for or retrieve while the window covers the
+            // prompt.
             consensus: usize::from(mode == Mode::Qllm),
+            question_topk: 4,
             n_init: 4,
             n_local: 64,
             block_size: 8,
