@@ -107,18 +107,7 @@ impl ConfigFile {
             selection: self.selection.unwrap_or(base.selection),
             neighbours: size("neighbours", self.neighbours, base.neighbours, 0)?,
             consensus: size("consensus", self.consensus, base.consensus, 0)?,
-            // Ordered positions place every attended block inside the RoPE
-            // table, so they keep `topk` at the question unless told.
-            question_topk: size(
-                "question_topk",
-                self.question_topk,
-                if self.positions == Some(Positions::Ordered) {
-                    0
-                } else {
-                    base.question_topk
-                },
-                0,
-            )?,
+            question_topk: size("question_topk", self.question_topk, base.question_topk, 0)?,
             block_dtype: self.block_dtype.unwrap_or(base.block_dtype),
         };
         let engine = EngineSettings {
@@ -365,13 +354,11 @@ mod tests {
             (config.policy.positions, config.policy.neighbours),
             (Positions::Ordered, 1)
         );
-        // 1k preset: 128 sinks + 9 blocks of 64 + 2 x 512 + 512; ordered
-        // positions keep `topk` at the question unless told otherwise.
-        assert_eq!(config.policy.question_topk, 0);
+        // 1k preset: 128 sinks + 9 blocks of 64 + 2 x 512 + 512; more blocks
+        // at the question need more positions.
         assert_eq!(config.policy.positions_needed(), 128 + 9 * 64 + 1024 + 512);
         let wide = parse("positions = \"ordered\"\nquestion_topk = 60").unwrap();
         assert_eq!(wide.policy.positions_needed(), 128 + 61 * 64 + 1024 + 512);
-        assert_eq!(parse("").unwrap().policy.question_topk, 256);
         assert_eq!(Policy::default().positions_needed(), 512 + 512 - 1);
         let config = parse("scoring = \"attention_mass\"\nselection = \"per_kv_head\"").unwrap();
         assert_eq!(

@@ -87,14 +87,7 @@ impl RequestOptions {
         }
         config.neighbours = size("neighbours", self.neighbours, config.neighbours, 0)?;
         config.consensus = size("consensus", self.consensus, config.consensus, 0)?;
-        // As in the config file: ordered positions keep `topk` at the
-        // question unless told.
-        let question_topk = if self.positions == Some(Positions::Ordered) {
-            0
-        } else {
-            config.question_topk
-        };
-        config.question_topk = size("question_topk", self.question_topk, question_topk, 0)?;
+        config.question_topk = size("question_topk", self.question_topk, config.question_topk, 0)?;
         for (key, text) in [("question", &self.question), ("needle", &self.needle)] {
             if text.as_ref().is_some_and(|t| t.trim().is_empty()) {
                 return Err(Error::InvalidConfig {
@@ -161,8 +154,6 @@ mod tests {
             serde_json::from_str(r#"{"consensus": 2, "question_topk": 64}"#).unwrap();
         let voted = voted.apply(&base).unwrap();
         assert_eq!((voted.consensus, voted.question_topk), (2, 64));
-        let ordered: RequestOptions = serde_json::from_str(r#"{"positions": "ordered"}"#).unwrap();
-        assert_eq!(ordered.apply(&base).unwrap().question_topk, 0);
         let err = RequestOptions {
             topk: Some(2),
             consensus: Some(2),

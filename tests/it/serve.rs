@@ -220,11 +220,9 @@ fn serve_extension_question_override_off_switch_and_bad_options() {
     assert_eq!(again["qllm"]["mode"], "infllm");
 }
 
-/// The `fact` task's prompt at 12K tokens with the needle at 50% (a
-/// count: how many goats someone keeps, in Paul Graham's essays, the
-/// question last), built by the evaluation's generator with SmolLM2's
-/// tokenizer. With `question_topk = 0` (the paper's) the default answers
-/// "100 goats" (README, "The 12K facts inside the window").
+/// The `fact` task's prompt at 12K tokens with the needle at 10% (a
+/// village's founding year in Paul Graham's essays, the question last),
+/// built by the evaluation's generator with SmolLM2's tokenizer.
 fn fact_prompt_12k() -> eval::Sample {
     let _lock = engine_lock();
     let mistralrs = runtime().block_on(load_gguf(&assets::smollm2(), ModelDType::F32));
@@ -234,7 +232,7 @@ fn fact_prompt_12k() -> eval::Sample {
     eval::generate(
         Task::Fact,
         12_288,
-        0.5,
+        0.1,
         1,
         Placement::Last,
         &corpus,
@@ -267,8 +265,10 @@ fn serve_answers_a_fact_in_prose_beyond_the_window_with_the_defaults() {
         prompt_tokens > 12_000,
         "{prompt_tokens} tokens, beyond SmolLM2's 8192"
     );
-    // The needle is far outside the 512-token window: only retrieval can
-    // read it.
-    assert!(prompt_tokens - sample.needle_end as u64 > 5_000, "{report}");
+    // The needle is far outside the window: only retrieval can read it.
+    assert!(
+        prompt_tokens - sample.needle_end as u64 > 10_000,
+        "{report}"
+    );
     assert_eq!(report["question_vectors"], "probe", "{report}");
 }
