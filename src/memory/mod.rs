@@ -484,6 +484,22 @@ mod tests {
     use crate::retrieval::scores::attention_mass_scores;
     use crate::retrieval::top_k;
 
+    /// Random keys (seed 12) in which the key of `token` stands out: four
+    /// times the others' size.
+    fn keys_with_planted_token(shape: (usize, usize, usize, usize), token: usize) -> Tensor {
+        let k = random(shape, 12, 1.0);
+        let total = shape.2;
+        Tensor::cat(
+            &[
+                k.narrow(2, 0, token).unwrap(),
+                (k.narrow(2, token, 1).unwrap() * 4.0).unwrap(),
+                k.narrow(2, token + 1, total - token - 1).unwrap(),
+            ],
+            2,
+        )
+        .unwrap()
+    }
+
     #[test]
     fn question_token_rows_add_their_attention_mass_and_find_their_block() {
         // Memory of 25 blocks; one question row per head points at a key of
@@ -513,17 +529,7 @@ mod tests {
         let (total, planted, bs) = (120, 9, config.block_size);
         let token = config.n_init + planted * bs + 1;
         let q_all = random((1, heads, total, d), 11, 1.0);
-        // The planted token's key stands out: four times the others' size.
-        let k_all = random((1, kv_heads, total, d), 12, 1.0);
-        let k_all = Tensor::cat(
-            &[
-                k_all.narrow(2, 0, token).unwrap(),
-                (k_all.narrow(2, token, 1).unwrap() * 4.0).unwrap(),
-                k_all.narrow(2, token + 1, total - token - 1).unwrap(),
-            ],
-            2,
-        )
-        .unwrap();
+        let k_all = keys_with_planted_token((1, kv_heads, total, d), token);
         let v_all = random((1, kv_heads, total, d), 13, 1.0);
         let mut memory = LayerMemory::default();
         for p0 in (0..total).step_by(8) {
@@ -615,16 +621,7 @@ mod tests {
         let votes = RefCell::new(LayerVotes::default());
         let (total, planted) = (120, 9);
         let token = config.n_init + planted * config.block_size + 1;
-        let k0 = random((1, kv_heads, total, d), 12, 1.0);
-        let k0 = Tensor::cat(
-            &[
-                k0.narrow(2, 0, token).unwrap(),
-                (k0.narrow(2, token, 1).unwrap() * 4.0).unwrap(),
-                k0.narrow(2, token + 1, total - token - 1).unwrap(),
-            ],
-            2,
-        )
-        .unwrap();
+        let k0 = keys_with_planted_token((1, kv_heads, total, d), token);
         // Layers 0 and 1 see the planted key, layer 2 noise.
         let inputs = [
             (random((1, heads, total, d), 11, 1.0), k0.clone()),

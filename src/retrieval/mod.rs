@@ -78,8 +78,8 @@ pub struct Retrieval {
     picks: Vec<Vec<usize>>,
     /// Blocks retrieved by some head at the latest execution block.
     retrieved: Vec<usize>,
-    /// Those some head picked by its own scores (before `consensus`), with
-    /// their best place in a list (0 = some head's best).
+    /// With `consensus`, those some head picked by its own scores, with
+    /// their best place in a list (0 = some head's best); empty otherwise.
     own: Vec<(usize, usize)>,
     /// Retrieval score of every block at the latest execution block: one
     /// row, or one per KV head with `per_kv_head` selection.
@@ -100,7 +100,8 @@ impl Retrieval {
 
     /// Blocks some head picked by its own scores at the latest execution
     /// block, ascending, each with its best place in a list (0 = some
-    /// head's best): this layer's vote for the others (`consensus`).
+    /// head's best): this layer's vote for the others. Kept only with
+    /// `consensus`; empty otherwise.
     pub fn own_picks(&self) -> &[(usize, usize)] {
         &self.own
     }
@@ -234,7 +235,10 @@ impl Retrieval {
             .iter()
             .map(|scores| top_k_with_neighbours(scores, topk, policy.neighbours))
             .collect();
-        self.own = best_places(&own, &self.scores);
+        // Only `consensus` reads this layer's vote.
+        if policy.consensus > 0 {
+            self.own = best_places(&own, &self.scores);
+        }
         let picks = if policy.consensus > 0 && store.blocks() > topk && topk == policy.topk {
             votes::with_consensus(
                 &own,
