@@ -4,7 +4,10 @@
 //! size 64), f32, random keys, the `1k` preset, a question of one row per
 //! head (the question vector) or, with `question_rows = "tokens"`, 16.
 //!
-//! `cargo bench --bench decode_step` prints the median of 30 steps per cell.
+//! `cargo bench --bench decode_step` prints the median of 30 steps per cell;
+//! `cargo bench --bench decode_step -- NAME [TOKENS [STEPS]]` runs only the
+//! settings whose name contains `NAME` (one length, more steps), e.g. under
+//! `perf record`, where the steps must outweigh filling the memory.
 
 use std::time::Instant;
 
@@ -16,6 +19,7 @@ use qllm::{Policy, QuestionRows, Scoring, Selection};
 const HEADS: usize = 9;
 const KV_HEADS: usize = 3;
 const D: usize = 64;
+/// Decode steps timed per cell (the median is printed).
 const STEPS: usize = 30;
 
 fn random(shape: (usize, usize, usize, usize), device: &Device) -> Tensor {
@@ -27,7 +31,7 @@ const QUESTION_TOKENS: usize = 16;
 
 /// Fills a memory with `tokens` prompt tokens, then returns the median
 /// seconds of one decode step.
-fn decode_step_seconds(config: &Policy, tokens: usize) -> f64 {
+fn decode_step_seconds(config: &Policy, tokens: usize, steps: usize) -> f64 {
     let device = Device::Cpu;
     let rope = RopeTable::new(100_000.0, D, 2048, true, &device).unwrap();
     let masks = MaskCache::default();
@@ -56,8 +60,8 @@ fn decode_step_seconds(config: &Policy, tokens: usize) -> f64 {
         masks.clear();
         done += e;
     }
-    let mut times = Vec::with_capacity(STEPS);
-    for _ in 0..STEPS {
+    let mut times = Vec::with_capacity(steps);
+    for _ in 0..steps {
         let q = random((1, HEADS, 1, D), &device);
         let k = random((1, KV_HEADS, 1, D), &device);
         let v = random((1, KV_HEADS, 1, D), &device);
@@ -66,7 +70,7 @@ fn decode_step_seconds(config: &Policy, tokens: usize) -> f64 {
         times.push(start.elapsed().as_secs_f64());
     }
     times.sort_by(f64::total_cmp);
-    times[STEPS / 2]
+    times[steps / 2]
 }
 
 fn main() {
@@ -99,18 +103,44 @@ fn main() {
             Mean,
         ),
     ];
-    println!("| setting | 1K tokens | 16K tokens | 64K tokens |");
-    println!("|---|---|---|---|");
+    // `cargo bench` passes `--bench` to a harness-less bench: skip flags.
+    let mut args = std::env::args().skip(1).filter(|a| !a.starts_with("--"));
+    let only = args.next();
+    let lengths: Vec<usize> = match args.next() {
+        Some(tokens) => vec![tokens.parse().expect("TOKENS: a number of tokens")],
+        None => vec![1024, 16_384, 65_536],
+    };
+    let steps = args
+        .next()
+        .map_or(STEPS, |s| s.parse().expect("STEPS: a number of steps"));
+    let header: Vec<String> = lengths
+        .iter()
+        .map(|t| format!("{}K tokens", t / 1024))
+        .collect();
+    println!("| setting | {} |", header.join(" | "));
+    println!("|---{}|", "|---".repeat(lengths.len()));
     for (name, scoring, selection, question_rows) in settings {
+        if only
+            .as_ref()
+            .is_some_and(|only| !name.contains(only.as_str()))
+        {
+            continue;
+        }
         let config = Policy {
             scoring,
             selection,
             question_rows,
             ..Policy::default()
         };
-        let cells: Vec<String> = [1024, 16_384, 65_536]
-            .into_iter()
-            .map(|tokens| format!("{:.2} ms", decode_step_seconds(&config, tokens) * 1e3))
+        let cells: Vec<String> = lengths
+            .iter()
+            .copied()
+            .map(|tokens| {
+                format!(
+                    "{:.2} ms",
+                    decode_step_seconds(&config, tokens, steps) * 1e3
+                )
+            })
             .collect();
         println!("| {name} | {} |", cells.join(" | "));
     }

@@ -12,7 +12,7 @@ use candle_core::{Result, Tensor};
 
 pub use dense::causal_attention;
 pub use mask::{CausalMasks, MaskCache};
-pub use rope::{positions, rotate_f32, RopeTable, Rotary};
+pub use rope::{positions, rotate_f32, rotate_f32_fractional, RopeTable, Rotary};
 
 /// Grouped-query softmax attention over keys given in parts, all f32.
 ///

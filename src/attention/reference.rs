@@ -4,7 +4,7 @@
 
 use candle_core::{DType, Device, Tensor};
 
-use super::rope::{rotate_slow, Rotary};
+use super::rope::{rotate_slow, rotate_slow_fractional, Rotary};
 use crate::config::{Policy, Positions};
 
 /// What a layer's memory held when an execution block was read.
@@ -42,8 +42,9 @@ impl MemoryState<'static> {
 /// when `pos - j < n_local` (the window, at window positions), or `j` is
 /// a sink, in a block `g` retrieved, or not yet in any block. Memory
 /// keys sit at distance `n_local - 1` (`Fixed`) or at their rank among
-/// the execution block's memory keys of `g` (`Ordered`), with the window
-/// right after them.
+/// the execution block's memory keys of `g` (`Ordered`; `Interpolated`
+/// spreads the ranks evenly over the table's room beside the window where
+/// they need more), with the window right after them.
 pub fn reference_attention(
     config: &Policy,
     rope: &dyn Rotary,
@@ -84,9 +85,15 @@ pub fn reference_attention(
         })
         .collect();
     let local_start = recent_start.max((p0 + 1).saturating_sub(n_local));
+    // Interpolated: memory keys over the positions the table leaves beside
+    // the window (`end - local_start` keys), where their ranks need more.
+    let room = rope.max_positions() - (end - local_start);
+    let n_memory = memory[0].len();
+    let squeezed = config.positions == Positions::Interpolated && n_memory > room;
     let base = match config.positions {
         Positions::Fixed => 0,
-        Positions::Ordered => memory[0].len(),
+        Positions::Ordered => n_memory,
+        Positions::Interpolated => n_memory.min(room),
     };
     let n = keys.dim(2).unwrap();
     let raw = rows(keys);
@@ -100,12 +107,19 @@ pub fn reference_attention(
     );
     let k_ranked: Vec<Vec<Vec<f32>>> = (0..kv_heads)
         .map(|g| {
-            key_at(
-                (0..n)
-                    .map(|j| memory[g].iter().position(|&m| m == j).unwrap_or(0))
-                    .collect(),
-            )
-            .swap_remove(g)
+            let rank: Vec<usize> = (0..n)
+                .map(|j| memory[g].iter().position(|&m| m == j).unwrap_or(0))
+                .collect();
+            if squeezed {
+                #[allow(clippy::cast_precision_loss)]
+                let at: Vec<f32> = rank
+                    .iter()
+                    .map(|&r| r as f32 * room as f32 / n_memory as f32)
+                    .collect();
+                rows(&rotate_slow_fractional(rope, keys, &at).unwrap()).swap_remove(g)
+            } else {
+                key_at(rank).swap_remove(g)
+            }
         })
         .collect();
     let window_at: Vec<usize> = (p0..end).map(|p| base + p - local_start).collect();
@@ -123,7 +137,9 @@ pub fn reference_attention(
                 } else if in_memory(g, j) {
                     match config.positions {
                         Positions::Fixed => dot_slow(&q_far[h][i], &raw[g][j]),
-                        Positions::Ordered => dot_slow(&q_window[h][i], &k_ranked[g][j]),
+                        Positions::Ordered | Positions::Interpolated => {
+                            dot_slow(&q_window[h][i], &k_ranked[g][j])
+                        }
                     }
                 } else {
                     continue;

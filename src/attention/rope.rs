@@ -104,6 +104,86 @@ pub fn rotate_slow(rope: &dyn Rotary, x: &Tensor, positions: &[usize]) -> Result
     Tensor::from_vec(out, (b, h, t, d), x.device())
 }
 
+/// `x` (`(b, h, t, d)`) rotated as if its `t` rows sat at the fractional
+/// positions `at` (each below the table's last position; f32 result):
+/// table row `floor(p)` turned on by the fraction of each dimension's
+/// angle step (read off table rows 0 and 1), so whole positions rotate
+/// exactly as the table does. Squeezes memory keys into the positions a
+/// model's table covers (`positions = "interpolated"`).
+pub fn rotate_f32_fractional(rope: &dyn Rotary, x: &Tensor, at: &[f32]) -> Result<Tensor> {
+    let device = x.device();
+    let (cos, sin) = rope.cos_sin()?;
+    let half = cos.dim(1)?;
+    let steps = angle_steps(&cos, &sin)?;
+    #[allow(clippy::cast_possible_truncation, clippy::cast_sign_loss)] // `at` is non-negative
+    let whole: Vec<usize> = at.iter().map(|&p| p.floor() as usize).collect();
+    let (mut turn_cos, mut turn_sin) = (Vec::with_capacity(at.len() * half), Vec::new());
+    turn_sin.reserve(at.len() * half);
+    for (&p, &n) in at.iter().zip(&whole) {
+        #[allow(clippy::cast_precision_loss)]
+        let fraction = p - n as f32;
+        for &step in &steps {
+            let (s, c) = (fraction * step).sin_cos();
+            turn_cos.push(c);
+            turn_sin.push(s);
+        }
+    }
+    let turn_cos = Tensor::from_vec(turn_cos, (at.len(), half), device)?;
+    let turn_sin = Tensor::from_vec(turn_sin, (at.len(), half), device)?;
+    let rows = positions(whole.into_iter(), device)?;
+    let cos_n = cos.index_select(&rows, 0)?.to_dtype(DType::F32)?;
+    let sin_n = sin.index_select(&rows, 0)?.to_dtype(DType::F32)?;
+    // cos(a + b) and sin(a + b), with `a` the whole position's angle.
+    let cos = ((&cos_n * &turn_cos)? - (&sin_n * &turn_sin)?)?;
+    let sin = ((&sin_n * &turn_cos)? + (&cos_n * &turn_sin)?)?;
+    let x = x.to_dtype(DType::F32)?.contiguous()?;
+    if rope.is_neox() {
+        candle_nn::rotary_emb::rope(&x, &cos, &sin)
+    } else {
+        candle_nn::rotary_emb::rope_i(&x, &cos, &sin)
+    }
+}
+
+/// Each dimension's angle per position, read off table rows 0 and 1.
+fn angle_steps(cos: &Tensor, sin: &Tensor) -> Result<Vec<f32>> {
+    let cos1 = cos.get(1)?.to_dtype(DType::F32)?.to_vec1::<f32>()?;
+    let sin1 = sin.get(1)?.to_dtype(DType::F32)?.to_vec1::<f32>()?;
+    Ok(sin1.iter().zip(&cos1).map(|(s, c)| s.atan2(*c)).collect())
+}
+
+/// [`rotate_f32_fractional`] written out: each pair of dimensions turned by
+/// `p` times its angle step, at the table's magnitude (row 0), computed
+/// directly in f64.
+pub fn rotate_slow_fractional(rope: &dyn Rotary, x: &Tensor, at: &[f32]) -> Result<Tensor> {
+    let (b, h, t, d) = x.dims4()?;
+    let (cos, sin) = rope.cos_sin()?;
+    let cos = cos.to_dtype(DType::F32)?.to_vec2::<f32>()?;
+    let sin = sin.to_dtype(DType::F32)?.to_vec2::<f32>()?;
+    let data = x.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
+    let mut out = data.clone();
+    for row in 0..b * h {
+        for (i, &p) in at.iter().enumerate().take(t) {
+            let at = (row * t + i) * d;
+            for j in 0..d / 2 {
+                let step = f64::from(sin[1][j]).atan2(f64::from(cos[1][j]));
+                let angle = f64::from(p) * step;
+                let scale = f64::from(cos[0][j]);
+                #[allow(clippy::cast_possible_truncation)]
+                let (c, s) = ((scale * angle.cos()) as f32, (scale * angle.sin()) as f32);
+                let (a, e) = if rope.is_neox() {
+                    (at + j, at + j + d / 2)
+                } else {
+                    (at + 2 * j, at + 2 * j + 1)
+                };
+                let (x0, x1) = (data[a], data[e]);
+                out[a] = x0 * c - x1 * s;
+                out[e] = x0 * s + x1 * c;
+            }
+        }
+    }
+    Tensor::from_vec(out, (b, h, t, d), x.device())
+}
+
 /// A `u32` position tensor from `values`.
 pub fn positions(values: impl Iterator<Item = usize>, device: &Device) -> Result<Tensor> {
     let values = values
@@ -134,5 +214,24 @@ mod tests {
         let rope = RopeTable::new(10000.0, 8, 32, true, &Device::Cpu).unwrap();
         let same = rotate_slow(&rope, &x, &[0; 5]).unwrap();
         assert!(tensor_max_abs_diff(&same, &x) < 1e-7);
+    }
+
+    #[test]
+    fn fractional_rotation_matches_the_direct_angle_and_the_table_at_whole_positions() {
+        let x = random((1, 2, 5, 8), 4, 1.0);
+        let at = [0.0, 6.5, 3.25, 29.9, 12.0];
+        for neox in [true, false] {
+            let rope = RopeTable::new(10000.0, 8, 32, neox, &Device::Cpu).unwrap();
+            let fast = rotate_f32_fractional(&rope, &x, &at).unwrap();
+            let slow = rotate_slow_fractional(&rope, &x, &at).unwrap();
+            let diff = tensor_max_abs_diff(&fast, &slow);
+            assert!(diff < 1e-5, "neox {neox}: {diff}");
+            let table = rotate_slow(&rope, &x, &[0, 7, 3, 30, 12]).unwrap();
+            let fast = rotate_f32_fractional(&rope, &x, &[0.0, 7.0, 3.0, 30.0, 12.0]).unwrap();
+            assert!(tensor_max_abs_diff(&fast, &table) < 1e-5, "neox {neox}");
+            // Half a step apart is not the whole position: the fraction is used.
+            let half_off = rotate_f32_fractional(&rope, &x, &[0.5, 7.5, 3.5, 30.5, 12.5]);
+            assert!(tensor_max_abs_diff(&half_off.unwrap(), &table) > 1e-3);
+        }
     }
 }

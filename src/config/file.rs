@@ -360,6 +360,16 @@ mod tests {
         let wide = parse("positions = \"ordered\"\nquestion_topk = 60").unwrap();
         assert_eq!(wide.policy.positions_needed(), 128 + 61 * 64 + 1024 + 512);
         assert_eq!(Policy::default().positions_needed(), 512 + 512 - 1);
+        // Interpolated: the window and a block's room beside it, whatever
+        // `question_topk` is (memory keys are squeezed into what is left).
+        let squeezed = parse("positions = \"interpolated\"\nquestion_topk = 256").unwrap();
+        assert_eq!(
+            (
+                squeezed.policy.positions,
+                squeezed.policy.positions_needed()
+            ),
+            (Positions::Interpolated, 512 + 512 + 128 + 64)
+        );
         let config = parse("scoring = \"attention_mass\"\nselection = \"per_kv_head\"").unwrap();
         assert_eq!(
             (config.policy.scoring, config.policy.selection),

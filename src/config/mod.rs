@@ -225,6 +225,13 @@ pub enum Positions {
     /// Still within `n_init + (topk + 1) * block_size + 2 * exc_block_size +
     /// n_local` positions.
     Ordered,
+    /// `Ordered`, except that an execution block whose memory keys need
+    /// more positions than the model's RoPE table leaves beside the window
+    /// has them squeezed into that room, evenly, at fractional positions
+    /// (position interpolation, for the memory only; the window stays
+    /// exact). With `question_topk` it reads the question with many blocks
+    /// in document order beyond the table.
+    Interpolated,
 }
 
 impl FromStr for Positions {
@@ -239,6 +246,7 @@ impl std::fmt::Display for Positions {
         f.write_str(match self {
             Positions::Fixed => "fixed",
             Positions::Ordered => "ordered",
+            Positions::Interpolated => "interpolated",
         })
     }
 }
@@ -385,6 +393,11 @@ impl Policy {
                     + (self.topk.max(self.question_topk) + 1) * self.block_size
                     + 2 * self.exc_block_size
                     + self.n_local
+            }
+            // The window of an execution block, and room for the sinks and
+            // one block at whole positions.
+            Positions::Interpolated => {
+                self.n_local + self.exc_block_size + self.n_init + self.block_size
             }
         }
     }

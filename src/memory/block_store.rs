@@ -1,6 +1,6 @@
 //! The memory blocks of one layer: tensors only, no bookkeeping.
 
-use candle_core::{DType, Result, Tensor};
+use candle_core::{Result, Tensor};
 
 use crate::retrieval::BlockKeys;
 
@@ -58,9 +58,9 @@ impl BlockStore {
         Ok((ks.narrow(2, at, block_size)?, vs.narrow(2, at, block_size)?))
     }
 
-    /// Keys of blocks `from..self.len()` as f32, one `(kv_heads, tokens, d)`
-    /// piece per slab they fall in, in block order.
-    fn slab_keys_f32(&self, from: usize) -> Result<Vec<Tensor>> {
+    /// Keys of blocks `from..self.len()` in the storage dtype, one
+    /// `(kv_heads, tokens, d)` view per slab they fall in, in block order.
+    fn slab_keys(&self, from: usize) -> Result<Vec<Tensor>> {
         let mut pieces = Vec::new();
         for (i, (keys, _)) in self.slabs.iter().enumerate().skip(from / SLAB_BLOCKS) {
             let block_size = keys.dim(2)? / SLAB_BLOCKS;
@@ -71,8 +71,7 @@ impl BlockStore {
             }
             pieces.push(
                 keys.narrow(2, first * block_size, (filled - first) * block_size)?
-                    .squeeze(0)?
-                    .to_dtype(DType::F32)?,
+                    .squeeze(0)?,
             );
         }
         Ok(pieces)
@@ -91,7 +90,7 @@ impl BlockKeys for BlockStore {
     fn blocks(&self) -> usize {
         self.len
     }
-    fn keys_f32(&self, from: usize) -> Result<Vec<Tensor>> {
-        self.slab_keys_f32(from)
+    fn key_slabs(&self, from: usize) -> Result<Vec<Tensor>> {
+        self.slab_keys(from)
     }
 }

@@ -15,7 +15,8 @@
 //! fixed` (the paper's) all at one distance `n_local - 1` (the query is
 //! rotated once to position `n_local - 1`, the keys stay unrotated); with
 //! `ordered` at consecutive positions in document order, the window right
-//! after them. Every past token is attended at most once.
+//! after them; with `interpolated` likewise, squeezed evenly into the
+//! table's room where they would need more positions. Every past token is attended at most once.
 //! [`LayerMemory::append`] cuts a call into execution blocks.
 
 pub mod block_store;
@@ -34,7 +35,9 @@ pub use kv_buffer::KvBuffer;
 pub use ledger::{Eviction, Ledger, ReadPlan};
 
 use crate::attention::mask::MaskGeometry;
-use crate::attention::{grouped_attention, positions, rotate_f32, MaskCache, Rotary};
+use crate::attention::{
+    grouped_attention, positions, rotate_f32, rotate_f32_fractional, MaskCache, Rotary,
+};
 use crate::config::{Mode, Policy, Positions};
 use crate::retrieval::{LayerVotes, Retrieval};
 
@@ -320,9 +323,14 @@ impl LayerMemory {
         // queries at their place in it; memory keys unrotated and queries at
         // `n_local - 1`, so every memory token sits at that distance.
         // Ordered: memory keys at `0..n_global`, the window right after them.
+        // Interpolated: the same, or, where the table leaves less room beside
+        // the window, memory keys evenly over `0..room`.
+        let room = args.rope.max_positions().saturating_sub(local_len);
+        let squeeze = policy.positions == Positions::Interpolated && n_global > room;
         let window_base = match policy.positions {
             Positions::Fixed => 0,
             Positions::Ordered => n_global,
+            Positions::Interpolated => n_global.min(room),
         };
         let k_local = rotate_f32(
             args.rope,
@@ -338,7 +346,7 @@ impl LayerMemory {
         )?;
         let q_memory = match policy.positions {
             Positions::Fixed => &q_global,
-            Positions::Ordered => &q_local,
+            Positions::Ordered | Positions::Interpolated => &q_local,
         }
         .reshape((kv_heads, group * e, d))?;
         let q_local = q_local.reshape((kv_heads, group * e, d))?;
@@ -361,7 +369,13 @@ impl LayerMemory {
         let v_local = v_local.to_dtype(DType::F32)?;
         let (k_global, values) = if n_global > 0 {
             let mut k_global = Tensor::cat(&global_k, 2)?;
-            if policy.positions == Positions::Ordered {
+            if squeeze {
+                #[allow(clippy::cast_precision_loss)] // positions of a RoPE table
+                let step = room as f32 / n_global as f32;
+                #[allow(clippy::cast_precision_loss)]
+                let at: Vec<f32> = (0..n_global).map(|i| i as f32 * step).collect();
+                k_global = rotate_f32_fractional(args.rope, &k_global, &at)?;
+            } else if policy.positions != Positions::Fixed {
                 k_global = rotate_f32(args.rope, &k_global, &positions(0..n_global, device)?)?;
             }
             global_v.push(v_local);
@@ -696,6 +710,8 @@ mod tests {
         heads_differ: bool,
         /// Per call: its first position and the blocks per retrieval list.
         picked: Vec<(usize, usize)>,
+        /// Every call's output, one after another.
+        outputs: Vec<f32>,
     }
 
     /// Runs 120 prompt tokens in execution blocks of 8, then 12 decode
@@ -703,8 +719,13 @@ mod tests {
     /// `topk` 2 of up to 23 blocks. With `question_topk` set, the prompt is
     /// 121 tokens (its last one fed alone) and its question at 96..100.
     fn compare_with_reference(config: &Policy) -> Compared {
+        compare_with_reference_in_table(config, 256)
+    }
+
+    /// [`compare_with_reference`] with a RoPE table of `table` positions.
+    fn compare_with_reference_in_table(config: &Policy, table: usize) -> Compared {
         let (heads, kv_heads, d) = (4, 2, 16);
-        let rope = RopeTable::new(10000.0, d, 256, true, &Device::Cpu).unwrap();
+        let rope = RopeTable::new(10000.0, d, table, true, &Device::Cpu).unwrap();
         let masks = MaskCache::default();
         // Votes of another layer, so `consensus` brings blocks this layer's
         // own scores did not pick: block 3, then 9.
@@ -727,7 +748,7 @@ mod tests {
         let v_all = random((1, kv_heads, total, d), 3, 1.0);
         let mut memory = LayerMemory::default();
         let (mut worst, mut selective, mut heads_differ) = (0f32, false, false);
-        let mut picked = Vec::new();
+        let (mut picked, mut outputs) = (Vec::new(), Vec::new());
         let mut p0 = 0;
         while p0 < total {
             let e = if p0 < 120 { 8 } else { 1 };
@@ -767,6 +788,7 @@ mod tests {
             for (a, b) in got.iter().zip(&expected) {
                 worst = worst.max((a - b).abs());
             }
+            outputs.extend(got);
             masks.clear();
             p0 += e;
         }
@@ -775,6 +797,7 @@ mod tests {
             selective,
             heads_differ,
             picked,
+            outputs,
         }
     }
 
@@ -829,6 +852,39 @@ mod tests {
                 );
                 assert!(diff <= 1e-4, "{name}: max abs difference {diff}");
             }
+        }
+    }
+
+    #[test]
+    fn interpolated_positions_squeeze_memory_into_a_small_table_as_the_reference_does() {
+        // `question_topk` 5 of blocks of 4 with 4 sinks: the question's
+        // execution blocks hold about 28 memory keys beside a window of up
+        // to 24, more than a table of 40 leaves, so their keys are squeezed;
+        // in a table of 256 nothing is, and the result is `ordered`'s.
+        for (scoring, selection) in [
+            (Scoring::AttentionMass, Selection::PerKvHead),
+            (Scoring::Dot, Selection::Shared),
+        ] {
+            let config = |positions| Policy {
+                scoring,
+                selection,
+                question_topk: 5,
+                ..selective_config(positions, 0)
+            };
+            let interpolated = config(Positions::Interpolated);
+            interpolated.validate().unwrap();
+            let name = format!("{scoring} {selection}");
+            let small = compare_with_reference_in_table(&interpolated, 40);
+            assert!(small.worst <= 1e-4, "{name}: {}", small.worst);
+            let wide = compare_with_reference(&interpolated);
+            let ordered = compare_with_reference(&config(Positions::Ordered));
+            assert_eq!(wide.outputs, ordered.outputs, "{name}");
+            let moved = small
+                .outputs
+                .iter()
+                .zip(&wide.outputs)
+                .fold(0f32, |m, (a, b)| m.max((a - b).abs()));
+            assert!(moved > 1e-3, "{name}: nothing was squeezed ({moved})");
         }
     }
 

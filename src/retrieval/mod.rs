@@ -3,6 +3,7 @@
 //! `qllm` mode) by the rule `scoring` names, then the `topk` best are picked
 //! for all heads together or per KV head (`selection`).
 
+mod mass;
 pub mod question;
 pub mod representative;
 pub mod scores;
@@ -26,9 +27,17 @@ pub use votes::LayerVotes;
 pub trait BlockKeys {
     /// Blocks held.
     fn blocks(&self) -> usize;
+    /// Keys of blocks `from..` in their storage dtype, as `(kv_heads,
+    /// tokens, d)` pieces (views, not copies) in block order.
+    fn key_slabs(&self, from: usize) -> Result<Vec<Tensor>>;
     /// Keys of blocks `from..`, as f32 `(kv_heads, tokens, d)` pieces in
     /// block order.
-    fn keys_f32(&self, from: usize) -> Result<Vec<Tensor>>;
+    fn keys_f32(&self, from: usize) -> Result<Vec<Tensor>> {
+        self.key_slabs(from)?
+            .iter()
+            .map(|keys| keys.to_dtype(candle_core::DType::F32))
+            .collect()
+    }
 }
 
 /// Blocks for tests: keys only, in pieces of 16 blocks as the store keeps
@@ -53,13 +62,13 @@ impl BlockKeys for TestBlocks {
     fn blocks(&self) -> usize {
         self.keys.len()
     }
-    fn keys_f32(&self, from: usize) -> Result<Vec<Tensor>> {
+    fn key_slabs(&self, from: usize) -> Result<Vec<Tensor>> {
         let mut pieces = Vec::new();
         let mut start = from;
         while start < self.keys.len() {
             let end = ((start / 16 + 1) * 16).min(self.keys.len());
             let piece = Tensor::cat(&self.keys[start..end], 2)?;
-            pieces.push(piece.squeeze(0)?.to_dtype(candle_core::DType::F32)?);
+            pieces.push(piece.squeeze(0)?);
             start = end;
         }
         Ok(pieces)

@@ -6,6 +6,7 @@ use std::ops::Range;
 
 use candle_core::{Device, Result, Tensor};
 
+use super::mass::{block_partials, combine_partials};
 use super::representative::{head_means, most_attended_rows};
 use super::BlockKeys;
 use crate::config::{Policy, QuestionRows, MAX_QUESTION_ROWS};
@@ -50,28 +51,14 @@ impl QuestionMass {
         scale: f32,
     ) -> Result<()> {
         let (kv_heads, rows, _) = self.rows.dims3()?;
-        for keys in store.keys_f32(self.blocks)? {
-            let tokens = keys.dim(1)?;
-            let logits = self
-                .rows
-                .matmul(&keys.t()?)?
-                .flatten_all()?
-                .to_vec1::<f32>()?;
-            let blocks = tokens / block_size;
-            let first = self.partials.len();
-            self.partials
-                .resize(first + blocks * kv_heads * rows * 2, 0.0);
-            for (row, logits) in logits.chunks_exact(tokens).enumerate() {
-                for (b, block) in logits.chunks_exact(block_size).enumerate() {
-                    let max = block.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-                    let sum: f32 = block.iter().map(|x| ((x - max) * scale).exp()).sum();
-                    let at = first + (b * kv_heads * rows + row) * 2;
-                    self.partials[at] = max;
-                    self.partials[at + 1] = sum;
-                }
-            }
-            self.blocks += blocks;
-        }
+        let partials = block_partials(
+            &store.key_slabs(self.blocks)?,
+            block_size,
+            &self.rows,
+            scale,
+        )?;
+        self.partials.extend_from_slice(&partials);
+        self.blocks += partials.len() / (kv_heads * rows * 2);
         Ok(())
     }
 
@@ -80,33 +67,12 @@ impl QuestionMass {
     /// `row_weight`, summed over the KV head's rows.
     pub(crate) fn scores(&self, row_weight: f32, scale: f32) -> Result<Vec<Vec<f32>>> {
         let (kv_heads, rows, _) = self.rows.dims3()?;
-        let stride = kv_heads * rows * 2;
-        let mut scores = vec![vec![0f32; self.blocks]; kv_heads];
-        for (g, head_scores) in scores.iter_mut().enumerate() {
-            for r in 0..rows {
-                let at = (g * rows + r) * 2;
-                let partial = |b: usize| {
-                    (
-                        self.partials[b * stride + at],
-                        self.partials[b * stride + at + 1],
-                    )
-                };
-                let max = (0..self.blocks)
-                    .map(|b| partial(b).0)
-                    .fold(f32::NEG_INFINITY, f32::max);
-                let masses: Vec<f32> = (0..self.blocks)
-                    .map(|b| {
-                        let (m, sum) = partial(b);
-                        sum * ((m - max) * scale).exp()
-                    })
-                    .collect();
-                let weight = row_weight / masses.iter().sum::<f32>();
-                for (s, mass) in head_scores.iter_mut().zip(&masses) {
-                    *s += weight * mass;
-                }
-            }
-        }
-        Ok(scores)
+        Ok(combine_partials(
+            &self.partials,
+            (kv_heads, rows),
+            &[row_weight],
+            scale,
+        ))
     }
 
     pub(crate) fn bytes(&self) -> usize {

@@ -115,45 +115,13 @@ pub fn attention_mass_scores(
     scale: f32,
 ) -> Result<Vec<Vec<f32>>> {
     let (kv_heads, m, _) = q.dims3()?;
-    // Per slab, `(kv_heads, m, slab tokens)` logits on the host; the
-    // softmax and the sums run in one pass over them (as tensor ops they
-    // took six full-size temporaries per layer and step).
-    let slabs = store
-        .keys_f32(0)?
-        .iter()
-        .map(|keys| q.matmul(&keys.t()?)?.flatten_all()?.to_vec1::<f32>())
-        .collect::<Result<Vec<Vec<f32>>>>()?;
-    let blocks = store.blocks();
-    let mut scores = vec![vec![0f32; blocks]; kv_heads];
-    let mut row_blocks = vec![0f32; blocks];
-    let row = |slab: &[f32], at: usize| -> std::ops::Range<usize> {
-        let n = slab.len() / (kv_heads * m);
-        at * n..(at + 1) * n
-    };
-    for (g, head_scores) in scores.iter_mut().enumerate() {
-        for r in 0..m {
-            let at = g * m + r;
-            let max = slabs
-                .iter()
-                .flat_map(|slab| slab[row(slab, at)].iter().copied())
-                .fold(f32::NEG_INFINITY, f32::max);
-            let mut total = 0f32;
-            let mut b = 0;
-            for slab in &slabs {
-                for block in slab[row(slab, at)].chunks_exact(block_size) {
-                    let mass: f32 = block.iter().map(|x| ((x - max) * scale).exp()).sum();
-                    row_blocks[b] = mass;
-                    total += mass;
-                    b += 1;
-                }
-            }
-            let weight = weights[r % weights.len()] / total;
-            for (s, mass) in head_scores.iter_mut().zip(&row_blocks) {
-                *s += weight * mass;
-            }
-        }
-    }
-    Ok(scores)
+    let partials = super::mass::block_partials(&store.key_slabs(0)?, block_size, q, scale)?;
+    Ok(super::mass::combine_partials(
+        &partials,
+        (kv_heads, m),
+        weights,
+        scale,
+    ))
 }
 
 #[cfg(test)]

@@ -160,6 +160,14 @@ fn qllm_equals_dense_when_the_window_covers_the_sequence() {
         ),
         (
             Mode::Qllm,
+            Positions::Interpolated,
+            Scoring::AttentionMass,
+            0,
+            Selection::PerKvHead,
+            QuestionRows::Mean,
+        ),
+        (
+            Mode::Qllm,
             Positions::Fixed,
             Scoring::AttentionMass,
             1,

@@ -1,0 +1,389 @@
+//! Attention-mass partials: for each block, KV head and query row, the
+//! largest logit `m` over the block's tokens and
+//! `s = sum exp(scale * (logit - m))`. Partials of any set of blocks combine into each row's softmax
+//! over all their keys without reading a key again, so `attention_mass`
+//! scores and the question's cached share are both built from them.
+//!
+//! [`block_partials`] reads the keys where they lie on the CPU, in their
+//! storage dtype, one task per slab and KV head; [`block_partials_by_tensors`]
+//! is the same computation as tensor ops (any device, and the reference the
+//! CPU kernel is tested against).
+
+use candle_core::{CpuStorage, DType, Result, Storage, Tensor};
+use half::{bf16, f16};
+use rayon::prelude::*;
+
+/// Largest head size the CPU kernel handles (a key row is converted into a
+/// stack buffer of this many values).
+const MAX_HEAD_SIZE: usize = 512;
+
+/// Partials of the blocks in `slabs` (`(kv_heads, tokens, d)` keys each,
+/// whole blocks of `block_size`, in block order) against `rows` (`(kv_heads,
+/// m, d)` f32: each KV head's query rows): per block, KV head and row, `[m,
+/// s]`, laid out `[block][kv_head][row][2]`.
+pub(crate) fn block_partials(
+    slabs: &[Tensor],
+    block_size: usize,
+    rows: &Tensor,
+    scale: f32,
+) -> Result<Vec<f32>> {
+    match host_block_partials(slabs, block_size, rows, scale)? {
+        Some(partials) => Ok(partials),
+        None => block_partials_by_tensors(slabs, block_size, rows, scale),
+    }
+}
+
+/// [`block_partials`] by the CPU kernel, or `None` where it does not apply:
+/// tensors on another device, another dtype, or rows not laid out as the
+/// block store lays them out.
+fn host_block_partials(
+    slabs: &[Tensor],
+    block_size: usize,
+    rows: &Tensor,
+    scale: f32,
+) -> Result<Option<Vec<f32>>> {
+    let (_, _, d) = rows.dims3()?;
+    let on_cpu = rows.device().is_cpu() && slabs.iter().all(|s| s.device().is_cpu());
+    if !on_cpu || d > MAX_HEAD_SIZE {
+        return Ok(None);
+    }
+    let guards: Vec<_> = slabs.iter().map(Tensor::storage_and_layout).collect();
+    let mut views = Vec::with_capacity(slabs.len());
+    for (slab, (storage, layout)) in slabs.iter().zip(&guards) {
+        let (kv_heads, tokens, dim) = slab.dims3()?;
+        let stride = layout.stride();
+        let keys = match &**storage {
+            Storage::Cpu(CpuStorage::F32(v)) => Keys::F32(v),
+            Storage::Cpu(CpuStorage::BF16(v)) => Keys::Bf16(v),
+            Storage::Cpu(CpuStorage::F16(v)) => Keys::F16(v),
+            _ => return Ok(None),
+        };
+        // Each head's rows must be consecutive: the block store's slabs are.
+        if dim != d || stride[1] != d || stride[2] != 1 {
+            return Ok(None);
+        }
+        views.push(SlabView {
+            keys,
+            start: layout.start_offset(),
+            head_stride: stride[0],
+            kv_heads,
+            tokens,
+        });
+    }
+    let rows = rows.contiguous()?.flatten_all()?.to_vec1::<f32>()?;
+    Ok(Some(host_partials(&views, block_size, &rows, d, scale)))
+}
+
+/// [`block_partials`] as tensor ops: the logits of each slab as one matrix
+/// product, the maxima and sums on the host.
+pub(crate) fn block_partials_by_tensors(
+    slabs: &[Tensor],
+    block_size: usize,
+    rows: &Tensor,
+    scale: f32,
+) -> Result<Vec<f32>> {
+    let (kv_heads, m, _) = rows.dims3()?;
+    let mut partials = Vec::new();
+    for keys in slabs {
+        let tokens = keys.dim(1)?;
+        let logits = rows
+            .matmul(&keys.to_dtype(DType::F32)?.t()?)?
+            .flatten_all()?
+            .to_vec1::<f32>()?;
+        let blocks = tokens / block_size;
+        let first = partials.len();
+        partials.resize(first + blocks * kv_heads * m * 2, 0.0);
+        for (row, logits) in logits.chunks_exact(tokens).enumerate() {
+            for (b, block) in logits.chunks_exact(block_size).enumerate() {
+                let max = block.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+                let sum: f32 = block.iter().map(|x| ((x - max) * scale).exp()).sum();
+                let at = first + (b * kv_heads * m + row) * 2;
+                partials[at] = max;
+                partials[at + 1] = sum;
+            }
+        }
+    }
+    Ok(partials)
+}
+
+/// Per KV head and block, the attention mass `rows` give the block: each
+/// row's softmax over all the blocks' keys (from `partials`, laid out as
+/// [`block_partials`] makes them), weighted by `weights[r % weights.len()]`,
+/// summed over the KV head's `m` rows.
+pub(crate) fn combine_partials(
+    partials: &[f32],
+    (kv_heads, m): (usize, usize),
+    weights: &[f32],
+    scale: f32,
+) -> Vec<Vec<f32>> {
+    let stride = kv_heads * m * 2;
+    let blocks = partials.len() / stride;
+    let mut scores = vec![vec![0f32; blocks]; kv_heads];
+    let mut masses = vec![0f32; blocks];
+    for (g, head_scores) in scores.iter_mut().enumerate() {
+        for r in 0..m {
+            let at = (g * m + r) * 2;
+            let max = (0..blocks)
+                .map(|b| partials[b * stride + at])
+                .fold(f32::NEG_INFINITY, f32::max);
+            for (b, mass) in masses.iter_mut().enumerate() {
+                let (block_max, sum) = (partials[b * stride + at], partials[b * stride + at + 1]);
+                *mass = sum * ((block_max - max) * scale).exp();
+            }
+            let weight = weights[r % weights.len()] / masses.iter().sum::<f32>();
+            for (s, mass) in head_scores.iter_mut().zip(&masses) {
+                *s += weight * mass;
+            }
+        }
+    }
+    scores
+}
+
+/// A slab's keys in their storage dtype.
+#[derive(Clone, Copy)]
+enum Keys<'a> {
+    F32(&'a [f32]),
+    Bf16(&'a [bf16]),
+    F16(&'a [f16]),
+}
+
+/// Where a slab's keys lie: head `g`'s `tokens` rows of `d` values start at
+/// `start + g * head_stride`.
+struct SlabView<'a> {
+    keys: Keys<'a>,
+    start: usize,
+    head_stride: usize,
+    kv_heads: usize,
+    tokens: usize,
+}
+
+/// The CPU kernel: one task per slab and KV head, each reading its keys
+/// once and computing every row's logits against a key while it is in
+/// cache.
+fn host_partials(
+    views: &[SlabView<'_>],
+    block_size: usize,
+    rows: &[f32],
+    d: usize,
+    scale: f32,
+) -> Vec<f32> {
+    let kv_heads = views.first().map_or(0, |v| v.kv_heads);
+    let m = rows.len() / (kv_heads.max(1) * d);
+    let tasks: Vec<(usize, usize)> = (0..views.len())
+        .flat_map(|s| (0..kv_heads).map(move |g| (s, g)))
+        .collect();
+    let pieces: Vec<Vec<f32>> = tasks
+        .par_iter()
+        .map(|&(s, g)| {
+            let view = &views[s];
+            let at = view.start + g * view.head_stride;
+            let len = view.tokens * d;
+            let head_rows = &rows[g * m * d..(g + 1) * m * d];
+            match view.keys {
+                Keys::F32(k) => head_partials(&k[at..at + len], block_size, head_rows, d, scale),
+                Keys::Bf16(k) => head_partials(&k[at..at + len], block_size, head_rows, d, scale),
+                Keys::F16(k) => head_partials(&k[at..at + len], block_size, head_rows, d, scale),
+            }
+        })
+        .collect();
+    let blocks: usize = views.iter().map(|v| v.tokens / block_size).sum();
+    let mut partials = vec![0f32; blocks * kv_heads * m * 2];
+    let mut first_block = 0;
+    for (s, view) in views.iter().enumerate() {
+        let slab_blocks = view.tokens / block_size;
+        for g in 0..kv_heads {
+            let piece = &pieces[s * kv_heads + g];
+            for b in 0..slab_blocks {
+                let to = ((first_block + b) * kv_heads + g) * m * 2;
+                partials[to..to + m * 2].copy_from_slice(&piece[b * m * 2..(b + 1) * m * 2]);
+            }
+        }
+        first_block += slab_blocks;
+    }
+    partials
+}
+
+/// A key value the kernel reads in its storage dtype.
+trait KeyValue: Copy + Send + Sync {
+    fn to_f32(self) -> f32;
+}
+
+impl KeyValue for f32 {
+    fn to_f32(self) -> f32 {
+        self
+    }
+}
+
+impl KeyValue for bf16 {
+    fn to_f32(self) -> f32 {
+        bf16::to_f32(self)
+    }
+}
+
+impl KeyValue for f16 {
+    fn to_f32(self) -> f32 {
+        f16::to_f32(self)
+    }
+}
+
+/// One KV head's partials over consecutive blocks: `keys` holds their
+/// tokens' rows of `d`, `rows` the head's `m` query rows. Returns `[m, s]`
+/// per block and row, laid out `[block][row][2]`.
+fn head_partials<K: KeyValue>(
+    keys: &[K],
+    block_size: usize,
+    rows: &[f32],
+    d: usize,
+    scale: f32,
+) -> Vec<f32> {
+    let m = rows.len() / d;
+    let blocks = keys.len() / (d * block_size);
+    let mut out = Vec::with_capacity(blocks * m * 2);
+    let mut key = [0f32; MAX_HEAD_SIZE];
+    let key = &mut key[..d];
+    // Row-major per row: `logits[r * block_size + t]`.
+    let mut logits = vec![0f32; m * block_size];
+    for block in keys.chunks_exact(d * block_size) {
+        for (t, row) in block.chunks_exact(d).enumerate() {
+            for (x, k) in key.iter_mut().zip(row) {
+                *x = k.to_f32();
+            }
+            for (r, q) in rows.chunks_exact(d).enumerate() {
+                logits[r * block_size + t] = super::scores::dot(q, key);
+            }
+        }
+        for row_logits in logits.chunks_exact(block_size) {
+            let max = row_logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+            let sum: f32 = row_logits
+                .iter()
+                .map(|&x| exp_nonpositive((x - max) * scale))
+                .sum();
+            out.push(max);
+            out.push(sum);
+        }
+    }
+    out
+}
+
+/// `e^x` for `x <= 0` (0 below -87), within 2e-7 relative of `f32::exp`:
+/// `x = n ln 2 + r`, `|r| <= ln 2 / 2`, `e^r` by its Taylor series to the
+/// 7th power, `2^n` by writing the exponent bits. Branch-free, so loops over
+/// it vectorise, where `f32::exp` is a libm call per value.
+#[inline]
+pub(crate) fn exp_nonpositive(x: f32) -> f32 {
+    const LOG2_E: f32 = std::f32::consts::LOG2_E;
+    const LN_2_HI: f32 = 0.693_145_75;
+    const LN_2_LO: f32 = 1.428_606_8e-6;
+    // Adding and subtracting 1.5 * 2^23 rounds to the nearest integer.
+    const ROUND: f32 = 12_582_912.0;
+    let x = x.max(-87.0);
+    let n = (x * LOG2_E + ROUND) - ROUND;
+    let r = (x - n * LN_2_HI) - n * LN_2_LO;
+    let p = 1.0
+        + r * (1.0
+            + r * (0.5
+                + r * (1.0 / 6.0
+                    + r * (1.0 / 24.0 + r * (1.0 / 120.0 + r * (1.0 / 720.0 + r / 5040.0))))));
+    // `n` is an integer in -126..=0: the bits of `2^n` are `(n + 127) << 23`.
+    #[allow(clippy::cast_possible_truncation, clippy::cast_sign_loss)]
+    let two_n = f32::from_bits(((n as i32 + 127) as u32) << 23);
+    p * two_n
+}
+
+#[cfg(test)]
+mod tests {
+    use candle_core::Device;
+
+    use crate::attention::reference::{assert_close, random};
+
+    use super::*;
+
+    #[test]
+    fn the_fast_exponential_matches_the_library_one() {
+        let mut worst = 0f32;
+        for i in 0..=200_000 {
+            #[allow(clippy::cast_precision_loss)]
+            let x = -87.0 * i as f32 / 200_000.0;
+            let (got, want) = (exp_nonpositive(x), x.exp());
+            worst = worst.max((got - want).abs() / want);
+        }
+        assert!(worst < 2e-7, "worst relative error {worst}");
+        assert_eq!(exp_nonpositive(0.0), 1.0);
+        assert!(exp_nonpositive(-1000.0) < 1e-37);
+        assert!(exp_nonpositive(f32::NEG_INFINITY) < 1e-37);
+    }
+
+    /// Slabs of `(kv_heads, 16 * bs, d)` keys as the block store keeps them:
+    /// views of the filled part of `(1, kv_heads, capacity, d)` tensors.
+    fn slabs(keys: &Tensor, bs: usize, dtype: DType) -> Vec<Tensor> {
+        let (_, kv_heads, tokens, d) = keys.dims4().unwrap();
+        let per_slab = 16 * bs;
+        (0..tokens.div_ceil(per_slab))
+            .map(|s| {
+                let n = per_slab.min(tokens - s * per_slab);
+                let slab = Tensor::zeros((1, kv_heads, per_slab, d), dtype, &Device::Cpu).unwrap();
+                let part = keys
+                    .narrow(2, s * per_slab, n)
+                    .unwrap()
+                    .to_dtype(dtype)
+                    .unwrap();
+                slab.slice_set(&part.contiguous().unwrap(), 2, 0).unwrap();
+                slab.narrow(2, 0, n).unwrap().squeeze(0).unwrap()
+            })
+            .collect()
+    }
+
+    #[test]
+    fn the_cpu_kernel_gives_the_partials_of_the_tensor_ops_in_every_storage_dtype() {
+        // 37 blocks of 4 tokens: two full slabs and a part-filled one; head
+        // size 8; 3 rows per KV head.
+        let (blocks, bs, kv_heads, d, m) = (37, 4, 2, 8, 3);
+        let keys = random((1, kv_heads, blocks * bs, d), 31, 1.5);
+        let rows = random((1, kv_heads, m, d), 32, 2.0).squeeze(0).unwrap();
+        for (dtype, tol) in [(DType::F32, 1e-5), (DType::BF16, 1e-4), (DType::F16, 1e-4)] {
+            let slabs = slabs(&keys, bs, dtype);
+            assert!(!slabs[2].is_contiguous(), "views into a part-filled slab");
+            let fast = host_block_partials(&slabs, bs, &rows, 0.5)
+                .unwrap()
+                .expect("the CPU kernel reads the store's slabs in place");
+            let reference = block_partials_by_tensors(&slabs, bs, &rows, 0.5).unwrap();
+            assert_eq!(fast.len(), blocks * kv_heads * m * 2, "{dtype:?}");
+            assert_close(&fast, &reference, tol);
+        }
+    }
+
+    #[test]
+    fn combined_partials_are_each_rows_softmax_summed_per_block() {
+        // Written out: per KV head, row and block, the block's share of the
+        // row's softmax over every key, weighted and summed over rows.
+        let (blocks, bs, kv_heads, d, m) = (21, 3, 2, 4, 4);
+        let keys = random((1, kv_heads, blocks * bs, d), 33, 1.0);
+        let rows = random((1, kv_heads, m, d), 34, 2.0).squeeze(0).unwrap();
+        let (weights, scale) = ([1.0, 3.0], 0.5);
+        let partials = block_partials(&slabs(&keys, bs, DType::F32), bs, &rows, scale).unwrap();
+        let got = combine_partials(&partials, (kv_heads, m), &weights, scale);
+        let k = keys.squeeze(0).unwrap().to_vec3::<f32>().unwrap();
+        let q = rows.to_vec3::<f32>().unwrap();
+        for g in 0..kv_heads {
+            let mut expected = vec![0f32; blocks];
+            for r in 0..m {
+                let logits: Vec<f32> = (0..blocks * bs)
+                    .map(|t| {
+                        q[g][r]
+                            .iter()
+                            .zip(&k[g][t])
+                            .map(|(a, b)| a * b)
+                            .sum::<f32>()
+                            * scale
+                    })
+                    .collect();
+                let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+                let sum: f32 = logits.iter().map(|l| (l - max).exp()).sum();
+                for (t, l) in logits.iter().enumerate() {
+                    expected[t / bs] += weights[r % 2] * (l - max).exp() / sum;
+                }
+            }
+            assert_close(&got[g], &expected, 1e-5);
+        }
+    }
+}
