@@ -160,6 +160,36 @@ pub fn reference_attention(
     out
 }
 
+/// The attention mass query rows give each block, written out: per KV
+/// head `g` (of `keys`, `(1, kv_heads, blocks * block_size, d)`) and row
+/// `r` (of `rows`, `(kv_heads, m, d)`), the row's softmax over every key,
+/// weighted by `weights[r % weights.len()]` and summed per block.
+pub fn attention_mass_slow(
+    keys: &Tensor,
+    rows: &Tensor,
+    block_size: usize,
+    weights: &[f32],
+    scale: f32,
+) -> Vec<Vec<f32>> {
+    let k = keys.squeeze(0).unwrap().to_vec3::<f32>().unwrap();
+    let q = rows.to_vec3::<f32>().unwrap();
+    k.iter()
+        .zip(&q)
+        .map(|(k, q)| {
+            let mut mass = vec![0f32; k.len() / block_size];
+            for (r, row) in q.iter().enumerate() {
+                let logits: Vec<f32> = k.iter().map(|key| dot_slow(row, key) * scale).collect();
+                let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+                let sum: f32 = logits.iter().map(|l| (l - max).exp()).sum();
+                for (t, l) in logits.iter().enumerate() {
+                    mass[t / block_size] += weights[r % weights.len()] * (l - max).exp() / sum;
+                }
+            }
+            mass
+        })
+        .collect()
+}
+
 /// A tensor of uniform values in `[-scale, scale)` from `seed`
 /// (xorshift), the same on every machine.
 pub fn random(shape: (usize, usize, usize, usize), seed: u64, scale: f64) -> Tensor {

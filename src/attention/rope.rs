@@ -80,24 +80,37 @@ pub fn rotate_f32(rope: &dyn Rotary, x: &Tensor, positions: &Tensor) -> Result<T
 /// [`rotate_f32`] written out, one pair of dimensions at a time: the slow
 /// twin the fast kernel is checked against.
 pub fn rotate_slow(rope: &dyn Rotary, x: &Tensor, positions: &[usize]) -> Result<Tensor> {
-    let (b, h, t, d) = x.dims4()?;
     let (cos, sin) = rope.cos_sin()?;
     let cos = cos.to_dtype(DType::F32)?.to_vec2::<f32>()?;
     let sin = sin.to_dtype(DType::F32)?.to_vec2::<f32>()?;
+    rotate_pairs_slow(x, rope.is_neox(), |i, j| {
+        (cos[positions[i]][j], sin[positions[i]][j])
+    })
+}
+
+/// `x` with the pair of dimensions `j` of row `i` turned by `turn(i, j)`,
+/// a `(cos, sin)` pair: the written-out rotation both slow twins share.
+fn rotate_pairs_slow(
+    x: &Tensor,
+    neox: bool,
+    turn: impl Fn(usize, usize) -> (f32, f32),
+) -> Result<Tensor> {
+    let (b, h, t, d) = x.dims4()?;
     let data = x.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
     let mut out = data.clone();
     for row in 0..b * h {
-        for (i, &p) in positions.iter().enumerate().take(t) {
+        for i in 0..t {
             let at = (row * t + i) * d;
             for j in 0..d / 2 {
-                let (a, c) = if rope.is_neox() {
+                let (a, c) = if neox {
                     (at + j, at + j + d / 2)
                 } else {
                     (at + 2 * j, at + 2 * j + 1)
                 };
+                let (cos, sin) = turn(i, j);
                 let (x0, x1) = (data[a], data[c]);
-                out[a] = x0 * cos[p][j] - x1 * sin[p][j];
-                out[c] = x0 * sin[p][j] + x1 * cos[p][j];
+                out[a] = x0 * cos - x1 * sin;
+                out[c] = x0 * sin + x1 * cos;
             }
         }
     }
@@ -154,34 +167,17 @@ fn angle_steps(cos: &Tensor, sin: &Tensor) -> Result<Vec<f32>> {
 /// [`rotate_f32_fractional`] written out: each pair of dimensions turned by
 /// `p` times its angle step, at the table's magnitude (row 0), computed
 /// directly in f64.
+#[allow(clippy::cast_possible_truncation)] // f64 angles back to f32 values
 pub fn rotate_slow_fractional(rope: &dyn Rotary, x: &Tensor, at: &[f32]) -> Result<Tensor> {
-    let (b, h, t, d) = x.dims4()?;
     let (cos, sin) = rope.cos_sin()?;
     let cos = cos.to_dtype(DType::F32)?.to_vec2::<f32>()?;
     let sin = sin.to_dtype(DType::F32)?.to_vec2::<f32>()?;
-    let data = x.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
-    let mut out = data.clone();
-    for row in 0..b * h {
-        for (i, &p) in at.iter().enumerate().take(t) {
-            let at = (row * t + i) * d;
-            for j in 0..d / 2 {
-                let step = f64::from(sin[1][j]).atan2(f64::from(cos[1][j]));
-                let angle = f64::from(p) * step;
-                let scale = f64::from(cos[0][j]);
-                #[allow(clippy::cast_possible_truncation)]
-                let (c, s) = ((scale * angle.cos()) as f32, (scale * angle.sin()) as f32);
-                let (a, e) = if rope.is_neox() {
-                    (at + j, at + j + d / 2)
-                } else {
-                    (at + 2 * j, at + 2 * j + 1)
-                };
-                let (x0, x1) = (data[a], data[e]);
-                out[a] = x0 * c - x1 * s;
-                out[e] = x0 * s + x1 * c;
-            }
-        }
-    }
-    Tensor::from_vec(out, (b, h, t, d), x.device())
+    rotate_pairs_slow(x, rope.is_neox(), |i, j| {
+        let step = f64::from(sin[1][j]).atan2(f64::from(cos[1][j]));
+        let angle = f64::from(at[i]) * step;
+        let scale = f64::from(cos[0][j]);
+        ((scale * angle.cos()) as f32, (scale * angle.sin()) as f32)
+    })
 }
 
 /// A `u32` position tensor from `values`.
