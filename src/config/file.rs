@@ -349,7 +349,7 @@ mod tests {
 
     #[test]
     fn positions_are_parsed_and_bound_the_rope_table_needed() {
-        let config = parse("positions = \"ordered\"\nneighbours = 1").unwrap();
+        let config = parse("positions = \"ordered\"\nneighbours = 1\nquestion_topk = 0").unwrap();
         assert_eq!(
             (config.policy.positions, config.policy.neighbours),
             (Positions::Ordered, 1)
@@ -359,7 +359,9 @@ mod tests {
         assert_eq!(config.policy.positions_needed(), 128 + 9 * 64 + 1024 + 512);
         let wide = parse("positions = \"ordered\"\nquestion_topk = 60").unwrap();
         assert_eq!(wide.policy.positions_needed(), 128 + 61 * 64 + 1024 + 512);
-        assert_eq!(Policy::default().positions_needed(), 512 + 512 - 1);
+        assert_eq!(Policy::default().positions_needed(), 512 + 512 + 128 + 64);
+        let fixed = parse("positions = \"fixed\"").unwrap();
+        assert_eq!(fixed.policy.positions_needed(), 512 + 512 - 1);
         // Interpolated: the window and a block's room beside it, whatever
         // `question_topk` is (memory keys are squeezed into what is left).
         let squeezed = parse("positions = \"interpolated\"\nquestion_topk = 256").unwrap();

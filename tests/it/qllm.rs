@@ -301,6 +301,8 @@ fn qllm_retrieving_every_block_equals_the_written_out_reference() {
         exc_block_size: 16,
         topk: 1000,
         repr_topk: 2,
+        // The written-out reference keeps memory at the fixed distance.
+        positions: Positions::Fixed,
         // Three execution blocks per call: the hook cuts them.
         ..Policy::default()
     })
