@@ -217,6 +217,7 @@ pub enum Positions {
     /// The paper's: every token outside the local window (sinks, retrieved
     /// blocks, older recent tokens) at one distance, `n_local` - 1, from
     /// the query.
+    #[default]
     Fixed,
     /// Sinks, retrieved blocks (in their original order), older recent
     /// tokens and the local window at consecutive positions, as ReAttention
@@ -229,8 +230,7 @@ pub enum Positions {
     /// has them squeezed into that room, evenly, at fractional positions
     /// (position interpolation, for the memory only; the window stays
     /// exact). With `question_topk` it reads the question with many blocks
-    /// in document order beyond the table. The default.
-    #[default]
+    /// in document order beyond the table.
     Interpolated,
 }
 
@@ -318,7 +318,7 @@ pub struct Policy {
     pub consensus: usize,
     /// Blocks retrieved, instead of `topk`, by the execution blocks that
     /// read the question and the prompt's last token (which gives the
-    /// answer's first token); 0: `topk`, the paper's (the default is 256). At most
+    /// answer's first token); 0 (the default): `topk`, the paper's. At most
     /// [`MAX_QUESTION_TOPK`]: those execution blocks attend that many
     /// blocks at once.
     pub question_topk: usize,
@@ -366,13 +366,7 @@ impl Policy {
             repr_topk: 4,
             question_weight: 1.0,
             question_rows: QuestionRows::Mean,
-            // Not the paper's (`fixed`, `question_topk` 0): the question's
-            // execution blocks read up to 256 blocks in document order,
-            // squeezed into the RoPE table beyond it. 2 of 5 facts in prose
-            // at 12K where the paper's positions answer 1, pass keys in
-            // filler still found (at the fixed distance 256 blocks lose
-            // them; README).
-            positions: Positions::Interpolated,
+            positions: Positions::Fixed,
             // Not the paper's (`dot`, `shared`): with them a one-sentence
             // fact in prose 12K tokens deep is retrieved by at most 2 of
             // SmolLM2's 30 layers, with these by 8-10 (README, diagnosis).
@@ -380,7 +374,12 @@ impl Policy {
             selection: Selection::PerKvHead,
             neighbours: 0,
             consensus: 0,
-            question_topk: 256,
+            // The paper's (`topk`). With `positions = "interpolated"`, 256
+            // answers 2 of 5 facts in prose at 12K where `topk` answers 1 and
+            // keeps pass keys at 4K and 16K, but misses one in a 2K prompt
+            // that `topk` finds; at the fixed distance it misses pass keys at
+            // 4K and 16K (README): not a default yet.
+            question_topk: 0,
             block_dtype: BlockDType::Model,
         }
     }
@@ -397,11 +396,9 @@ impl Policy {
                     + 2 * self.exc_block_size
                     + self.n_local
             }
-            // The window of an execution block, and room for the sinks and
-            // one block at whole positions.
-            Positions::Interpolated => {
-                self.n_local + self.exc_block_size + self.n_init + self.block_size
-            }
+            // The window of an execution block and at least one position for
+            // the memory keys, which are squeezed into whatever is left.
+            Positions::Interpolated => self.n_local + self.exc_block_size,
         }
     }
 

@@ -158,9 +158,8 @@ pub(crate) fn rope_table_too_small(policy: &Policy, table: usize) -> String {
              ({table} positions); lower them or use `positions = \"fixed\"`"
         ),
         Positions::Interpolated => format!(
-            "qllm: `positions = \"interpolated\"` needs `n_local` + `exc_block_size` + `n_init` \
-             + `block_size` = {needed} positions, more than the model's RoPE table ({table} \
-             positions); lower them"
+            "qllm: `positions = \"interpolated\"` needs `n_local` + `exc_block_size` = {needed} \
+             positions, more than the model's RoPE table ({table} positions); lower them"
         ),
     }
 }

@@ -103,9 +103,8 @@ fn smollm2_finds_pass_keys_2k_tokens_back_through_retrieved_blocks() {
     assert!(dense[0].found(), "dense: {:?}", dense[0].answer);
     for cell in &qllm {
         let layers = cell.layers_retrieving.expect("the needle is traced");
-        // Most layers: more than half of SmolLM2's 30.
         assert!(
-            layers > 15,
+            layers >= 20,
             "key {}: needle retrieved by {layers} of 30 layers at the first decode step",
             cell.key
         );
