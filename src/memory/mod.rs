@@ -16,7 +16,8 @@
 //! rotated once to position `n_local - 1`, the keys stay unrotated); with
 //! `ordered` at consecutive positions in document order, the window right
 //! after them; with `interpolated` likewise, squeezed evenly into the
-//! table's room where they would need more positions. Every past token is attended at most once.
+//! table's room where they would need more positions. Every past token is
+//! attended at most once.
 //! [`LayerMemory::append`] cuts a call into execution blocks.
 
 pub mod block_store;
