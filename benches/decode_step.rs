@@ -42,6 +42,7 @@ fn decode_step_seconds(config: &Policy, tokens: usize, steps: usize) -> f64 {
         prompt_len: 0,
         masks: &masks,
         votes: None,
+        sentence_ends: &[],
     };
     let mut memory = LayerMemory::default();
     let rows = match config.question_rows {

@@ -566,9 +566,10 @@ fn needle_summary(needle: Option<&NeedleReport>) -> String {
                 .get(ranks.len() / 2)
                 .map_or("-".to_string(), ToString::to_string);
             format!(
-                "needle in blocks {:?}: retrieved by {}/{} layers at the question (median rank \
-                 {median}), {}/{} at the answer's first token, {}/{} at decode",
+                "needle in blocks {:?}{}: retrieved by {}/{} layers at the question (median \
+                 rank {median}), {}/{} at the answer's first token, {}/{} at decode",
                 n.blocks,
+                if n.cut { " (cut)" } else { "" },
                 n.at_question,
                 n.layers,
                 n.at_answer,

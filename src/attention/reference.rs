@@ -14,8 +14,11 @@ pub struct MemoryState<'a> {
     pub p0: usize,
     /// Sinks held.
     pub init: usize,
-    /// Memory blocks formed.
-    pub blocks: usize,
+    /// Position of each formed block's first token; a block holds
+    /// `block_size` tokens from there (blocks may overlap).
+    pub block_starts: &'a [usize],
+    /// Position of the oldest token not behind a block.
+    pub recent_start: usize,
     /// Blocks retrieved: none, one list for every head, or one per KV head.
     pub retrieved: &'a [Vec<usize>],
 }
@@ -29,7 +32,8 @@ impl MemoryState<'static> {
         Self {
             p0,
             init: 0,
-            blocks: 0,
+            block_starts: &[],
+            recent_start: 0,
             retrieved: &[],
         }
     }
@@ -37,14 +41,15 @@ impl MemoryState<'static> {
 
 /// Q-LLM's attention for one execution block, written out from the
 /// method's definition given the blocks retrieved (`retrieved`: one list
-/// for every head, or one per KV head; out of `blocks` formed, `init`
-/// sinks held): query `pos` of KV head `g` sees key `j <= pos` exactly
-/// when `pos - j < n_local` (the window, at window positions), or `j` is
-/// a sink, in a block `g` retrieved, or not yet in any block. Memory
-/// keys sit at distance `n_local - 1` (`Fixed`) or at their rank among
-/// the execution block's memory keys of `g` (`Ordered`; `Interpolated`
-/// spreads the ranks evenly over the table's room beside the window where
-/// they need more), with the window right after them.
+/// for every head, or one per KV head, ascending). Query `pos` of KV head
+/// `g` sees key `j <= pos` at window positions when `pos - j < n_local`;
+/// older keys it sees as memory, in this order: the sinks, the tokens of
+/// each block `g` retrieved (all `block_size` of them, so a token of two
+/// overlapping retrieved blocks is seen twice), the tokens not yet behind
+/// a block. Memory keys sit at distance `n_local - 1` (`Fixed`) or at
+/// their rank in that list (`Ordered`; `Interpolated` spreads the ranks
+/// evenly over the table's room beside the window where they need more),
+/// with the window right after them.
 pub fn reference_attention(
     config: &Policy,
     rope: &dyn Rotary,
@@ -57,7 +62,8 @@ pub fn reference_attention(
     let MemoryState {
         p0,
         init,
-        blocks,
+        block_starts,
+        recent_start,
         retrieved,
     } = *memory;
     let (_, heads, e, d) = q.dims4().unwrap();
@@ -65,7 +71,6 @@ pub fn reference_attention(
     let group = heads / kv_heads;
     let end = p0 + e;
     let (n_local, bs) = (config.n_local, config.block_size);
-    let recent_start = init + blocks * bs;
     let picks_of = |g: usize| -> &[usize] {
         match retrieved {
             [] => &[],
@@ -73,14 +78,17 @@ pub fn reference_attention(
             per_head => &per_head[g],
         }
     };
-    let in_memory = |g: usize, j: usize| {
-        j < init || j >= recent_start || picks_of(g).contains(&((j - init) / bs))
-    };
-    // Each KV head's memory keys: older than every query's window.
+    // Each KV head's memory keys, in order: older than every query's window.
+    let older = end.saturating_sub(n_local);
     let memory: Vec<Vec<usize>> = (0..kv_heads)
         .map(|g| {
-            (0..end.saturating_sub(n_local))
-                .filter(|&j| in_memory(g, j))
+            let blocks = picks_of(g)
+                .iter()
+                .flat_map(|&b| block_starts[b]..block_starts[b] + bs);
+            (0..init)
+                .chain(blocks)
+                .chain(recent_start..older)
+                .filter(|&j| j < older)
                 .collect()
         })
         .collect();
@@ -98,28 +106,45 @@ pub fn reference_attention(
     let n = keys.dim(2).unwrap();
     let raw = rows(keys);
     let vals = rows(values);
-    let key_at = |p: Vec<usize>| rows(&rotate_slow(rope, keys, &p).unwrap());
-    // Window keys at window positions, memory keys at their rank.
-    let k_window = key_at(
-        (0..n)
-            .map(|j| base + j.saturating_sub(local_start))
-            .collect(),
+    // Window keys at window positions.
+    let k_window = rows(
+        &rotate_slow(
+            rope,
+            keys,
+            &(0..n)
+                .map(|j| base + j.saturating_sub(local_start))
+                .collect::<Vec<_>>(),
+        )
+        .unwrap(),
     );
+    // Memory keys at their rank, entry by entry.
     let k_ranked: Vec<Vec<Vec<f32>>> = (0..kv_heads)
         .map(|g| {
-            let rank: Vec<usize> = (0..n)
-                .map(|j| memory[g].iter().position(|&m| m == j).unwrap_or(0))
-                .collect();
-            if squeezed {
-                #[allow(clippy::cast_precision_loss)]
-                let at: Vec<f32> = rank
-                    .iter()
-                    .map(|&r| r as f32 * room as f32 / n_memory as f32)
-                    .collect();
-                rows(&rotate_slow_fractional(rope, keys, &at).unwrap()).swap_remove(g)
-            } else {
-                key_at(rank).swap_remove(g)
+            if memory[g].is_empty() || config.positions == Positions::Fixed {
+                return Vec::new();
             }
+            let index: Vec<u32> = memory[g]
+                .iter()
+                .map(|&j| u32::try_from(j).expect("a test-sized position"))
+                .collect();
+            let index = Tensor::new(index, &Device::Cpu).unwrap();
+            let entries = keys
+                .narrow(1, g, 1)
+                .unwrap()
+                .contiguous()
+                .unwrap()
+                .index_select(&index, 2)
+                .unwrap();
+            let rotated = if squeezed {
+                #[allow(clippy::cast_precision_loss)]
+                let at: Vec<f32> = (0..memory[g].len())
+                    .map(|r| r as f32 * room as f32 / n_memory as f32)
+                    .collect();
+                rotate_slow_fractional(rope, &entries, &at).unwrap()
+            } else {
+                rotate_slow(rope, &entries, &(0..memory[g].len()).collect::<Vec<_>>()).unwrap()
+            };
+            rows(&rotated).swap_remove(0)
         })
         .collect();
     let window_at: Vec<usize> = (p0..end).map(|p| base + p - local_start).collect();
@@ -131,20 +156,23 @@ pub fn reference_attention(
         for i in 0..e {
             let pos = p0 + i;
             let mut seen = Vec::new();
-            for j in 0..=pos {
-                let score = if pos - j < n_local {
-                    dot_slow(&q_window[h][i], &k_window[g][j])
-                } else if in_memory(g, j) {
-                    match config.positions {
-                        Positions::Fixed => dot_slow(&q_far[h][i], &raw[g][j]),
-                        Positions::Ordered | Positions::Interpolated => {
-                            dot_slow(&q_window[h][i], &k_ranked[g][j])
-                        }
-                    }
-                } else {
+            for (rank, &j) in memory[g].iter().enumerate() {
+                if j + n_local > pos {
                     continue;
+                }
+                let score = match config.positions {
+                    Positions::Fixed => dot_slow(&q_far[h][i], &raw[g][j]),
+                    Positions::Ordered | Positions::Interpolated => {
+                        dot_slow(&q_window[h][i], &k_ranked[g][rank])
+                    }
                 };
                 seen.push((j, score * softmax_scale));
+            }
+            for j in (pos + 1).saturating_sub(n_local)..=pos {
+                seen.push((
+                    j,
+                    dot_slow(&q_window[h][i], &k_window[g][j]) * softmax_scale,
+                ));
             }
             let max = seen.iter().fold(f32::MIN, |m, &(_, s)| m.max(s));
             let total: f32 = seen.iter().map(|(_, s)| (s - max).exp()).sum();

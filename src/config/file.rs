@@ -7,8 +7,8 @@ use serde::Deserialize;
 
 use super::size::SizeValue;
 use super::{
-    BlockDType, EngineSettings, MemoryCaps, Mode, Policy, Positions, Preset, QllmConfig,
-    QuestionRows, Scoring, Selection,
+    BlockDType, Boundaries, EngineSettings, MemoryCaps, Mode, Policy, Positions, Preset,
+    QllmConfig, QuestionRows, Scoring, Selection,
 };
 use crate::error::{Error, Result};
 
@@ -63,6 +63,8 @@ pub struct ConfigFile {
     pub max_context_len: Option<i64>,
     /// See [`Policy::block_dtype`].
     pub block_dtype: Option<BlockDType>,
+    /// See [`Policy::boundaries`].
+    pub boundaries: Option<Boundaries>,
     /// See [`MemoryCaps::max_memory`]: bytes, or a size such as `"8GiB"`.
     pub max_memory: Option<SizeValue>,
     /// See [`MemoryCaps::max_request_memory`]: bytes, or a size such as
@@ -109,6 +111,7 @@ impl ConfigFile {
             consensus: size("consensus", self.consensus, base.consensus, 0)?,
             question_topk: size("question_topk", self.question_topk, base.question_topk, 0)?,
             block_dtype: self.block_dtype.unwrap_or(base.block_dtype),
+            boundaries: self.boundaries.unwrap_or(base.boundaries),
         };
         let engine = EngineSettings {
             prefill_chunk_size: size(
@@ -345,6 +348,17 @@ mod tests {
             parse("question_topk = 256").unwrap().policy.question_topk,
             256
         );
+    }
+
+    #[test]
+    fn boundaries_are_parsed_and_set_the_smallest_advance() {
+        let config = parse("boundaries = \"sentence\"").unwrap();
+        assert_eq!(config.policy.boundaries, Boundaries::Sentence);
+        assert_eq!(config.policy.min_block_advance(), 32);
+        assert_eq!(Policy::default().boundaries, Boundaries::Fixed);
+        assert_eq!(Policy::default().min_block_advance(), 64);
+        let err = parse("boundaries = \"paragraph\"").unwrap_err();
+        assert!(err.contains("paragraph"), "{err}");
     }
 
     #[test]

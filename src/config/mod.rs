@@ -251,6 +251,41 @@ impl std::fmt::Display for Positions {
     }
 }
 
+/// Where memory blocks begin.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Boundaries {
+    /// The paper's: block `b` holds tokens `n_init + b * block_size ..` up to
+    /// the next multiple, so a sentence may be cut in two.
+    #[default]
+    Fixed,
+    /// Each block still holds `block_size` tokens, but the next one begins
+    /// right after the last sentence end (a `.`, `?`, `!` or line break token)
+    /// in the second half of it (EM-LLM's and SepLLM's cut at sentence ends,
+    /// with storage of one size): every sentence of at most `block_size / 2`
+    /// tokens lies whole in some block. Consecutive blocks overlap by up to
+    /// half a block; two overlapping blocks retrieved together attend the
+    /// overlap twice. Without a sentence end in that half the block advances
+    /// by `block_size`, as `fixed` does.
+    Sentence,
+}
+
+impl FromStr for Boundaries {
+    type Err = String;
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        from_config_str(s)
+    }
+}
+
+impl std::fmt::Display for Boundaries {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Boundaries::Fixed => "fixed",
+            Boundaries::Sentence => "sentence",
+        })
+    }
+}
+
 /// The dtype memory blocks are stored in.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -324,6 +359,8 @@ pub struct Policy {
     pub question_topk: usize,
     /// Storage dtype of memory blocks (the bulk of a long context's memory).
     pub block_dtype: BlockDType,
+    /// Where memory blocks begin: at fixed offsets or after sentence ends.
+    pub boundaries: Boundaries,
 }
 
 impl Policy {
@@ -381,6 +418,17 @@ impl Policy {
             // 4K and 16K (README): not a default yet.
             question_topk: 0,
             block_dtype: BlockDType::Model,
+            boundaries: Boundaries::Fixed,
+        }
+    }
+
+    /// Fewest tokens the memory moves past when it forms a block: with
+    /// `sentence` boundaries a block may begin half-way into the previous
+    /// one, so a context holds up to `tokens / min_block_advance` blocks.
+    pub fn min_block_advance(&self) -> usize {
+        match self.boundaries {
+            Boundaries::Fixed => self.block_size,
+            Boundaries::Sentence => self.block_size.div_ceil(2),
         }
     }
 

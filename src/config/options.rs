@@ -3,8 +3,8 @@
 use serde::Deserialize;
 
 use super::{
-    question_weight, size, Mode, Policy, Positions, Preset, QllmConfig, QuestionRows, Scoring,
-    Selection,
+    question_weight, size, Boundaries, Mode, Policy, Positions, Preset, QllmConfig, QuestionRows,
+    Scoring, Selection,
 };
 use crate::error::{Error, Result};
 
@@ -43,6 +43,8 @@ pub struct RequestOptions {
     pub scoring: Option<Scoring>,
     /// Whether KV heads share a retrieval (`shared`, `per_kv_head`).
     pub selection: Option<Selection>,
+    /// Where memory blocks begin (`fixed`, `sentence`).
+    pub boundaries: Option<Boundaries>,
     /// The question; overrides the one found in the prompt.
     pub question: Option<String>,
     /// Debug: a passage of the prompt to trace; the response's report then
@@ -84,6 +86,9 @@ impl RequestOptions {
         }
         if let Some(selection) = self.selection {
             config.selection = selection;
+        }
+        if let Some(boundaries) = self.boundaries {
+            config.boundaries = boundaries;
         }
         config.neighbours = size("neighbours", self.neighbours, config.neighbours, 0)?;
         config.consensus = size("consensus", self.consensus, config.consensus, 0)?;
@@ -150,6 +155,9 @@ mod tests {
         .apply(&base)
         .unwrap_err();
         assert!(err.to_string().contains("`question` is empty"), "{err}");
+        let cut: RequestOptions = serde_json::from_str(r#"{"boundaries": "sentence"}"#).unwrap();
+        assert_eq!(cut.apply(&base).unwrap().boundaries, Boundaries::Sentence);
+        assert!(serde_json::from_str::<RequestOptions>(r#"{"boundaries": "words"}"#).is_err());
         let voted: RequestOptions =
             serde_json::from_str(r#"{"consensus": 2, "question_topk": 64}"#).unwrap();
         let voted = voted.apply(&base).unwrap();

@@ -19,7 +19,7 @@ use mistralrs_core::layers::RotaryEmbedding;
 
 use crate::attention::{CausalMasks, MaskCache, Rotary};
 use crate::config::size::format_bytes;
-use crate::config::{Mode, QllmConfig};
+use crate::config::{Boundaries, Mode, QllmConfig};
 use crate::memory::{LayerStats, ModelShape};
 use crate::system::release_free_memory;
 use admission::{Admission, InUse};
@@ -53,6 +53,9 @@ pub struct QllmHook {
     admission: Mutex<Admission>,
     /// The question for requests that registered none.
     question_tokens: Mutex<Option<Vec<u32>>>,
+    /// The model's sentence-end tokens, sorted, once known (`sentence`
+    /// boundaries need them).
+    sentence_end_tokens: Mutex<Option<Vec<u32>>>,
     causal_masks: CausalMasks,
     memory_masks: MaskCache,
 }
@@ -67,6 +70,7 @@ impl QllmHook {
             requests: Mutex::default(),
             admission: Mutex::default(),
             question_tokens: Mutex::default(),
+            sentence_end_tokens: Mutex::default(),
             causal_masks: CausalMasks::default(),
             memory_masks: MaskCache::default(),
         }
@@ -82,6 +86,21 @@ impl QllmHook {
     /// looked up in each prompt (see [`crate::question::span::resolve`]).
     pub fn set_question(&self, tokens: Option<Vec<u32>>) {
         *lock(&self.question_tokens) = tokens.filter(|t| !t.is_empty());
+    }
+
+    /// Sets the model's sentence-end tokens (those whose text ends a
+    /// sentence or a line), which `sentence` boundaries cut blocks after;
+    /// [`crate::question::probe::prepare`] sets them from the engine's
+    /// tokenizer.
+    pub fn set_sentence_end_tokens(&self, mut tokens: Vec<u32>) {
+        tokens.sort_unstable();
+        tokens.dedup();
+        *lock(&self.sentence_end_tokens) = Some(tokens);
+    }
+
+    /// Whether the sentence-end tokens are known.
+    pub fn knows_sentence_ends(&self) -> bool {
+        lock(&self.sentence_end_tokens).is_some()
     }
 
     /// Registers the settings of request `request_id` (the `id` of its
@@ -221,6 +240,14 @@ impl AttentionHook for QllmHook {
             .as_ref()
             .and_then(|p| p.question.as_ref())
             .map(Vec::len);
+        if policy.boundaries == Boundaries::Sentence && !self.knows_sentence_ends() {
+            return Err(refusal(
+                "qllm: `boundaries = \"sentence\"` needs the model's sentence-end tokens, \
+                 which are not set: prepare requests with `qllm::question::probe::prepare` \
+                 (as `serve` and `run` do) or call `QllmHook::set_sentence_end_tokens`"
+                    .into(),
+            ));
+        }
         let in_use = || {
             let stats = self.memory_stats();
             InUse {
@@ -258,6 +285,7 @@ impl AttentionHook for QllmHook {
     fn begin_step(&self, seqs: &[StepSequence<'_>]) -> Result<()> {
         // Read by a sequence's first prompt step only: borrowed, not copied.
         let global_question = lock(&self.question_tokens);
+        let sentence_ends = lock(&self.sentence_end_tokens);
         let mut states = self.lock();
         for seq in seqs {
             tracing::trace!(
@@ -271,6 +299,9 @@ impl AttentionHook for QllmHook {
                 self.new_state()
             });
             state.begin_prompt(seq, global_question.as_deref());
+            if let Some(ends) = sentence_ends.as_deref() {
+                state.note_sentence_ends(seq.tokens, ends);
+            }
         }
         Ok(())
     }

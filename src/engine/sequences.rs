@@ -13,7 +13,7 @@ use super::admission::rope_table_too_small;
 use super::requests::{Needle, ProbedVectors, RequestPlan, RequestReport};
 use super::trace::NeedleTrace;
 use crate::attention::{causal_attention, positions, rotate_f32, CausalMasks, MaskCache};
-use crate::config::{Mode, Policy};
+use crate::config::{Boundaries, Mode, Policy};
 use crate::memory::{KvBuffer, LayerMemory, LayerStats, StepArgs};
 use crate::question::span::{find_question_span, read_in_time, resolve};
 use crate::retrieval::LayerVotes;
@@ -56,6 +56,9 @@ pub(crate) struct SeqState {
     needle: Option<NeedleTrace>,
     /// What each layer retrieved lately, for `consensus`.
     votes: RefCell<LayerVotes>,
+    /// Whether each token read so far ends a sentence (`sentence`
+    /// boundaries only; empty otherwise).
+    sentence_ends: Vec<bool>,
 }
 
 /// What one call of the hook needs besides the sequence's own state.
@@ -92,6 +95,7 @@ impl SeqState {
             needle_asked: None,
             needle: None,
             votes: RefCell::default(),
+            sentence_ends: Vec::new(),
         }
     }
 
@@ -147,6 +151,22 @@ impl SeqState {
             self.settle_question(seq, question.as_deref().or(global_question));
         }
         self.start_needle_trace(seq);
+    }
+
+    /// Marks the sentence ends among the step's tokens not seen before
+    /// (`sentence` boundaries: where memory blocks may begin), given the
+    /// model's sentence-end tokens, sorted.
+    pub fn note_sentence_ends(&mut self, tokens: &[u32], sentence_end_tokens: &[u32]) {
+        if self.policy.boundaries != Boundaries::Sentence {
+            return;
+        }
+        let known = self.sentence_ends.len().min(tokens.len());
+        self.sentence_ends.truncate(known);
+        self.sentence_ends.extend(
+            tokens[known..]
+                .iter()
+                .map(|t| sentence_end_tokens.binary_search(t).is_ok()),
+        );
     }
 
     /// Decides, once per prompt, the question's span and where its vectors
@@ -248,7 +268,6 @@ impl SeqState {
                     span,
                     self.question.as_ref().map(|q| q.end),
                     seq.tokens.len(),
-                    policy.n_init,
                     policy.block_size,
                 ));
             }
@@ -315,17 +334,12 @@ impl SeqState {
                     prompt_len: self.prompt_len,
                     masks: call.memory_masks,
                     votes: Some((layer, &self.votes)),
+                    sentence_ends: &self.sentence_ends,
                 };
                 let needle = &mut self.needle;
                 let out = memory.append(policy, &args, q, k, v, |read| {
                     if let Some(trace) = needle.as_mut() {
-                        trace.observe(
-                            layer,
-                            read.positions.clone(),
-                            read.retrieved,
-                            read.scores,
-                            read.blocks,
-                        );
+                        trace.observe(layer, &read);
                     }
                 })?;
                 if q.dim(2)? == 1 && tracing::enabled!(tracing::Level::DEBUG) {
@@ -368,7 +382,7 @@ impl SeqState {
         report.memory_bytes = memory_bytes;
         if let Some(stats) = first {
             report.blocks = stats.blocks;
-            report.tokens_in_memory = stats.blocks * self.policy.block_size;
+            report.tokens_in_memory = stats.blocked;
         }
         if let Some(trace) = &self.needle {
             let needle = trace.report();

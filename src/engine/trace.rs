@@ -3,14 +3,16 @@
 //! block that reads the question, at the prompt's last token (which gives
 //! the answer's first token) and at the first decode steps.
 //!
-//! Blocks are cut at fixed offsets (`n_init + b * block_size`), the same in
-//! every layer, so where the needle lies in blocks is known from its span
-//! alone; which blocks a layer retrieved is what it reports after each
-//! execution block.
+//! Every layer cuts its blocks at the same places (fixed offsets, or after
+//! the same sentence ends); each execution block reports where its blocks
+//! begin and which it retrieved, and the needle's tokens are checked against
+//! them.
 
 use std::ops::Range;
 
 use serde::{Deserialize, Serialize};
+
+use crate::memory::BlockRead;
 
 /// Decode steps traced after the prompt.
 pub const TRACED_DECODE_STEPS: usize = 4;
@@ -37,27 +39,43 @@ impl Sight {
     }
 }
 
-/// Memory blocks holding tokens of `span`: block `b` holds tokens
-/// `n_init + b * block_size .. n_init + (b + 1) * block_size`.
-pub fn blocks_of(span: &Range<usize>, n_init: usize, block_size: usize) -> Range<usize> {
-    let first = span.start.max(n_init);
-    if span.end <= first || block_size == 0 {
-        return 0..0;
-    }
-    (first - n_init) / block_size..(span.end - 1 - n_init) / block_size + 1
+/// Memory blocks holding tokens of `span`, ascending: block `b` holds the
+/// `block_size` tokens from `block_starts[b]`.
+pub fn blocks_of(span: &Range<usize>, block_starts: &[usize], block_size: usize) -> Vec<usize> {
+    (0..block_starts.len())
+        .filter(|&b| block_starts[b] < span.end && span.start < block_starts[b] + block_size)
+        .collect()
 }
 
-/// What one execution block saw of the needle, given the blocks it retrieved
-/// (ascending) and how many blocks existed.
-pub fn sight(needle_blocks: &Range<usize>, retrieved: &[usize], blocks: usize) -> Sight {
-    let formed = needle_blocks.start..needle_blocks.end.min(blocks);
-    let hits = formed
+/// What one execution block saw of the needle `span`, given the blocks it
+/// retrieved and where its memory's blocks begin: every needle token behind
+/// a block (from the first block's start up to `recent_start`) must lie in
+/// a retrieved block for the needle to be seen whole; tokens in the sinks
+/// or still recent are attended anyway.
+pub fn sight(
+    span: &Range<usize>,
+    retrieved: &[usize],
+    block_starts: &[usize],
+    block_size: usize,
+    recent_start: usize,
+) -> Sight {
+    let Some(&first) = block_starts.first() else {
+        return Sight::Whole;
+    };
+    let behind = span.start.max(first)..span.end.min(recent_start);
+    let covered = behind
         .clone()
-        .filter(|b| retrieved.binary_search(b).is_ok())
+        .filter(|&t| {
+            retrieved.iter().any(|&b| {
+                block_starts
+                    .get(b)
+                    .is_some_and(|&s| s <= t && t < s + block_size)
+            })
+        })
         .count();
-    if hits == formed.len() {
+    if covered == behind.len() {
         Sight::Whole
-    } else if hits > 0 {
+    } else if covered > 0 {
         Sight::Part
     } else {
         Sight::Missed
@@ -67,14 +85,14 @@ pub fn sight(needle_blocks: &Range<usize>, retrieved: &[usize], blocks: usize) -
 /// Rank (0 = best) of the needle's best-scoring formed block among all
 /// blocks, by the row of `scores` (one per retrieval: shared, or per KV
 /// head) that ranks it best; `None` before any of its blocks exists.
-pub fn rank(needle_blocks: &Range<usize>, scores: &[Vec<f32>]) -> Option<usize> {
+pub fn rank(needle_blocks: &[usize], scores: &[Vec<f32>]) -> Option<usize> {
     scores
         .iter()
         .filter_map(|row| {
             let best = needle_blocks
-                .clone()
-                .filter(|&b| b < row.len())
-                .map(|b| row[b])
+                .iter()
+                .filter(|&&b| b < row.len())
+                .map(|&b| row[b])
                 .max_by(f32::total_cmp)?;
             Some(row.iter().filter(|&&s| s > best).count())
         })
@@ -100,7 +118,11 @@ struct LayerTrace {
 #[derive(Debug, Clone)]
 pub struct NeedleTrace {
     span: Range<usize>,
-    blocks: Range<usize>,
+    block_size: usize,
+    /// Blocks holding needle tokens, as far as formed.
+    blocks: Vec<usize>,
+    /// Whether the needle's tokens beyond the sinks lie in no single block.
+    cut: bool,
     /// Position whose execution block reads the question.
     question_at: usize,
     prompt_len: usize,
@@ -110,42 +132,45 @@ pub struct NeedleTrace {
 impl NeedleTrace {
     /// A trace of `span` in a prompt of `prompt_len` tokens whose question
     /// ends at `question_end` (the prompt's end when unknown).
+    /// Blocks hold `block_size` tokens each.
     pub fn new(
         span: Range<usize>,
         question_end: Option<usize>,
         prompt_len: usize,
-        n_init: usize,
         block_size: usize,
     ) -> Self {
-        let blocks = blocks_of(&span, n_init, block_size);
         let question_at = question_end
             .unwrap_or(prompt_len)
             .clamp(1, prompt_len.max(1))
             - 1;
         Self {
             span,
-            blocks,
+            block_size,
+            blocks: Vec::new(),
+            cut: false,
             question_at,
             prompt_len,
             layers: Vec::new(),
         }
     }
 
-    /// Records the execution block `positions` of `layer`, which retrieved
-    /// `retrieved` (ascending) out of `blocks` blocks.
-    pub fn observe(
-        &mut self,
-        layer: usize,
-        positions: Range<usize>,
-        retrieved: &[usize],
-        scores: &[Vec<f32>],
-        blocks: usize,
-    ) {
+    /// Records what an execution block of `layer` read and retrieved.
+    pub fn observe(&mut self, layer: usize, read: &BlockRead<'_>) {
         if self.layers.len() <= layer {
             self.layers.resize_with(layer + 1, LayerTrace::default);
         }
-        let seen = sight(&self.blocks, retrieved, blocks);
-        let rank = rank(&self.blocks, scores);
+        let (starts, size) = (read.block_starts, self.block_size);
+        let needle_blocks = blocks_of(&self.span, starts, size);
+        if needle_blocks.len() > self.blocks.len() {
+            let beyond_sinks = self.span.start.max(starts[0])..self.span.end;
+            self.cut = !needle_blocks
+                .iter()
+                .any(|&b| starts[b] <= beyond_sinks.start && beyond_sinks.end <= starts[b] + size);
+            self.blocks.clone_from(&needle_blocks);
+        }
+        let positions = read.positions.clone();
+        let seen = sight(&self.span, read.retrieved, starts, size, read.recent_start);
+        let rank = rank(&needle_blocks, read.scores);
         let trace = &mut self.layers[layer];
         if positions.start >= self.prompt_len {
             if trace.decode.is_empty() {
@@ -163,7 +188,7 @@ impl NeedleTrace {
         if positions.contains(&(self.prompt_len.max(1) - 1)) {
             trace.at_answer = Some(seen);
         }
-        if !self.blocks.is_empty() && blocks > self.blocks.start {
+        if !needle_blocks.is_empty() {
             trace.prefill_chances += 1;
             trace.prefill_whole += usize::from(seen == Sight::Whole);
         }
@@ -189,7 +214,8 @@ impl NeedleTrace {
         let prefill_share = (chances > 0).then(|| whole as f64 / chances as f64);
         NeedleReport {
             span: (self.span.start, self.span.end),
-            blocks: self.blocks.clone().collect(),
+            blocks: self.blocks.clone(),
+            cut: self.cut,
             layers: self.layers.len(),
             at_question: count(&|l| l.at_question, Sight::Whole),
             at_question_partly: count(&|l| l.at_question, Sight::Part),
@@ -223,9 +249,14 @@ impl NeedleTrace {
 pub struct NeedleReport {
     /// Token span of the needle in the prompt.
     pub span: (usize, usize),
-    /// Memory blocks holding its tokens (more than one: cut across a block
-    /// boundary; none: it lies in the sinks).
+    /// Memory blocks holding its tokens (none: it lies in the sinks, or no
+    /// block holding it was formed).
     pub blocks: Vec<usize>,
+    /// Whether no single block holds all of it beyond the sinks: it was cut
+    /// across a block boundary (with overlapping `sentence` blocks, it may
+    /// lie in two blocks and still whole in one of them).
+    #[serde(default)]
+    pub cut: bool,
     /// Layers traced.
     pub layers: usize,
     /// Layers that attended the whole needle at the execution block reading
@@ -263,31 +294,86 @@ pub struct NeedleReport {
 mod tests {
     use super::*;
 
-    #[test]
-    fn a_needle_maps_to_the_blocks_its_tokens_fall_in() {
-        // n_init 4, blocks of 8: block 0 is tokens 4..12, block 1 12..20.
-        assert_eq!(blocks_of(&(5..9), 4, 8), 0..1);
-        assert_eq!(blocks_of(&(10..14), 4, 8), 0..2, "cut across a boundary");
-        assert_eq!(blocks_of(&(0..3), 4, 8), 0..0, "in the sinks");
-        assert_eq!(blocks_of(&(2..6), 4, 8), 0..1, "partly in the sinks");
-        assert_eq!(blocks_of(&(12..20), 4, 8), 1..2);
+    /// Block starts with `n_init` 4 and fixed blocks of 8: block `b` holds
+    /// tokens `4 + 8b .. 12 + 8b`.
+    fn fixed_starts(blocks: usize) -> Vec<usize> {
+        (0..blocks).map(|b| 4 + 8 * b).collect()
     }
 
     #[test]
-    fn sight_counts_only_blocks_that_exist() {
-        assert_eq!(sight(&(1..3), &[1, 2, 5], 6), Sight::Whole);
-        assert_eq!(sight(&(1..3), &[2, 5], 6), Sight::Part);
-        assert_eq!(sight(&(1..3), &[0, 5], 6), Sight::Missed);
+    fn a_needle_maps_to_the_blocks_its_tokens_fall_in() {
+        let starts = fixed_starts(4);
+        assert_eq!(blocks_of(&(5..9), &starts, 8), vec![0]);
+        assert_eq!(
+            blocks_of(&(10..14), &starts, 8),
+            vec![0, 1],
+            "cut across a boundary"
+        );
+        assert_eq!(
+            blocks_of(&(0..3), &starts, 8),
+            Vec::<usize>::new(),
+            "in the sinks"
+        );
+        assert_eq!(
+            blocks_of(&(2..6), &starts, 8),
+            vec![0],
+            "partly in the sinks"
+        );
+        assert_eq!(blocks_of(&(12..20), &starts, 8), vec![1]);
+        // Overlapping blocks (sentence boundaries): 4..12, 9..17, 15..23.
+        assert_eq!(blocks_of(&(10..14), &[4, 9, 15], 8), vec![0, 1]);
+    }
+
+    #[test]
+    fn sight_counts_only_tokens_behind_blocks() {
+        let starts = fixed_starts(6);
+        // Needle 12..28: blocks 1 and 2.
+        assert_eq!(sight(&(12..28), &[1, 2, 5], &starts, 8, 52), Sight::Whole);
+        assert_eq!(sight(&(12..28), &[2, 5], &starts, 8, 52), Sight::Part);
+        assert_eq!(sight(&(12..28), &[0, 5], &starts, 8, 52), Sight::Missed);
         // Block 2 not formed yet: its tokens are still recent, so attended.
-        assert_eq!(sight(&(1..3), &[1], 2), Sight::Whole);
-        assert_eq!(sight(&(0..0), &[], 0), Sight::Whole);
+        assert_eq!(sight(&(12..28), &[1], &starts[..2], 8, 20), Sight::Whole);
+        assert_eq!(sight(&(12..28), &[], &[], 8, 0), Sight::Whole);
+        // Overlapping blocks 4..12, 9..17, 15..23: a needle at 10..14 lies
+        // whole in block 1, partly in block 0.
+        let overlapping = [4, 9, 15];
+        assert_eq!(sight(&(10..14), &[1], &overlapping, 8, 21), Sight::Whole);
+        assert_eq!(sight(&(10..14), &[0], &overlapping, 8, 21), Sight::Part);
+        assert_eq!(sight(&(10..14), &[2], &overlapping, 8, 21), Sight::Missed);
+    }
+
+    #[test]
+    fn a_needle_whole_in_one_overlapping_block_is_not_cut() {
+        let mut trace = NeedleTrace::new(10..14, None, 100, 8);
+        let read = BlockRead {
+            positions: &(40..48),
+            retrieved: &[1],
+            scores: &[],
+            blocks: 3,
+            block_starts: &[4, 9, 15],
+            recent_start: 21,
+        };
+        trace.observe(0, &read);
+        let report = trace.report();
+        assert_eq!((report.blocks, report.cut), (vec![0, 1], false));
+        let mut trace = NeedleTrace::new(10..14, None, 100, 8);
+        trace.observe(
+            0,
+            &BlockRead {
+                block_starts: &[4, 12],
+                recent_start: 20,
+                ..read
+            },
+        );
+        let report = trace.report();
+        assert_eq!((report.blocks, report.cut), (vec![0, 1], true));
     }
 
     #[test]
     fn layers_that_retrieve_the_needle_are_counted_and_others_not() {
         // Needle at tokens 20..30: blocks 2 and 3 (n_init 4, blocks of 8).
         // Prompt of 100 tokens, question at 90..99, execution blocks of 16.
-        let mut trace = NeedleTrace::new(20..30, Some(99), 100, 4, 8);
+        let mut trace = NeedleTrace::new(20..30, Some(99), 100, 8);
         let layers: [&[usize]; 3] = [&[2, 3], &[3, 7], &[0, 1]];
         // Scores consistent with those picks: block 3 is 2nd, then 4th best.
         let scores = [
@@ -295,20 +381,26 @@ mod tests {
             [0.0, 0.0, 0.0, 8.0, 0.0, 0.0, 0.0, 9.0, 0.0],
             [9.0, 8.0, 1.0, 2.0, 7.0, 6.0, 0.0, 0.0, 0.0],
         ];
+        let all = fixed_starts(9);
         for (layer, retrieved) in layers.iter().enumerate() {
+            let row = [scores[layer].to_vec()];
             for start in (0..96usize).step_by(16) {
                 // Blocks exist once their tokens have left a 16-token window.
-                let blocks = start.saturating_sub(20) / 8;
-                trace.observe(layer, start..start + 16, retrieved, &[], blocks);
+                let formed = &all[..start.saturating_sub(20) / 8];
+                trace.observe(
+                    layer,
+                    &trace_read(&(start..start + 16), retrieved, &[], formed),
+                );
             }
-            trace.observe(layer, 96..99, retrieved, &[scores[layer].to_vec()], 9);
+            trace.observe(layer, &trace_read(&(96..99), retrieved, &row, &all));
             // The prompt's last token: layer 1 now sees all of the needle.
             let last: &[usize] = if layer == 1 { &[2, 3] } else { retrieved };
-            trace.observe(layer, 99..100, last, &[scores[layer].to_vec()], 9);
-            trace.observe(layer, 100..101, retrieved, &[scores[layer].to_vec()], 9);
+            trace.observe(layer, &trace_read(&(99..100), last, &row, &all));
+            trace.observe(layer, &trace_read(&(100..101), retrieved, &row, &all));
         }
         let report = trace.report();
         assert_eq!(report.blocks, vec![2, 3]);
+        assert!(report.cut);
         assert_eq!(report.layers, 3);
         assert_eq!(report.at_question, 1);
         assert_eq!(report.at_question_partly, 1);
@@ -323,5 +415,23 @@ mod tests {
         // at the last, layer 2 never.
         let share = report.prefill_share.unwrap();
         assert!((share - 6.0 / 15.0).abs() < 1e-9, "{share}");
+    }
+
+    /// An execution block's read with fixed blocks of 8 beginning at
+    /// `starts`.
+    fn trace_read<'a>(
+        positions: &'a Range<usize>,
+        retrieved: &'a [usize],
+        scores: &'a [Vec<f32>],
+        starts: &'a [usize],
+    ) -> BlockRead<'a> {
+        BlockRead {
+            positions,
+            retrieved,
+            scores,
+            blocks: starts.len(),
+            block_starts: starts,
+            recent_start: starts.last().map_or(4, |s| s + 8),
+        }
     }
 }

@@ -68,7 +68,9 @@ pub fn sequence_bytes_bound(
             if config.mode == Mode::Streaming {
                 window
             } else {
-                let blocks = tokens.saturating_sub(init) / config.block_size;
+                // Blocks may begin half a block apart (`sentence`
+                // boundaries), each holding `block_size` tokens.
+                let blocks = tokens.saturating_sub(init) / config.min_block_advance();
                 let slabs = blocks.div_ceil(SLAB_BLOCKS);
                 let block_dtype = config.block_dtype.resolve(model.dtype);
                 window
@@ -76,6 +78,9 @@ pub fn sequence_bytes_bound(
                     // f32 representative key per block and query head; the
                     // vector may hold up to twice its length.
                     + 2 * blocks * heads * model.k_head_dim * 4
+                    // Each block's first position; the vector may hold up to
+                    // twice its length.
+                    + 2 * blocks * std::mem::size_of::<usize>()
                     // f32 question vector.
                     + heads * model.k_head_dim * 4
             }
@@ -124,5 +129,17 @@ pub(crate) mod tests {
         );
         let dense = Policy::dense();
         assert!(sequence_bytes_bound(&dense, &engine, &model, 1000) >= 1000 * per_token);
+        // Sentence boundaries: blocks may begin half a block apart, so up to
+        // twice the block bytes.
+        let sentence = Policy {
+            boundaries: crate::config::Boundaries::Sentence,
+            ..config
+        };
+        let sentence_growth = sequence_bytes_bound(&sentence, &engine, &model, 64 * 1024)
+            - sequence_bytes_bound(&sentence, &engine, &model, 32 * 1024);
+        assert!(
+            sentence_growth >= 2 * 32 * 1024 * per_token,
+            "{sentence_growth}"
+        );
     }
 }

@@ -21,6 +21,7 @@
 //! [`LayerMemory::append`] cuts a call into execution blocks.
 
 pub mod block_store;
+pub mod boundaries;
 pub mod budget;
 pub mod kv_buffer;
 pub mod ledger;
@@ -31,6 +32,7 @@ use std::ops::Range;
 use candle_core::{DType, Result, Tensor};
 
 pub use block_store::BlockStore;
+pub use boundaries::{block_advance, SENTENCE_END_TEXTS};
 pub use budget::{sequence_bytes_bound, ModelShape};
 pub use kv_buffer::KvBuffer;
 pub use ledger::{Eviction, Ledger, ReadPlan};
@@ -53,6 +55,9 @@ pub struct LayerStats {
     pub recent: usize,
     /// Memory blocks held.
     pub blocks: usize,
+    /// Tokens behind the memory blocks, each counted once (blocks overlap
+    /// with sentence boundaries).
+    pub blocked: usize,
     /// Bytes allocated for memory blocks.
     pub block_bytes: usize,
     /// Evicted tokens that were dropped (`streaming` only).
@@ -72,6 +77,8 @@ pub struct LayerMemory {
     /// Local attention received by each recent token, `heads` per token.
     local_score: Vec<f32>,
     blocks: BlockStore,
+    /// Position of each block's first token.
+    block_starts: Vec<usize>,
     retrieval: Retrieval,
 }
 
@@ -91,6 +98,9 @@ pub struct StepArgs<'a> {
     /// The layer this memory is, and the sequence's cross-layer votes
     /// (`consensus`; `None` when the layer runs alone).
     pub votes: Option<(usize, &'a RefCell<LayerVotes>)>,
+    /// Whether each token of the sequence ends a sentence, as far as known
+    /// (`sentence` boundaries; later tokens count as not).
+    pub sentence_ends: &'a [bool],
 }
 
 /// What one execution block read and retrieved, for instruments.
@@ -104,6 +114,11 @@ pub struct BlockRead<'a> {
     pub scores: &'a [Vec<f32>],
     /// Blocks that existed when it was read.
     pub blocks: usize,
+    /// Position of each of those blocks' first token (a block holds
+    /// `block_size` tokens).
+    pub block_starts: &'a [usize],
+    /// Position of the oldest token not yet behind a block.
+    pub recent_start: usize,
 }
 
 impl LayerMemory {
@@ -119,6 +134,7 @@ impl LayerMemory {
             init: self.init.len(),
             recent: self.recent.len(),
             blocks: self.blocks.len(),
+            blocked: self.ledger.blocked(),
             block_bytes: self.blocks.bytes(),
             dropped: self.ledger.dropped(),
             last_retrieved: self.retrieval.retrieved().to_vec(),
@@ -144,6 +160,16 @@ impl LayerMemory {
         self.blocks.len()
     }
 
+    /// Position of each block's first token.
+    pub fn block_starts(&self) -> &[usize] {
+        &self.block_starts
+    }
+
+    /// Position of the oldest token not yet behind a block (or a sink).
+    pub fn recent_start(&self) -> usize {
+        self.ledger.recent_start()
+    }
+
     /// The question's rows, once captured or set: `heads * d` values (the
     /// question vector), or `heads * r * d` with `question_rows = "tokens"`.
     pub fn question_vector(&self) -> Option<&[f32]> {
@@ -162,6 +188,7 @@ impl LayerMemory {
             + self.recent.bytes()
             + self.blocks.bytes()
             + self.local_score.capacity() * 4
+            + self.block_starts.capacity() * std::mem::size_of::<usize>()
             + self.retrieval.bytes()
     }
 
@@ -192,6 +219,7 @@ impl LayerMemory {
             }
             let n = stop.min(offset + len) - pos;
             let blocks = self.blocks.len();
+            let recent_start = self.ledger.recent_start();
             outputs.push(self.read_block(
                 policy,
                 args,
@@ -204,6 +232,8 @@ impl LayerMemory {
                 retrieved: self.retrieval.retrieved(),
                 scores: self.retrieval.scores(),
                 blocks,
+                block_starts: &self.block_starts[..blocks],
+                recent_start,
             });
             start += n;
         }
@@ -437,34 +467,42 @@ impl LayerMemory {
                 )?;
             }
         }
-        self.evict(policy, heads)?;
+        self.evict(policy, heads, args.sentence_ends)?;
         Ok(out)
     }
 
     /// Moves tokens that have left every future window out of the recent
     /// ones, as the ledger plans: into the sinks until they are full, then
     /// into blocks (or nowhere, for `streaming`).
-    fn evict(&mut self, policy: &Policy, heads: usize) -> Result<()> {
+    fn evict(&mut self, policy: &Policy, heads: usize, sentence_ends: &[bool]) -> Result<()> {
         if policy.mode == Mode::Dense {
             candle_core::bail!("qllm: dense mode has no block memory");
         }
-        let plan = self.ledger.plan_eviction(policy);
+        let plan = self
+            .ledger
+            .plan_eviction(policy, |start| block_advance(policy, sentence_ends, start));
         if plan.to_sinks > 0 {
             let (k, v) = self.recent.range(0, plan.to_sinks)?;
             self.init.append(&k, &v)?;
             self.drop_recent(plan.to_sinks, heads);
         }
-        for _ in 0..plan.blocks {
-            self.form_block(policy, heads)?;
+        let mut start = self.ledger.recent_start() + plan.to_sinks;
+        for &advance in &plan.block_advances {
+            self.block_starts.push(start);
+            self.form_block(policy, heads, advance)?;
+            start += advance;
         }
         if plan.dropped > 0 {
             self.drop_recent(plan.dropped, heads);
         }
-        self.ledger.evict(&plan, policy.block_size);
+        self.ledger.evict(&plan);
         Ok(())
     }
 
-    fn form_block(&mut self, policy: &Policy, heads: usize) -> Result<()> {
+    /// Files the oldest `block_size` recent tokens as a block and moves past
+    /// the first `advance` of them; the rest stay recent (and begin the next
+    /// block).
+    fn form_block(&mut self, policy: &Policy, heads: usize, advance: usize) -> Result<()> {
         let bs = policy.block_size;
         let (k, v) = self.recent.range(0, bs)?;
         let dtype = policy.block_dtype.resolve(k.dtype());
@@ -478,7 +516,7 @@ impl LayerMemory {
             heads,
         );
         self.blocks.push(&k.to_dtype(dtype)?, &v.to_dtype(dtype)?)?;
-        self.drop_recent(bs, heads);
+        self.drop_recent(advance, heads);
         Ok(())
     }
 
@@ -495,7 +533,7 @@ mod tests {
     use super::*;
     use crate::attention::reference::{assert_close, random, reference_attention, MemoryState};
     use crate::attention::RopeTable;
-    use crate::config::{QuestionRows, Scoring, Selection};
+    use crate::config::{Boundaries, QuestionRows, Scoring, Selection};
     use crate::retrieval::scores::attention_mass_scores;
     use crate::retrieval::top_k;
 
@@ -540,6 +578,7 @@ mod tests {
             prompt_len: 0,
             masks: &masks,
             votes: None,
+            sentence_ends: &[],
         };
         let (total, planted, bs) = (120, 9, config.block_size);
         let token = config.n_init + planted * bs + 1;
@@ -672,6 +711,7 @@ mod tests {
                     prompt_len: 0,
                     masks: &masks,
                     votes: Some((layer, &votes)),
+                    sentence_ends: &[],
                 };
                 let (q, k) = &inputs[layer];
                 let at = |t: &Tensor| t.narrow(2, p0, 8).unwrap();
@@ -709,6 +749,8 @@ mod tests {
         selective: bool,
         /// Whether KV heads ever retrieved different blocks.
         heads_differ: bool,
+        /// Whether consecutive blocks ever overlapped.
+        overlapped: bool,
         /// Per call: its first position and the blocks per retrieval list.
         picked: Vec<(usize, usize)>,
         /// Every call's output, one after another.
@@ -734,6 +776,8 @@ mod tests {
         votes.borrow_mut().record(1, 0, &[(3, 0), (9, 1)]);
         votes.borrow_mut().record(2, 0, &[(3, 0)]);
         let with_question = config.question_topk > 0;
+        // Sentence ends at irregular places, for `sentence` boundaries.
+        let sentence_ends: Vec<bool> = (0..132).map(|p| (p * 5 + 3) % 7 < 2).collect();
         let args = StepArgs {
             rope: &rope,
             softmax_scale: 0.25,
@@ -741,6 +785,7 @@ mod tests {
             prompt_len: if with_question { 121 } else { 0 },
             masks: &masks,
             votes: Some((0, &votes)),
+            sentence_ends: &sentence_ends,
         };
         let total = 132;
         // Peaky queries and keys so retrieval has clear winners.
@@ -753,7 +798,9 @@ mod tests {
         let mut p0 = 0;
         while p0 < total {
             let e = if p0 < 120 { 8 } else { 1 };
-            let (init, blocks) = (memory.stats().init, memory.block_count());
+            let init = memory.stats().init;
+            let (block_starts, recent_start) =
+                (memory.block_starts().to_vec(), memory.recent_start());
             let q = q_all.narrow(2, p0, e).unwrap();
             let out = memory
                 .append(
@@ -769,7 +816,7 @@ mod tests {
             picked.push((p0, retrieved.first().map_or(0, Vec::len)));
             selective |= retrieved
                 .first()
-                .is_some_and(|p| blocks > p.len() && !p.is_empty());
+                .is_some_and(|p| block_starts.len() > p.len() && !p.is_empty());
             heads_differ |= retrieved.windows(2).any(|w| w[0] != w[1]);
             let expected = reference_attention(
                 config,
@@ -780,7 +827,8 @@ mod tests {
                 &MemoryState {
                     p0,
                     init,
-                    blocks,
+                    block_starts: &block_starts,
+                    recent_start,
                     retrieved: &retrieved,
                 },
                 args.softmax_scale,
@@ -793,10 +841,15 @@ mod tests {
             masks.clear();
             p0 += e;
         }
+        let overlapped = memory
+            .block_starts()
+            .windows(2)
+            .any(|w| w[1] - w[0] < config.block_size);
         Compared {
             worst,
             selective,
             heads_differ,
+            overlapped,
             picked,
             outputs,
         }
@@ -853,6 +906,44 @@ mod tests {
                 );
                 assert!(diff <= 1e-4, "{name}: max abs difference {diff}");
             }
+        }
+    }
+
+    #[test]
+    fn sentence_boundaries_match_the_written_out_reference() {
+        // Blocks begin after sentence ends, so they overlap; the reference
+        // reads each retrieved block's tokens from where it begins.
+        use Selection::{PerKvHead, Shared};
+        for (positions, neighbours, scoring, selection) in [
+            (Positions::Fixed, 0, Scoring::Dot, Shared),
+            (Positions::Ordered, 1, Scoring::AttentionMass, PerKvHead),
+            (Positions::Fixed, 0, Scoring::AttentionMass, PerKvHead),
+            (Positions::Interpolated, 0, Scoring::TokenMax, Shared),
+        ] {
+            let config = Policy {
+                scoring,
+                selection,
+                boundaries: Boundaries::Sentence,
+                ..selective_config(positions, neighbours)
+            };
+            let name = format!("{positions} {neighbours} {scoring} {selection}");
+            let compared = compare_with_reference(&config);
+            assert!(compared.selective, "{name}: every block was retrieved");
+            assert!(compared.overlapped, "{name}: no block began early");
+            assert!(
+                compared.worst <= 1e-4,
+                "{name}: max abs difference {}",
+                compared.worst
+            );
+            let fixed = compare_with_reference(&Policy {
+                boundaries: Boundaries::Fixed,
+                ..config
+            });
+            assert!(!fixed.overlapped, "{name}");
+            assert_ne!(
+                fixed.outputs, compared.outputs,
+                "{name}: boundaries changed nothing"
+            );
         }
     }
 
@@ -935,7 +1026,8 @@ mod tests {
         let state = MemoryState {
             p0: 32,
             init: 4,
-            blocks: 2,
+            block_starts: &[4, 8],
+            recent_start: 12,
             retrieved: &picks,
         };
         let a = reference_attention(&fixed, &rope, &q, &k, &v, &state, 0.25);

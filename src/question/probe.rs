@@ -8,9 +8,10 @@ use mistralrs_core::{MistralRs, NormalRequest, Request, RequestMessage, Response
 
 use super::text::{find_question, prompt_bytes, Question, QuestionSource};
 use crate::client::tokenize_with;
-use crate::config::{Policy, RequestOptions};
+use crate::config::{Boundaries, Policy, RequestOptions};
 use crate::engine::{Needle, QllmHook, RequestPlan};
 use crate::error::{Error, Result};
+use crate::memory::SENTENCE_END_TEXTS;
 
 /// Removes a request's settings from the hook when dropped: keep it until
 /// the request's response is complete.
@@ -59,6 +60,9 @@ pub async fn prepare(
     options: &RequestOptions,
 ) -> Result<Prepared> {
     let policy = options.apply(hook.config())?;
+    if policy.boundaries == Boundaries::Sentence && !hook.knows_sentence_ends() {
+        hook.set_sentence_end_tokens(sentence_end_tokens(mistralrs).await?);
+    }
     let question = match &options.question {
         Some(text) => Some(Question {
             text: text.clone(),
@@ -119,6 +123,31 @@ pub async fn prepare(
         question_tokens: question_tokens.len(),
         probed,
     })
+}
+
+/// The model's sentence-end tokens: each of [`SENTENCE_END_TEXTS`] that its
+/// tokenizer spells as one token, alone or after a word.
+pub async fn sentence_end_tokens(mistralrs: &MistralRs) -> Result<Vec<u32>> {
+    const WORD: &str = "Fine";
+    let word = tokenize_with(mistralrs, WORD, false).await?;
+    let mut tokens = Vec::new();
+    for text in SENTENCE_END_TEXTS {
+        if let [token] = tokenize_with(mistralrs, text, false).await?[..] {
+            tokens.push(token);
+        }
+        let after = tokenize_with(mistralrs, &format!("{WORD}{text}"), false).await?;
+        if after.len() == word.len() + 1 && after.starts_with(&word) {
+            tokens.extend(after.last());
+        }
+    }
+    if tokens.is_empty() {
+        return Err(Error::Request(
+            "the tokenizer spells no sentence end (`.`, `?`, `!`, a line break) as one token; \
+             use `boundaries = \"fixed\"`"
+                .into(),
+        ));
+    }
+    Ok(tokens)
 }
 
 /// Runs the question alone through the model (one token generated) so the

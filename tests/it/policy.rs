@@ -33,6 +33,7 @@ fn small_config(mode: Mode) -> Policy {
         consensus: 0,
         question_topk: 0,
         block_dtype: BlockDType::Model,
+        boundaries: qllm::Boundaries::Fixed,
     }
 }
 

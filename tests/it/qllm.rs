@@ -14,7 +14,8 @@ use mistralrs_core::attention_hook::{
 use mistralrs_core::ModelDType;
 use qllm::attention::reference::{reference_attention, MemoryState};
 use qllm::{
-    LayerStats, Mode, Policy, Positions, QllmConfig, QllmHook, QuestionRows, Scoring, Selection,
+    Boundaries, LayerStats, Mode, Policy, Positions, QllmConfig, QllmHook, QuestionRows, Scoring,
+    Selection,
 };
 
 use crate::engine::{engine_lock, generate_tokens, load_gguf, max_abs_diff, runtime};
@@ -133,6 +134,7 @@ fn qllm_equals_dense_when_the_window_covers_the_sequence() {
             0,
             Selection::Shared,
             QuestionRows::Mean,
+            Boundaries::Fixed,
         ),
         (
             Mode::Streaming,
@@ -141,6 +143,7 @@ fn qllm_equals_dense_when_the_window_covers_the_sequence() {
             0,
             Selection::Shared,
             QuestionRows::Mean,
+            Boundaries::Fixed,
         ),
         (
             Mode::Qllm,
@@ -149,6 +152,7 @@ fn qllm_equals_dense_when_the_window_covers_the_sequence() {
             1,
             Selection::Shared,
             QuestionRows::Mean,
+            Boundaries::Fixed,
         ),
         (
             Mode::Qllm,
@@ -157,6 +161,7 @@ fn qllm_equals_dense_when_the_window_covers_the_sequence() {
             0,
             Selection::Shared,
             QuestionRows::Mean,
+            Boundaries::Fixed,
         ),
         (
             Mode::Qllm,
@@ -165,6 +170,7 @@ fn qllm_equals_dense_when_the_window_covers_the_sequence() {
             0,
             Selection::PerKvHead,
             QuestionRows::Mean,
+            Boundaries::Fixed,
         ),
         (
             Mode::Qllm,
@@ -173,6 +179,7 @@ fn qllm_equals_dense_when_the_window_covers_the_sequence() {
             1,
             Selection::PerKvHead,
             QuestionRows::Mean,
+            Boundaries::Sentence,
         ),
         (
             Mode::Qllm,
@@ -181,11 +188,13 @@ fn qllm_equals_dense_when_the_window_covers_the_sequence() {
             0,
             Selection::Shared,
             QuestionRows::Tokens,
+            Boundaries::Fixed,
         ),
     ];
-    for (mode, positions, scoring, neighbours, selection, question_rows) in variants {
+    for (mode, positions, scoring, neighbours, selection, question_rows, boundaries) in variants {
         let config = QllmConfig::from(Policy {
             mode,
+            boundaries,
             positions,
             scoring,
             neighbours,
@@ -206,11 +215,13 @@ fn qllm_equals_dense_when_the_window_covers_the_sequence() {
         })
         .with_prefill_chunk_size(16);
         let hook = Recording::new(config);
+        hook.inner.set_sentence_end_tokens(sentence_end_tokens());
         let got = logits_with(&file, hook.clone(), &prompts, || hook.settled());
         let diff = max_abs_diff(&reference, &got);
         assert!(
             diff <= 1e-4,
-            "{mode:?} {positions} {scoring} {selection} {question_rows}: max abs logit difference {diff}"
+            "{mode:?} {positions} {scoring} {selection} {question_rows} {boundaries}: max abs logit \
+             difference {diff}"
         );
         // The engine's own warm-up request ends too; ours are the long ones.
         let ended = hook.ended.lock().unwrap();
@@ -376,4 +387,58 @@ fn chunking_does_not_change_selective_retrieval() {
         );
         assert_eq!(retrieved, picked, "chunk {chunk}");
     }
+}
+
+/// Token ids the tiny model's tests treat as sentence ends: those at every
+/// sixth place of `prompt(150, 5)`.
+fn sentence_end_tokens() -> Vec<u32> {
+    prompt(150, 5).into_iter().step_by(6).collect()
+}
+
+/// Sentence boundaries inside the engine: blocks begin after sentence-end
+/// tokens, so more of them form, overlapping, than fixed boundaries give;
+/// the memory still accounts for every token once, and the output does not
+/// depend on how the prompt is cut into chunks.
+#[test]
+fn sentence_boundaries_overlap_blocks_whatever_the_chunks() {
+    let _guard = engine_lock();
+    let dir = tempfile::tempdir().unwrap();
+    let file = tiny::write(dir.path(), 13, 0.3);
+    let prompts = [prompt(150, 5)];
+    let config = |prefill_chunk_size| {
+        QllmConfig::from(Policy {
+            mode: Mode::Qllm,
+            n_init: 8,
+            n_local: 32,
+            block_size: 8,
+            exc_block_size: 16,
+            topk: 2,
+            repr_topk: 2,
+            boundaries: Boundaries::Sentence,
+            ..Policy::default()
+        })
+        .with_prefill_chunk_size(prefill_chunk_size)
+    };
+    let ends = sentence_end_tokens();
+    let ends_in_prompt = prompts[0].iter().filter(|t| ends.contains(t)).count();
+    assert!(ends_in_prompt > 10, "{ends_in_prompt}");
+    let mut runs = Vec::new();
+    for chunk in [16, 48] {
+        let hook = Recording::new(config(chunk));
+        hook.inner.set_sentence_end_tokens(ends.clone());
+        let logits = logits_with(&file, hook.clone(), &prompts, || hook.settled());
+        let layer0 = hook.first_layer_of(166);
+        // Fixed boundaries form 15 blocks of 8 here (chunking test above).
+        assert!(layer0.blocks > 15, "{layer0:?}");
+        assert!(layer0.blocked < layer0.blocks * 8, "{layer0:?}");
+        assert_eq!(
+            layer0.init + layer0.blocked + layer0.recent,
+            166,
+            "{layer0:?}"
+        );
+        runs.push((logits, layer0.last_retrieved.clone()));
+    }
+    let diff = max_abs_diff(&runs[0].0, &runs[1].0);
+    assert!(diff <= 1e-4, "max abs logit difference {diff}");
+    assert_eq!(runs[0].1, runs[1].1);
 }
