@@ -168,11 +168,9 @@ pub fn reference_attention(
                 };
                 seen.push((j, score * softmax_scale));
             }
-            for j in (pos + 1).saturating_sub(n_local)..=pos {
-                seen.push((
-                    j,
-                    dot_slow(&q_window[h][i], &k_window[g][j]) * softmax_scale,
-                ));
+            let window = (pos + 1).saturating_sub(n_local);
+            for (j, key) in k_window[g].iter().enumerate().take(pos + 1).skip(window) {
+                seen.push((j, dot_slow(&q_window[h][i], key) * softmax_scale));
             }
             let max = seen.iter().fold(f32::MIN, |m, &(_, s)| m.max(s));
             let total: f32 = seen.iter().map(|(_, s)| (s - max).exp()).sum();

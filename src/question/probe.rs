@@ -61,7 +61,9 @@ pub async fn prepare(
 ) -> Result<Prepared> {
     let policy = options.apply(hook.config())?;
     if policy.boundaries == Boundaries::Sentence && !hook.knows_sentence_ends() {
-        hook.set_sentence_end_tokens(sentence_end_tokens(mistralrs).await?);
+        let tokens = sentence_end_tokens(mistralrs).await?;
+        tracing::info!("qllm: sentence-end tokens {tokens:?}");
+        hook.set_sentence_end_tokens(tokens);
     }
     let question = match &options.question {
         Some(text) => Some(Question {
