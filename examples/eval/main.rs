@@ -82,6 +82,9 @@ struct Cell {
     /// Whether the needle's memory blocks were retrieved, per layer.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     needle: Option<NeedleReport>,
+    /// Memory blocks of a layer, and the Q-LLM state's bytes, at the end.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    memory: Option<(usize, usize)>,
 }
 
 impl Cell {
@@ -499,6 +502,7 @@ fn run_plan(
                     decode_tok_s: f64::from(done.usage.avg_compl_tok_per_sec),
                     peak_rss_mib: peak_rss_mib(),
                     error: None,
+                    memory: done.report.as_ref().map(|r| (r.blocks, r.memory_bytes)),
                     needle: done.report.and_then(|r| r.needle),
                 },
                 Err(e) => Cell {
@@ -519,6 +523,7 @@ fn run_plan(
                     peak_rss_mib: peak_rss_mib(),
                     error: Some(format!("{e:#}")),
                     needle: None,
+                    memory: None,
                 },
             };
             let line = format!(
