@@ -224,6 +224,11 @@ fn serve_extension_question_override_off_switch_and_bad_options() {
 /// village's founding year in Paul Graham's essays, the question last),
 /// built by the evaluation's generator with SmolLM2's tokenizer.
 fn fact_prompt_12k() -> eval::Sample {
+    fact_prompt(12_288)
+}
+
+/// The `fact` task's prompt at `tokens` tokens, needle at 10%.
+fn fact_prompt(tokens: usize) -> eval::Sample {
     let _lock = engine_lock();
     let mistralrs = runtime().block_on(load_gguf(&assets::smollm2(), ModelDType::F32));
     let tokenizer = EngineTokenizer::new(&mistralrs).unwrap();
@@ -231,7 +236,7 @@ fn fact_prompt_12k() -> eval::Sample {
         .expect("scripts/test.sh fetches the essays");
     eval::generate(
         Task::Fact,
-        12_288,
+        tokens,
         0.1,
         1,
         Placement::Last,
@@ -271,4 +276,60 @@ fn serve_answers_a_fact_in_prose_beyond_the_window_with_the_defaults() {
         "{report}"
     );
     assert_eq!(report["question_vectors"], "probe", "{report}");
+}
+
+/// `"boundaries": "sentence"` through the server: the sentence ends come
+/// from SmolLM2's own tokenizer, and blocks that begin after them overlap,
+/// so the same prose fills more blocks while every token is still counted
+/// once.
+#[test]
+fn serve_cuts_memory_blocks_at_sentence_ends_on_request() {
+    let sample = fact_prompt(4096);
+    let (_server, port) = start_server();
+    let ask = |extension: Value| {
+        let (status, reply) = post_json(
+            port,
+            "/v1/completions",
+            &json!({"model": "default", "prompt": sample.prompt, "max_tokens": 4,
+                    "temperature": 0, "qllm": extension})
+            .to_string(),
+        );
+        assert_eq!(status, 200, "{extension}: {reply}");
+        reply["qllm"].clone()
+    };
+    let fixed = ask(json!({}));
+    let sentence = ask(json!({"boundaries": "sentence"}));
+    let count = |report: &Value, key: &str| report[key].as_u64().unwrap();
+    // 128 sinks, a 512-token window, blocks of 64; up to 3 answer tokens
+    // read after the prompt.
+    let prompt_tokens = count(&fixed, "prompt_tokens");
+    assert!(prompt_tokens > 4000, "{fixed}");
+    let fixed_blocks = count(&fixed, "blocks");
+    assert!(
+        ((prompt_tokens - 640) / 64..=(prompt_tokens + 3 - 640) / 64).contains(&fixed_blocks),
+        "{fixed}"
+    );
+    assert!(
+        count(&sentence, "blocks") > fixed_blocks + 5,
+        "{sentence} against {fixed}"
+    );
+    assert!(
+        count(&sentence, "tokens_in_memory") < count(&sentence, "blocks") * 64,
+        "{sentence}"
+    );
+    // Both keep a window and less than a block outside the blocks (the
+    // prompt's count, give or take the answer tokens read after it).
+    for report in [&fixed, &sentence] {
+        let outside = prompt_tokens - 128 - count(report, "tokens_in_memory");
+        assert!((512 - 3..512 + 64).contains(&outside), "{report}");
+    }
+    let (status, error) = post_json(
+        port,
+        "/v1/completions",
+        &json!({"model": "default", "prompt": "Hello.", "max_tokens": 1,
+                "qllm": {"boundaries": "words"}})
+        .to_string(),
+    );
+    assert_eq!(status, 400, "{error}");
+    assert!(error.to_string().contains("words"), "{error}");
 }
