@@ -871,79 +871,84 @@ mod tests {
 
     #[test]
     fn selective_retrieval_matches_the_written_out_reference() {
+        // With sentence boundaries blocks begin after sentence ends and
+        // overlap; the reference reads each retrieved block's tokens from
+        // where it begins.
+        use Boundaries::{Fixed, Sentence};
         use Selection::{PerKvHead, Shared};
-        for (positions, neighbours, scoring, selection) in [
-            (Positions::Fixed, 0, Scoring::Dot, Shared),
-            (Positions::Ordered, 0, Scoring::Dot, Shared),
-            (Positions::Fixed, 1, Scoring::Dot, Shared),
-            (Positions::Ordered, 1, Scoring::HeadSoftmax, Shared),
-            (Positions::Fixed, 0, Scoring::TokenMax, Shared),
-            (Positions::Fixed, 0, Scoring::AttentionMass, Shared),
-            (Positions::Fixed, 0, Scoring::Dot, PerKvHead),
-            (Positions::Ordered, 1, Scoring::AttentionMass, PerKvHead),
-            (Positions::Fixed, 0, Scoring::TokenMax, PerKvHead),
+        for (positions, neighbours, scoring, selection, boundaries) in [
+            (Positions::Fixed, 0, Scoring::Dot, Shared, Fixed),
+            (Positions::Ordered, 0, Scoring::Dot, Shared, Fixed),
+            (Positions::Fixed, 1, Scoring::Dot, Shared, Fixed),
+            (Positions::Ordered, 1, Scoring::HeadSoftmax, Shared, Fixed),
+            (Positions::Fixed, 0, Scoring::TokenMax, Shared, Fixed),
+            (Positions::Fixed, 0, Scoring::AttentionMass, Shared, Fixed),
+            (Positions::Fixed, 0, Scoring::Dot, PerKvHead, Fixed),
+            (
+                Positions::Ordered,
+                1,
+                Scoring::AttentionMass,
+                PerKvHead,
+                Cut,
+            ),
+            (Positions::Fixed, 0, Scoring::TokenMax, PerKvHead, Fixed),
+            (Positions::Fixed, 0, Scoring::Dot, Shared, Sentence),
+            (
+                Positions::Ordered,
+                1,
+                Scoring::AttentionMass,
+                PerKvHead,
+                Sentence,
+            ),
+            (
+                Positions::Fixed,
+                0,
+                Scoring::AttentionMass,
+                PerKvHead,
+                Sentence,
+            ),
+            (
+                Positions::Interpolated,
+                0,
+                Scoring::TokenMax,
+                Shared,
+                Sentence,
+            ),
         ] {
             for consensus in [0, 1] {
                 let config = Policy {
                     scoring,
                     selection,
                     consensus,
+                    boundaries,
                     ..selective_config(positions, neighbours)
                 };
-                let name = format!("{positions} {neighbours} {scoring} {selection} {consensus}");
-                let Compared {
-                    worst: diff,
-                    selective,
-                    heads_differ,
-                    ..
-                } = compare_with_reference(&config);
-                assert!(selective, "{name}: every block was retrieved");
+                let name = format!(
+                    "{positions} {neighbours} {scoring} {selection} {consensus} {boundaries}"
+                );
+                let compared = compare_with_reference(&config);
+                assert!(compared.selective, "{name}: every block was retrieved");
                 // Otherwise the per-head gather would go untested.
                 assert_eq!(
-                    heads_differ,
+                    compared.heads_differ,
                     selection == PerKvHead,
                     "{name}: KV heads retrieved different blocks"
                 );
+                assert_eq!(
+                    compared.overlapped,
+                    boundaries == Sentence,
+                    "{name}: blocks began early"
+                );
+                let diff = compared.worst;
                 assert!(diff <= 1e-4, "{name}: max abs difference {diff}");
+                if boundaries == Sentence {
+                    let fixed = compare_with_reference(&Policy {
+                        boundaries: Fixed,
+                        ..config
+                    });
+                    assert_ne!(fixed.outputs, compared.outputs, "{name}: nothing changed");
+                }
             }
-        }
-    }
-
-    #[test]
-    fn sentence_boundaries_match_the_written_out_reference() {
-        // Blocks begin after sentence ends, so they overlap; the reference
-        // reads each retrieved block's tokens from where it begins.
-        use Selection::{PerKvHead, Shared};
-        for (positions, neighbours, scoring, selection) in [
-            (Positions::Fixed, 0, Scoring::Dot, Shared),
-            (Positions::Ordered, 1, Scoring::AttentionMass, PerKvHead),
-            (Positions::Fixed, 0, Scoring::AttentionMass, PerKvHead),
-            (Positions::Interpolated, 0, Scoring::TokenMax, Shared),
-        ] {
-            let config = Policy {
-                scoring,
-                selection,
-                boundaries: Boundaries::Sentence,
-                ..selective_config(positions, neighbours)
-            };
-            let name = format!("{positions} {neighbours} {scoring} {selection}");
-            let compared = compare_with_reference(&config);
-            assert!(compared.selective, "{name}: every block was retrieved");
-            assert!(compared.overlapped, "{name}: no block began early");
-            assert!(
-                compared.worst <= 1e-4,
-                "{name}: max abs difference {}",
-                compared.worst
-            );
-            let fixed = compare_with_reference(&Policy {
-                boundaries: Boundaries::Fixed,
-                ..config
-            });
-            assert!(!fixed.overlapped, "{name}");
-            assert_ne!(
-                fixed.outputs, compared.outputs,
-                "{name}: boundaries changed nothing"
-            );
         }
     }
 

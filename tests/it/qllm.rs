@@ -338,6 +338,23 @@ fn qllm_retrieving_every_block_equals_the_written_out_reference() {
     );
 }
 
+/// Q-LLM with 8 sinks, a 32-token window, execution blocks of 16 and 2
+/// blocks of 8 retrieved (per KV head), prompts fed in chunks of `chunk`.
+fn selective_config(boundaries: Boundaries, chunk: usize) -> QllmConfig {
+    QllmConfig::from(Policy {
+        mode: Mode::Qllm,
+        n_init: 8,
+        n_local: 32,
+        block_size: 8,
+        exc_block_size: 16,
+        topk: 2,
+        repr_topk: 2,
+        boundaries,
+        ..Policy::default()
+    })
+    .with_prefill_chunk_size(chunk)
+}
+
 /// With a retrieval set smaller than the memory (2 of 15 blocks), the
 /// output does not depend on how the prompt is cut into chunks, as long as
 /// chunks end where execution blocks do; other chunk sizes are refused.
@@ -347,19 +364,7 @@ fn chunking_does_not_change_selective_retrieval() {
     let dir = tempfile::tempdir().unwrap();
     let file = tiny::write(dir.path(), 13, 0.3);
     let prompts = [prompt(150, 5)];
-    let config = |prefill_chunk_size| {
-        QllmConfig::from(Policy {
-            mode: Mode::Qllm,
-            n_init: 8,
-            n_local: 32,
-            block_size: 8,
-            exc_block_size: 16,
-            topk: 2,
-            repr_topk: 2,
-            ..Policy::default()
-        })
-        .with_prefill_chunk_size(prefill_chunk_size)
-    };
+    let config = |chunk| selective_config(Boundaries::Fixed, chunk);
     let err = config(40).validate().unwrap_err().to_string();
     assert!(
         err.contains("`prefill_chunk_size` (40) must be a multiple of `exc_block_size` (16)"),
@@ -405,20 +410,7 @@ fn sentence_boundaries_overlap_blocks_whatever_the_chunks() {
     let dir = tempfile::tempdir().unwrap();
     let file = tiny::write(dir.path(), 13, 0.3);
     let prompts = [prompt(150, 5)];
-    let config = |prefill_chunk_size| {
-        QllmConfig::from(Policy {
-            mode: Mode::Qllm,
-            n_init: 8,
-            n_local: 32,
-            block_size: 8,
-            exc_block_size: 16,
-            topk: 2,
-            repr_topk: 2,
-            boundaries: Boundaries::Sentence,
-            ..Policy::default()
-        })
-        .with_prefill_chunk_size(prefill_chunk_size)
-    };
+    let config = |chunk| selective_config(Boundaries::Sentence, chunk);
     let ends = sentence_end_tokens();
     let ends_in_prompt = prompts[0].iter().filter(|t| ends.contains(t)).count();
     assert!(ends_in_prompt > 10, "{ends_in_prompt}");
