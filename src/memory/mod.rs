@@ -889,7 +889,7 @@ mod tests {
                 1,
                 Scoring::AttentionMass,
                 PerKvHead,
-                Cut,
+                Fixed,
             ),
             (Positions::Fixed, 0, Scoring::TokenMax, PerKvHead, Fixed),
             (Positions::Fixed, 0, Scoring::Dot, Shared, Sentence),
