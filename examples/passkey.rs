@@ -190,6 +190,7 @@ async fn main() -> Result<()> {
         .await?;
     if let Some(hook) = &hook {
         hook.set_question(Some(tokenize(&mistralrs, passkey::QUESTION).await?));
+        hook.set_sentence_end_tokens(qllm::question::probe::sentence_end_tokens(&mistralrs).await?);
     }
     // The hook's own bytes, sampled while requests run, to tell its memory
     // from the rest of the process's.
