@@ -57,6 +57,8 @@ pub struct ConfigFile {
     pub consensus: Option<i64>,
     /// See [`Policy::question_topk`].
     pub question_topk: Option<i64>,
+    /// See [`Policy::answer_topk`].
+    pub answer_topk: Option<i64>,
     /// See [`EngineSettings::prefill_chunk_size`].
     pub prefill_chunk_size: Option<i64>,
     /// See [`EngineSettings::max_context_len`].
@@ -110,6 +112,7 @@ impl ConfigFile {
             neighbours: size("neighbours", self.neighbours, base.neighbours, 0)?,
             consensus: size("consensus", self.consensus, base.consensus, 0)?,
             question_topk: size("question_topk", self.question_topk, base.question_topk, 0)?,
+            answer_topk: size("answer_topk", self.answer_topk, base.answer_topk, 0)?,
             block_dtype: self.block_dtype.unwrap_or(base.block_dtype),
             boundaries: self.boundaries.unwrap_or(base.boundaries),
         };
@@ -344,6 +347,8 @@ mod tests {
         assert_eq!(parse("consensus = 2").unwrap().policy.consensus, 2);
         let err = parse("question_topk = 513").unwrap_err();
         assert!(err.contains("`question_topk` is too large: 513"), "{err}");
+        let err = parse("answer_topk = 600").unwrap_err();
+        assert!(err.contains("`answer_topk` is too large: 600"), "{err}");
         assert_eq!(
             parse("question_topk = 256").unwrap().policy.question_topk,
             256

@@ -313,6 +313,18 @@ impl BlockDType {
     }
 }
 
+/// What an execution block reads, for how many blocks it retrieves.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Read {
+    /// Prompt tokens that neither hold the question nor end the prompt.
+    Prompt,
+    /// Prompt tokens that hold the question or end the prompt (the latter
+    /// gives the answer's first token).
+    Question,
+    /// A decode step.
+    Answer,
+}
+
 /// The method's settings: what a sequence's memory and retrieval run with.
 /// A request may override them; the engine settings and memory caps it
 /// cannot.
@@ -357,6 +369,12 @@ pub struct Policy {
     /// [`MAX_QUESTION_TOPK`]: those execution blocks attend that many
     /// blocks at once.
     pub question_topk: usize,
+    /// Blocks retrieved, instead of `topk`, by each decode step (the
+    /// answer's tokens after its first); 0 (the default): `topk`, the
+    /// paper's. With `question_topk` the answer's first token reads the
+    /// question's wide set, and a number spelled digit by digit needs its
+    /// later digits read as widely. At most [`MAX_QUESTION_TOPK`].
+    pub answer_topk: usize,
     /// Storage dtype of memory blocks (the bulk of a long context's memory).
     pub block_dtype: BlockDType,
     /// Where memory blocks begin: at fixed offsets or after sentence ends.
@@ -417,6 +435,7 @@ impl Policy {
             // that `topk` finds; at the fixed distance it misses pass keys at
             // 4K and 16K (README): not a default yet.
             question_topk: 0,
+            answer_topk: 0,
             block_dtype: BlockDType::Model,
             boundaries: Boundaries::Fixed,
         }
@@ -440,7 +459,8 @@ impl Policy {
             // plus an execution block) and the window of an execution block.
             Positions::Ordered => {
                 self.n_init
-                    + (self.topk.max(self.question_topk) + 1) * self.block_size
+                    + (self.topk.max(self.question_topk).max(self.answer_topk) + 1)
+                        * self.block_size
                     + 2 * self.exc_block_size
                     + self.n_local
             }
@@ -451,12 +471,13 @@ impl Policy {
     }
 
     /// Blocks an execution block retrieves: `question_topk` (if set) for
-    /// one that reads the question or the prompt's last token, else `topk`.
-    pub fn topk_for(&self, reads_question: bool) -> usize {
-        if reads_question && self.question_topk > 0 {
-            self.question_topk
-        } else {
-            self.topk
+    /// one that reads the question or the prompt's last token,
+    /// `answer_topk` (if set) for a decode step, else `topk`.
+    pub fn topk_for(&self, read: Read) -> usize {
+        match read {
+            Read::Question if self.question_topk > 0 => self.question_topk,
+            Read::Answer if self.answer_topk > 0 => self.answer_topk,
+            _ => self.topk,
         }
     }
 
@@ -511,15 +532,23 @@ impl Policy {
                 ),
             );
         }
-        if self.question_topk > MAX_QUESTION_TOPK {
-            return invalid(
+        for (key, value, by) in [
+            (
                 "question_topk",
-                format!(
-                    "is too large: {} (at most {MAX_QUESTION_TOPK} blocks, attended at once by \
-                     the question's execution blocks)",
-                    self.question_topk
-                ),
-            );
+                self.question_topk,
+                "the question's execution blocks",
+            ),
+            ("answer_topk", self.answer_topk, "each decode step"),
+        ] {
+            if value > MAX_QUESTION_TOPK {
+                return invalid(
+                    key,
+                    format!(
+                        "is too large: {value} (at most {MAX_QUESTION_TOPK} blocks, attended at \
+                         once by {by})"
+                    ),
+                );
+            }
         }
         if self.consensus > 0 && self.consensus >= self.topk {
             return invalid(

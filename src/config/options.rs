@@ -38,6 +38,8 @@ pub struct RequestOptions {
     pub consensus: Option<i64>,
     /// Blocks retrieved by the question's execution blocks.
     pub question_topk: Option<i64>,
+    /// Blocks retrieved by each decode step.
+    pub answer_topk: Option<i64>,
     /// How blocks are ranked (`dot`, `head_softmax`, `token_max`,
     /// `attention_mass`).
     pub scoring: Option<Scoring>,
@@ -93,6 +95,7 @@ impl RequestOptions {
         config.neighbours = size("neighbours", self.neighbours, config.neighbours, 0)?;
         config.consensus = size("consensus", self.consensus, config.consensus, 0)?;
         config.question_topk = size("question_topk", self.question_topk, config.question_topk, 0)?;
+        config.answer_topk = size("answer_topk", self.answer_topk, config.answer_topk, 0)?;
         for (key, text) in [("question", &self.question), ("needle", &self.needle)] {
             if text.as_ref().is_some_and(|t| t.trim().is_empty()) {
                 return Err(Error::InvalidConfig {
@@ -159,9 +162,13 @@ mod tests {
         assert_eq!(cut.apply(&base).unwrap().boundaries, Boundaries::Sentence);
         assert!(serde_json::from_str::<RequestOptions>(r#"{"boundaries": "words"}"#).is_err());
         let voted: RequestOptions =
-            serde_json::from_str(r#"{"consensus": 2, "question_topk": 64}"#).unwrap();
+            serde_json::from_str(r#"{"consensus": 2, "question_topk": 64, "answer_topk": 32}"#)
+                .unwrap();
         let voted = voted.apply(&base).unwrap();
-        assert_eq!((voted.consensus, voted.question_topk), (2, 64));
+        assert_eq!(
+            (voted.consensus, voted.question_topk, voted.answer_topk),
+            (2, 64, 32)
+        );
         let err = RequestOptions {
             topk: Some(2),
             consensus: Some(2),

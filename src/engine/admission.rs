@@ -153,9 +153,10 @@ pub(crate) fn rope_table_too_small(policy: &Policy, table: usize) -> String {
              table ({table} positions); lower `n_local` or `exc_block_size`"
         ),
         Positions::Ordered => format!(
-            "qllm: `positions = \"ordered\"` needs `n_init` + (max(`topk`, `question_topk`) + 1) x \
-             `block_size` + 2 x `exc_block_size` + `n_local` = {needed} positions, more than the model's RoPE table \
-             ({table} positions); lower them or use `positions = \"fixed\"`"
+            "qllm: `positions = \"ordered\"` needs `n_init` + (max(`topk`, `question_topk`, \
+             `answer_topk`) + 1) x `block_size` + 2 x `exc_block_size` + `n_local` = {needed} \
+             positions, more than the model's RoPE table ({table} positions); lower them or use \
+             `positions = \"fixed\"`"
         ),
         Positions::Interpolated => format!(
             "qllm: `positions = \"interpolated\"` needs `n_local` + `exc_block_size` = {needed} \

@@ -41,7 +41,7 @@ use crate::attention::mask::MaskGeometry;
 use crate::attention::{
     grouped_attention, positions, rotate_f32, rotate_f32_fractional, MaskCache, Rotary,
 };
-use crate::config::{Mode, Policy, Positions};
+use crate::config::{Mode, Policy, Positions, Read};
 use crate::retrieval::{LayerVotes, Retrieval};
 
 /// What a layer's memory holds, for statistics and tests.
@@ -277,16 +277,24 @@ impl LayerMemory {
                 .ranking(layer, plan.queries.start, self.blocks.len())
         });
         // The execution blocks whose queries read the question or give the
-        // answer's first token may retrieve more (`question_topk`).
+        // answer's first token may retrieve more (`question_topk`), and so
+        // may decode steps (`answer_topk`).
         let queries = &plan.queries;
-        let reads_question = args.prompt_len > 0
-            && queries.start < args.prompt_len
-            && (queries.contains(&(args.prompt_len - 1))
-                || args
-                    .question
-                    .as_ref()
-                    .is_some_and(|q| q.start < queries.end && queries.start < q.end));
-        let topk = policy.topk_for(reads_question);
+        let read = if args.prompt_len == 0 {
+            Read::Prompt
+        } else if queries.start >= args.prompt_len {
+            Read::Answer
+        } else if queries.contains(&(args.prompt_len - 1))
+            || args
+                .question
+                .as_ref()
+                .is_some_and(|q| q.start < queries.end && queries.start < q.end)
+        {
+            Read::Question
+        } else {
+            Read::Prompt
+        };
+        let topk = policy.topk_for(read);
         self.retrieval
             .retrieve(policy, &self.blocks, &q_global, (group, topk), &voted)?;
         if let Some((layer, votes)) = votes {
@@ -986,29 +994,43 @@ mod tests {
     }
 
     #[test]
-    fn the_question_and_the_last_prompt_token_retrieve_question_topk_blocks() {
-        for (positions, scoring, selection) in [
+    fn the_question_the_last_prompt_token_and_the_answer_retrieve_their_topk() {
+        for (positions, scoring, selection, answer_topk) in [
             (
                 Positions::Fixed,
                 Scoring::AttentionMass,
                 Selection::PerKvHead,
+                0,
             ),
-            (Positions::Ordered, Scoring::Dot, Selection::Shared),
+            (
+                Positions::Fixed,
+                Scoring::AttentionMass,
+                Selection::PerKvHead,
+                3,
+            ),
+            (Positions::Ordered, Scoring::Dot, Selection::Shared, 0),
+            (Positions::Ordered, Scoring::Dot, Selection::Shared, 4),
         ] {
             let config = Policy {
                 scoring,
                 selection,
                 question_topk: 5,
+                answer_topk,
                 ..selective_config(positions, 0)
             };
             config.validate().unwrap();
             let compared = compare_with_reference(&config);
-            let name = format!("{positions} {scoring} {selection}");
+            let name = format!("{positions} {scoring} {selection} {answer_topk}");
             assert!(compared.worst <= 1e-4, "{name}: {}", compared.worst);
             for &(p0, picked) in &compared.picked {
                 // The call at 96 reads the question, the one at 120 is the
-                // prompt's last token; blocks exist from the first calls on.
-                let want = if p0 == 96 || p0 == 120 { 5 } else { 2 };
+                // prompt's last token, those from 121 on decode; blocks
+                // exist from the first calls on.
+                let want = match p0 {
+                    96 | 120 => 5,
+                    121.. if answer_topk > 0 => answer_topk,
+                    _ => 2,
+                };
                 assert!(picked <= want, "{name}: call at {p0} took {picked}");
                 if p0 >= 32 {
                     assert_eq!(picked, want, "{name}: call at {p0}");
