@@ -112,10 +112,11 @@ impl SeqState {
     }
 
     pub fn bytes(&self) -> usize {
-        match &self.memory {
+        let kv: usize = match &self.memory {
             SeqMemory::Dense(layers) => layers.iter().map(KvBuffer::bytes).sum(),
             SeqMemory::Blocks(layers) => layers.iter().map(LayerMemory::bytes).sum(),
-        }
+        };
+        kv + self.sentence_ends.capacity()
     }
 
     /// What counts against the memory caps: its reservation, or what it

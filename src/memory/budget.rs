@@ -6,7 +6,7 @@ use candle_core::DType;
 
 use super::block_store::SLAB_BLOCKS;
 use super::kv_buffer::grown_capacity;
-use crate::config::{EngineSettings, Mode, Policy};
+use crate::config::{Boundaries, EngineSettings, Mode, Policy};
 
 /// The shape of a loaded model, as far as the hook's memory depends on it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -86,7 +86,13 @@ pub fn sequence_bytes_bound(
             }
         }
     };
-    layer * model.num_layers
+    // A byte per token (and growth slack) marks the sentence ends.
+    let sentence_ends = if config.boundaries == Boundaries::Sentence {
+        2 * tokens
+    } else {
+        0
+    };
+    layer * model.num_layers + sentence_ends
 }
 
 #[cfg(test)]
@@ -132,7 +138,7 @@ pub(crate) mod tests {
         // Sentence boundaries: blocks may begin half a block apart, so up to
         // twice the block bytes.
         let sentence = Policy {
-            boundaries: crate::config::Boundaries::Sentence,
+            boundaries: Boundaries::Sentence,
             ..config
         };
         let sentence_growth = sequence_bytes_bound(&sentence, &engine, &model, 64 * 1024)

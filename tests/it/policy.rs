@@ -32,6 +32,7 @@ fn small_config(mode: Mode) -> Policy {
         neighbours: 0,
         consensus: 0,
         question_topk: 0,
+        answer_topk: 0,
         block_dtype: BlockDType::Model,
         boundaries: qllm::Boundaries::Fixed,
     }
