@@ -995,21 +995,13 @@ mod tests {
 
     #[test]
     fn the_question_the_last_prompt_token_and_the_answer_retrieve_their_topk() {
+        use Scoring::{AttentionMass, Dot};
+        use Selection::{PerKvHead, Shared};
         for (positions, scoring, selection, answer_topk) in [
-            (
-                Positions::Fixed,
-                Scoring::AttentionMass,
-                Selection::PerKvHead,
-                0,
-            ),
-            (
-                Positions::Fixed,
-                Scoring::AttentionMass,
-                Selection::PerKvHead,
-                3,
-            ),
-            (Positions::Ordered, Scoring::Dot, Selection::Shared, 0),
-            (Positions::Ordered, Scoring::Dot, Selection::Shared, 4),
+            (Positions::Fixed, AttentionMass, PerKvHead, 0),
+            (Positions::Fixed, AttentionMass, PerKvHead, 3),
+            (Positions::Ordered, Dot, Shared, 0),
+            (Positions::Ordered, Dot, Shared, 4),
         ] {
             let config = Policy {
                 scoring,

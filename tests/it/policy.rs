@@ -15,7 +15,9 @@ const DIM: usize = 16;
 /// query along the same direction at the global position.
 const SLOW_DIM: usize = DIM - 2;
 
-fn small_config(mode: Mode) -> Policy {
+/// A small policy for the tests: 8 sinks, a 32-token window, execution
+/// blocks of 16, 2 blocks of 8 retrieved, the paper's retrieval.
+pub(crate) fn small_config(mode: Mode) -> Policy {
     Policy {
         mode,
         n_init: 8,

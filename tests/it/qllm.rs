@@ -338,19 +338,17 @@ fn qllm_retrieving_every_block_equals_the_written_out_reference() {
     );
 }
 
-/// Q-LLM with 8 sinks, a 32-token window, execution blocks of 16 and 2
-/// blocks of 8 retrieved (per KV head), prompts fed in chunks of `chunk`.
+/// Q-LLM with the policy tests' sizes (8 sinks, a 32-token window,
+/// execution blocks of 16, 2 blocks of 8 retrieved) and the default
+/// retrieval (attention mass, per KV head), prompts fed in chunks of
+/// `chunk`.
 fn selective_config(boundaries: Boundaries, chunk: usize) -> QllmConfig {
+    let defaults = Policy::default();
     QllmConfig::from(Policy {
-        mode: Mode::Qllm,
-        n_init: 8,
-        n_local: 32,
-        block_size: 8,
-        exc_block_size: 16,
-        topk: 2,
-        repr_topk: 2,
+        scoring: defaults.scoring,
+        selection: defaults.selection,
         boundaries,
-        ..Policy::default()
+        ..crate::policy::small_config(Mode::Qllm)
     })
     .with_prefill_chunk_size(chunk)
 }
