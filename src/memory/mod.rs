@@ -883,45 +883,22 @@ mod tests {
         // overlap; the reference reads each retrieved block's tokens from
         // where it begins.
         use Boundaries::{Fixed, Sentence};
+        use Scoring::{AttentionMass, Dot, HeadSoftmax, TokenMax};
         use Selection::{PerKvHead, Shared};
         for (positions, neighbours, scoring, selection, boundaries) in [
-            (Positions::Fixed, 0, Scoring::Dot, Shared, Fixed),
-            (Positions::Ordered, 0, Scoring::Dot, Shared, Fixed),
-            (Positions::Fixed, 1, Scoring::Dot, Shared, Fixed),
-            (Positions::Ordered, 1, Scoring::HeadSoftmax, Shared, Fixed),
-            (Positions::Fixed, 0, Scoring::TokenMax, Shared, Fixed),
-            (Positions::Fixed, 0, Scoring::AttentionMass, Shared, Fixed),
-            (Positions::Fixed, 0, Scoring::Dot, PerKvHead, Fixed),
-            (
-                Positions::Ordered,
-                1,
-                Scoring::AttentionMass,
-                PerKvHead,
-                Fixed,
-            ),
-            (Positions::Fixed, 0, Scoring::TokenMax, PerKvHead, Fixed),
-            (Positions::Fixed, 0, Scoring::Dot, Shared, Sentence),
-            (
-                Positions::Ordered,
-                1,
-                Scoring::AttentionMass,
-                PerKvHead,
-                Sentence,
-            ),
-            (
-                Positions::Fixed,
-                0,
-                Scoring::AttentionMass,
-                PerKvHead,
-                Sentence,
-            ),
-            (
-                Positions::Interpolated,
-                0,
-                Scoring::TokenMax,
-                Shared,
-                Sentence,
-            ),
+            (Positions::Fixed, 0, Dot, Shared, Fixed),
+            (Positions::Ordered, 0, Dot, Shared, Fixed),
+            (Positions::Fixed, 1, Dot, Shared, Fixed),
+            (Positions::Ordered, 1, HeadSoftmax, Shared, Fixed),
+            (Positions::Fixed, 0, TokenMax, Shared, Fixed),
+            (Positions::Fixed, 0, AttentionMass, Shared, Fixed),
+            (Positions::Fixed, 0, Dot, PerKvHead, Fixed),
+            (Positions::Ordered, 1, AttentionMass, PerKvHead, Fixed),
+            (Positions::Fixed, 0, TokenMax, PerKvHead, Fixed),
+            (Positions::Fixed, 0, Dot, Shared, Sentence),
+            (Positions::Ordered, 1, AttentionMass, PerKvHead, Sentence),
+            (Positions::Fixed, 0, AttentionMass, PerKvHead, Sentence),
+            (Positions::Interpolated, 0, TokenMax, Shared, Sentence),
         ] {
             for consensus in [0, 1] {
                 let config = Policy {
