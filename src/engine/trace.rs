@@ -40,11 +40,12 @@ impl Sight {
 }
 
 /// Memory blocks holding tokens of `span`, ascending: block `b` holds the
-/// `block_size` tokens from `block_starts[b]`.
+/// `block_size` tokens from `block_starts[b]` (ascending), so they are a
+/// run found by two binary searches, not a scan of every block.
 pub fn blocks_of(span: &Range<usize>, block_starts: &[usize], block_size: usize) -> Vec<usize> {
-    (0..block_starts.len())
-        .filter(|&b| block_starts[b] < span.end && span.start < block_starts[b] + block_size)
-        .collect()
+    let first = block_starts.partition_point(|&s| s + block_size <= span.start);
+    let end = block_starts.partition_point(|&s| s < span.end);
+    (first..end.max(first)).collect()
 }
 
 /// What one execution block saw of the needle `span`, given the blocks it
