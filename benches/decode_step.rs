@@ -1,8 +1,11 @@
 //! One decode step of one layer's Q-LLM memory, against the number of
 //! memory blocks, for each retrieval setting: the cost of block scoring as
 //! the context grows. SmolLM2-135M's shapes (9 query heads, 3 KV heads, head
-//! size 64), f32, random keys, the `1k` preset, a question of one row per
-//! head (the question vector) or, with `question_rows = "tokens"`, 16.
+//! size 64), f32 activations, random keys, the `1k` preset, a question of
+//! one row per head (the question vector) or, with `question_rows =
+//! "tokens"`, 16; memory blocks in the model's dtype, bf16 or 8-bit rows
+//! (`block_dtype`). The last column is the memory's bytes per token at the
+//! longest length.
 //!
 //! `cargo bench --bench decode_step` prints the median of 30 steps per cell;
 //! `cargo bench --bench decode_step -- NAME [TOKENS [STEPS]]` runs only the
@@ -14,7 +17,7 @@ use std::time::Instant;
 use candle_core::{Device, Tensor};
 use qllm::attention::{MaskCache, RopeTable};
 use qllm::memory::{LayerMemory, StepArgs};
-use qllm::{Policy, QuestionRows, Scoring, Selection};
+use qllm::{BlockDType, Policy, QuestionRows, Scoring, Selection};
 
 const HEADS: usize = 9;
 const KV_HEADS: usize = 3;
@@ -30,8 +33,8 @@ fn random(shape: (usize, usize, usize, usize), device: &Device) -> Tensor {
 const QUESTION_TOKENS: usize = 16;
 
 /// Fills a memory with `tokens` prompt tokens, then returns the median
-/// seconds of one decode step.
-fn decode_step_seconds(config: &Policy, tokens: usize, steps: usize) -> f64 {
+/// seconds of one decode step and the memory's bytes.
+fn decode_step_seconds(config: &Policy, tokens: usize, steps: usize) -> (f64, usize) {
     let device = Device::Cpu;
     let rope = RopeTable::new(100_000.0, D, 2048, true, &device).unwrap();
     let masks = MaskCache::default();
@@ -71,38 +74,48 @@ fn decode_step_seconds(config: &Policy, tokens: usize, steps: usize) -> f64 {
         times.push(start.elapsed().as_secs_f64());
     }
     times.sort_by(f64::total_cmp);
-    times[steps / 2]
+    (times[steps / 2], memory.bytes())
 }
 
 fn main() {
+    use BlockDType::{Bf16, Model, Q8_0};
     use QuestionRows::{Mean, Tokens};
+    use Scoring::{AttentionMass, Dot, TokenMax};
+    use Selection::{PerKvHead, Shared};
     let settings = [
-        ("dot, shared (paper)", Scoring::Dot, Selection::Shared, Mean),
-        ("dot, per_kv_head", Scoring::Dot, Selection::PerKvHead, Mean),
-        (
-            "attention_mass, shared",
-            Scoring::AttentionMass,
-            Selection::Shared,
-            Mean,
-        ),
+        ("dot, shared (paper)", Dot, Shared, Mean, Model),
+        ("dot, shared (paper), q8_0 blocks", Dot, Shared, Mean, Q8_0),
+        ("dot, per_kv_head", Dot, PerKvHead, Mean, Model),
+        ("attention_mass, shared", AttentionMass, Shared, Mean, Model),
         (
             "attention_mass, per_kv_head (default)",
-            Scoring::AttentionMass,
-            Selection::PerKvHead,
+            AttentionMass,
+            PerKvHead,
             Mean,
+            Model,
+        ),
+        (
+            "attention_mass, per_kv_head, bf16 blocks",
+            AttentionMass,
+            PerKvHead,
+            Mean,
+            Bf16,
+        ),
+        (
+            "attention_mass, per_kv_head, q8_0 blocks",
+            AttentionMass,
+            PerKvHead,
+            Mean,
+            Q8_0,
         ),
         (
             "attention_mass, per_kv_head, question_rows tokens",
-            Scoring::AttentionMass,
-            Selection::PerKvHead,
+            AttentionMass,
+            PerKvHead,
             Tokens,
+            Model,
         ),
-        (
-            "token_max, shared",
-            Scoring::TokenMax,
-            Selection::Shared,
-            Mean,
-        ),
+        ("token_max, shared", TokenMax, Shared, Mean, Model),
     ];
     // `cargo bench` passes `--bench` to a harness-less bench: skip flags.
     let mut args = std::env::args().skip(1).filter(|a| !a.starts_with("--"));
@@ -118,9 +131,9 @@ fn main() {
         .iter()
         .map(|t| format!("{}K tokens", t / 1024))
         .collect();
-    println!("| setting | {} |", header.join(" | "));
-    println!("|---{}|", "|---".repeat(lengths.len()));
-    for (name, scoring, selection, question_rows) in settings {
+    println!("| setting | {} | bytes/token |", header.join(" | "));
+    println!("|---{}|---|", "|---".repeat(lengths.len()));
+    for (name, scoring, selection, question_rows, block_dtype) in settings {
         if only
             .as_ref()
             .is_some_and(|only| !name.contains(only.as_str()))
@@ -131,18 +144,19 @@ fn main() {
             scoring,
             selection,
             question_rows,
+            block_dtype,
             ..Policy::default()
         };
+        let mut per_token = 0;
         let cells: Vec<String> = lengths
             .iter()
             .copied()
             .map(|tokens| {
-                format!(
-                    "{:.2} ms",
-                    decode_step_seconds(&config, tokens, steps) * 1e3
-                )
+                let (seconds, bytes) = decode_step_seconds(&config, tokens, steps);
+                per_token = bytes / tokens;
+                format!("{:.2} ms", seconds * 1e3)
             })
             .collect();
-        println!("| {name} | {} |", cells.join(" | "));
+        println!("| {name} | {} | {per_token} |", cells.join(" | "));
     }
 }

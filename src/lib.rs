@@ -43,8 +43,8 @@ pub mod eval;
 pub mod server;
 
 pub use config::{
-    BlockDType, Boundaries, ConfigFile, EngineSettings, MemoryCaps, Mode, Policy, Positions,
-    Preset, QllmConfig, QuestionRows, RequestOptions, Scoring, Selection,
+    BlockDType, BlockStorage, Boundaries, ConfigFile, EngineSettings, MemoryCaps, Mode, Policy,
+    Positions, Preset, QllmConfig, QuestionRows, RequestOptions, Scoring, Selection,
 };
 pub use error::{Error, Result};
 pub use memory::LayerStats;

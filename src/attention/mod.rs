@@ -5,6 +5,7 @@
 
 pub mod dense;
 pub mod mask;
+pub mod q8;
 pub mod reference;
 pub mod rope;
 
@@ -12,6 +13,7 @@ use candle_core::{Result, Tensor};
 
 pub use dense::causal_attention;
 pub use mask::{CausalMasks, MaskCache};
+pub use q8::Q8Rows;
 pub use rope::{positions, rotate_f32, rotate_f32_fractional, RopeTable, Rotary};
 
 /// Grouped-query softmax attention over keys given in parts, all f32.

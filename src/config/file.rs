@@ -207,6 +207,7 @@ mod tests {
     use candle_core::DType;
 
     use super::*;
+    use crate::config::BlockStorage;
 
     fn parse(text: &str) -> std::result::Result<QllmConfig, String> {
         let file: ConfigFile = toml::from_str(text).map_err(|e| e.to_string())?;
@@ -251,8 +252,23 @@ mod tests {
         let file: ConfigFile = toml::from_str("block_dtype = \"bf16\"").unwrap();
         let config = file.resolve().unwrap();
         assert_eq!(config.policy.block_dtype, BlockDType::Bf16);
-        assert_eq!(config.policy.block_dtype.resolve(DType::F32), DType::BF16);
-        assert_eq!(BlockDType::Model.resolve(DType::F16), DType::F16);
+        assert_eq!(
+            config.policy.block_dtype.resolve(DType::F32),
+            BlockStorage::Float(DType::BF16)
+        );
+        assert_eq!(
+            BlockDType::Model.resolve(DType::F16),
+            BlockStorage::Float(DType::F16)
+        );
+        let file: ConfigFile = toml::from_str("block_dtype = \"q8_0\"").unwrap();
+        let config = file.resolve().unwrap();
+        assert_eq!(
+            config.policy.block_dtype.resolve(DType::BF16),
+            BlockStorage::Q8
+        );
+        // A 64-value row: 64 bytes and a 4-byte scale, against 128 in bf16.
+        assert_eq!(BlockStorage::Q8.row_bytes(64), 68);
+        assert_eq!(BlockStorage::Float(DType::BF16).row_bytes(64), 128);
         let err = toml::from_str::<ConfigFile>("block_dtype = \"int4\"").unwrap_err();
         assert!(err.to_string().contains("int4"), "{err}");
     }

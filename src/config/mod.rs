@@ -299,16 +299,40 @@ pub enum BlockDType {
     F16,
     /// float32.
     F32,
+    /// 8-bit values with one f32 scale per row of a head (see
+    /// [`crate::attention::Q8Rows`]): about a quarter of f32's bytes.
+    #[serde(rename = "q8_0")]
+    Q8_0,
+}
+
+/// How memory blocks are stored, once the model's dtype is known.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BlockStorage {
+    /// Keys and values in this float dtype.
+    Float(DType),
+    /// Keys and values as 8-bit rows with a scale each.
+    Q8,
+}
+
+impl BlockStorage {
+    /// Bytes one row of `d` values (one token of one head) takes.
+    pub fn row_bytes(self, d: usize) -> usize {
+        match self {
+            BlockStorage::Float(dtype) => d * dtype.size_in_bytes(),
+            BlockStorage::Q8 => d + 4,
+        }
+    }
 }
 
 impl BlockDType {
-    /// The dtype for a model computing in `model`.
-    pub fn resolve(self, model: DType) -> DType {
+    /// The storage for a model computing in `model`.
+    pub fn resolve(self, model: DType) -> BlockStorage {
         match self {
-            BlockDType::Model => model,
-            BlockDType::Bf16 => DType::BF16,
-            BlockDType::F16 => DType::F16,
-            BlockDType::F32 => DType::F32,
+            BlockDType::Model => BlockStorage::Float(model),
+            BlockDType::Bf16 => BlockStorage::Float(DType::BF16),
+            BlockDType::F16 => BlockStorage::Float(DType::F16),
+            BlockDType::F32 => BlockStorage::Float(DType::F32),
+            BlockDType::Q8_0 => BlockStorage::Q8,
         }
     }
 }

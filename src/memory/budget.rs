@@ -72,9 +72,11 @@ pub fn sequence_bytes_bound(
                 // boundaries), each holding `block_size` tokens.
                 let blocks = tokens.saturating_sub(init) / config.min_block_advance();
                 let slabs = blocks.div_ceil(SLAB_BLOCKS);
-                let block_dtype = config.block_dtype.resolve(model.dtype);
+                let storage = config.block_dtype.resolve(model.dtype);
+                let block_token = model.num_kv_heads
+                    * (storage.row_bytes(model.k_head_dim) + storage.row_bytes(model.v_head_dim));
                 window
-                    + slabs * SLAB_BLOCKS * config.block_size * kv_token(block_dtype)
+                    + slabs * SLAB_BLOCKS * config.block_size * block_token
                     // f32 representative key per block and query head; the
                     // vector may hold up to twice its length.
                     + 2 * blocks * heads * model.k_head_dim * 4
@@ -146,6 +148,19 @@ pub(crate) mod tests {
         assert!(
             sentence_growth >= 2 * 32 * 1024 * per_token,
             "{sentence_growth}"
+        );
+        // 8-bit blocks: 64 bytes and a 4-byte scale per row of 64 values.
+        let q8 = Policy {
+            block_dtype: crate::config::BlockDType::Q8_0,
+            ..config
+        };
+        let q8_growth = sequence_bytes_bound(&q8, &engine, &model, 64 * 1024)
+            - sequence_bytes_bound(&q8, &engine, &model, 32 * 1024);
+        let q8_per_token = 30 * 3 * 2 * 68;
+        assert!(q8_growth >= 32 * 1024 * q8_per_token, "{q8_growth}");
+        assert!(
+            q8_growth <= 32 * 1024 * q8_per_token * 12 / 10,
+            "{q8_growth}"
         );
     }
 }

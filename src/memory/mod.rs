@@ -513,7 +513,7 @@ impl LayerMemory {
     fn form_block(&mut self, policy: &Policy, heads: usize, advance: usize) -> Result<()> {
         let bs = policy.block_size;
         let (k, v) = self.recent.range(0, bs)?;
-        let dtype = policy.block_dtype.resolve(k.dtype());
+        let storage = policy.block_dtype.resolve(k.dtype());
         let kv_heads = k.dim(1)?;
         let keys = k.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
         self.retrieval.add_block(
@@ -523,7 +523,7 @@ impl LayerMemory {
             &self.local_score[..bs * heads],
             heads,
         );
-        self.blocks.push(&k.to_dtype(dtype)?, &v.to_dtype(dtype)?)?;
+        self.blocks.push(&k, &v, storage)?;
         self.drop_recent(advance, heads);
         Ok(())
     }
@@ -540,8 +540,9 @@ mod tests {
 
     use super::*;
     use crate::attention::reference::{assert_close, random, reference_attention, MemoryState};
+    use crate::attention::Q8Rows;
     use crate::attention::RopeTable;
-    use crate::config::{Boundaries, QuestionRows, Scoring, Selection};
+    use crate::config::{BlockDType, Boundaries, QuestionRows, Scoring, Selection};
     use crate::retrieval::scores::attention_mass_scores;
     use crate::retrieval::top_k;
 
@@ -763,6 +764,8 @@ mod tests {
         picked: Vec<(usize, usize)>,
         /// Every call's output, one after another.
         outputs: Vec<f32>,
+        /// Bytes of the memory blocks at the end.
+        block_bytes: usize,
     }
 
     /// Runs 120 prompt tokens in execution blocks of 8, then 12 decode
@@ -800,6 +803,12 @@ mod tests {
         let q_all = random((1, heads, total, d), 1, 2.0);
         let k_all = random((1, kv_heads, total, d), 2, 2.0);
         let v_all = random((1, kv_heads, total, d), 3, 1.0);
+        // With 8-bit blocks the reference reads each blocked token's rows as
+        // they come back from 8 bits (a row's rounding does not depend on
+        // the block it is in).
+        let round_trip = |x: &Tensor| Q8Rows::quantize(x).unwrap().dequantize().unwrap();
+        let (k_q8, v_q8) = (round_trip(&k_all), round_trip(&v_all));
+        let q8 = config.block_dtype == BlockDType::Q8_0;
         let mut memory = LayerMemory::default();
         let (mut worst, mut selective, mut heads_differ) = (0f32, false, false);
         let (mut picked, mut outputs) = (Vec::new(), Vec::new());
@@ -826,12 +835,37 @@ mod tests {
                 .first()
                 .is_some_and(|p| block_starts.len() > p.len() && !p.is_empty());
             heads_differ |= retrieved.windows(2).any(|w| w[0] != w[1]);
+            let (k_ref, v_ref) = if q8 {
+                let blocked: Vec<u8> = (0..total)
+                    .map(|p| {
+                        u8::from(
+                            block_starts
+                                .iter()
+                                .any(|&s| (s..s + config.block_size).contains(&p)),
+                        )
+                    })
+                    .collect();
+                let blocked = Tensor::new(blocked, &Device::Cpu)
+                    .unwrap()
+                    .reshape((1, 1, total, 1))
+                    .unwrap();
+                let pick = |rounded: &Tensor, raw: &Tensor| {
+                    blocked
+                        .broadcast_as(raw.shape())
+                        .unwrap()
+                        .where_cond(rounded, raw)
+                        .unwrap()
+                };
+                (pick(&k_q8, &k_all), pick(&v_q8, &v_all))
+            } else {
+                (k_all.clone(), v_all.clone())
+            };
             let expected = reference_attention(
                 config,
                 &rope,
                 &q,
-                &k_all.narrow(2, 0, p0 + e).unwrap(),
-                &v_all.narrow(2, 0, p0 + e).unwrap(),
+                &k_ref.narrow(2, 0, p0 + e).unwrap(),
+                &v_ref.narrow(2, 0, p0 + e).unwrap(),
                 &MemoryState {
                     p0,
                     init,
@@ -860,6 +894,7 @@ mod tests {
             overlapped,
             picked,
             outputs,
+            block_bytes: memory.stats().block_bytes,
         }
     }
 
@@ -934,6 +969,47 @@ mod tests {
                     assert_ne!(fixed.outputs, compared.outputs, "{name}: nothing changed");
                 }
             }
+        }
+    }
+
+    #[test]
+    fn q8_blocks_attend_their_rounded_rows_and_take_a_third_of_f32s_bytes() {
+        use Scoring::{AttentionMass, Dot, TokenMax};
+        use Selection::{PerKvHead, Shared};
+        // Fixed boundaries only: with sentence boundaries a token can be read
+        // both from an overlapping block (rounded) and among the recent
+        // tokens (exact), which one tensor of keys cannot hold.
+        for (positions, scoring, selection) in [
+            (Positions::Fixed, Dot, Shared),
+            (Positions::Fixed, AttentionMass, PerKvHead),
+            (Positions::Ordered, TokenMax, Shared),
+            (Positions::Ordered, AttentionMass, PerKvHead),
+        ] {
+            let config = |block_dtype| Policy {
+                scoring,
+                selection,
+                block_dtype,
+                ..selective_config(positions, 0)
+            };
+            let name = format!("{positions} {scoring} {selection}");
+            let q8 = compare_with_reference(&config(BlockDType::Q8_0));
+            assert!(q8.selective, "{name}: every block was retrieved");
+            assert!(q8.worst <= 1e-4, "{name}: max abs difference {}", q8.worst);
+            let f32 = compare_with_reference(&config(BlockDType::F32));
+            let drift = q8
+                .outputs
+                .iter()
+                .zip(&f32.outputs)
+                .map(|(a, b)| (a - b).abs())
+                .fold(0f32, f32::max);
+            // Values of about unit size, rows of 16 rounded to 1/127 of their
+            // largest value.
+            assert!(
+                drift > 0.0 && drift < 0.05,
+                "{name}: q8 against f32 blocks {drift}"
+            );
+            // A row of 16 values: 16 bytes and a 4-byte scale, against 64.
+            assert_eq!(q8.block_bytes * 64, f32.block_bytes * 20, "{name}");
         }
     }
 

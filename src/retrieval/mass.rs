@@ -5,24 +5,27 @@
 //! scores and the question's cached share are both built from them.
 //!
 //! [`block_partials`] reads the keys where they lie on the CPU, in their
-//! storage dtype, one task per slab and KV head; [`block_partials_by_tensors`]
+//! storage dtype (8-bit rows included), one task per slab and KV head; [`block_partials_by_tensors`]
 //! is the same computation as tensor ops (any device, and the reference the
 //! CPU kernel is tested against).
 
-use candle_core::{CpuStorage, DType, Result, Storage, Tensor};
+use candle_core::{CpuStorage, Result, Storage, Tensor};
 use half::{bf16, f16};
 use rayon::prelude::*;
+
+use super::KeySlab;
+use crate::attention::q8::Q8_ZERO;
 
 /// Largest head size the CPU kernel handles (a key row is converted into a
 /// stack buffer of this many values).
 const MAX_HEAD_SIZE: usize = 512;
 
-/// Partials of the blocks in `slabs` (`(kv_heads, tokens, d)` keys each,
-/// whole blocks of `block_size`, in block order) against `rows` (`(kv_heads,
+/// Partials of the blocks in `slabs` (whole blocks of `block_size`, in
+/// block order) against `rows` (`(kv_heads,
 /// m, d)` f32: each KV head's query rows): per block, KV head and row, `[m,
 /// s]`, laid out `[block][kv_head][row][2]`.
 pub(crate) fn block_partials(
-    slabs: &[Tensor],
+    slabs: &[KeySlab],
     block_size: usize,
     rows: &Tensor,
     scale: f32,
@@ -37,33 +40,57 @@ pub(crate) fn block_partials(
 /// tensors on another device, another dtype, or rows not laid out as the
 /// block store lays them out.
 fn host_block_partials(
-    slabs: &[Tensor],
+    slabs: &[KeySlab],
     block_size: usize,
     rows: &Tensor,
     scale: f32,
 ) -> Result<Option<Vec<f32>>> {
     let (_, _, d) = rows.dims3()?;
-    let on_cpu = rows.device().is_cpu() && slabs.iter().all(|s| s.device().is_cpu());
+    let tensors = |slab: &KeySlab| match slab {
+        KeySlab::Float(keys) => vec![keys.clone()],
+        KeySlab::Q8(rows) => vec![rows.values.clone(), rows.scales.clone()],
+    };
+    let all: Vec<Tensor> = slabs.iter().flat_map(tensors).collect();
+    let on_cpu = rows.device().is_cpu() && all.iter().all(|t| t.device().is_cpu());
     if !on_cpu || d > MAX_HEAD_SIZE {
         return Ok(None);
     }
-    let guards: Vec<_> = slabs.iter().map(Tensor::storage_and_layout).collect();
+    let guards: Vec<_> = all.iter().map(Tensor::storage_and_layout).collect();
+    let mut guard = guards.iter();
     let mut views = Vec::with_capacity(slabs.len());
-    for (slab, (storage, layout)) in slabs.iter().zip(&guards) {
+    for slab in slabs {
         let (kv_heads, tokens, dim) = slab.dims3()?;
+        let (storage, layout) = guard.next().expect("a guard per tensor");
         let stride = layout.stride();
-        let keys = match &**storage {
-            Storage::Cpu(CpuStorage::F32(v)) => Keys::F32(v),
-            Storage::Cpu(CpuStorage::BF16(v)) => Keys::Bf16(v),
-            Storage::Cpu(CpuStorage::F16(v)) => Keys::F16(v),
-            _ => return Ok(None),
-        };
         // Each head's rows must be consecutive: the block store's slabs are.
         if dim != d || stride[1] != d || stride[2] != 1 {
             return Ok(None);
         }
+        let (keys, row_scales) = match (&**storage, slab) {
+            (Storage::Cpu(CpuStorage::F32(v)), KeySlab::Float(_)) => (Keys::F32(v), None),
+            (Storage::Cpu(CpuStorage::BF16(v)), KeySlab::Float(_)) => (Keys::Bf16(v), None),
+            (Storage::Cpu(CpuStorage::F16(v)), KeySlab::Float(_)) => (Keys::F16(v), None),
+            (Storage::Cpu(CpuStorage::U8(v)), KeySlab::Q8(_)) => {
+                let (scales, scale_layout) = guard.next().expect("a guard per tensor");
+                let Storage::Cpu(CpuStorage::F32(scales)) = &**scales else {
+                    return Ok(None);
+                };
+                let scale_stride = scale_layout.stride();
+                if scale_stride[1] != 1 {
+                    return Ok(None);
+                }
+                let scales = RowScales {
+                    scales,
+                    start: scale_layout.start_offset(),
+                    head_stride: scale_stride[0],
+                };
+                (Keys::Q8(v), Some(scales))
+            }
+            _ => return Ok(None),
+        };
         views.push(SlabView {
             keys,
+            row_scales,
             start: layout.start_offset(),
             head_stride: stride[0],
             kv_heads,
@@ -77,7 +104,7 @@ fn host_block_partials(
 /// [`block_partials`] as tensor ops: the logits of each slab as one matrix
 /// product, the maxima and sums on the host.
 pub(crate) fn block_partials_by_tensors(
-    slabs: &[Tensor],
+    slabs: &[KeySlab],
     block_size: usize,
     rows: &Tensor,
     scale: f32,
@@ -85,9 +112,9 @@ pub(crate) fn block_partials_by_tensors(
     let (kv_heads, m, _) = rows.dims3()?;
     let mut partials = Vec::new();
     for keys in slabs {
-        let tokens = keys.dim(1)?;
+        let tokens = keys.dims3()?.1;
         let logits = rows
-            .matmul(&keys.to_dtype(DType::F32)?.t()?)?
+            .matmul(&keys.to_f32()?.t()?)?
             .flatten_all()?
             .to_vec1::<f32>()?;
         let blocks = tokens / block_size;
@@ -145,12 +172,23 @@ enum Keys<'a> {
     F32(&'a [f32]),
     Bf16(&'a [bf16]),
     F16(&'a [f16]),
+    /// 8-bit rows (signed byte + 128), scaled by [`RowScales`].
+    Q8(&'a [u8]),
+}
+
+/// Where 8-bit rows' scales lie: head `g`'s `tokens` scales start at `start
+/// + g * head_stride`.
+struct RowScales<'a> {
+    scales: &'a [f32],
+    start: usize,
+    head_stride: usize,
 }
 
 /// Where a slab's keys lie: head `g`'s `tokens` rows of `d` values start at
 /// `start + g * head_stride`.
 struct SlabView<'a> {
     keys: Keys<'a>,
+    row_scales: Option<RowScales<'a>>,
     start: usize,
     head_stride: usize,
     kv_heads: usize,
@@ -179,10 +217,51 @@ fn host_partials(
             let at = view.start + g * view.head_stride;
             let len = view.tokens * d;
             let head_rows = &rows[g * m * d..(g + 1) * m * d];
+            let row_scales = view.row_scales.as_ref().map(|s| {
+                let at = s.start + g * s.head_stride;
+                &s.scales[at..at + view.tokens]
+            });
             match view.keys {
-                Keys::F32(k) => head_partials(&k[at..at + len], block_size, head_rows, d, scale),
-                Keys::Bf16(k) => head_partials(&k[at..at + len], block_size, head_rows, d, scale),
-                Keys::F16(k) => head_partials(&k[at..at + len], block_size, head_rows, d, scale),
+                Keys::F32(k) => head_partials(
+                    HeadKeys {
+                        values: &k[at..at + len],
+                        row_scales,
+                    },
+                    block_size,
+                    head_rows,
+                    d,
+                    scale,
+                ),
+                Keys::Bf16(k) => head_partials(
+                    HeadKeys {
+                        values: &k[at..at + len],
+                        row_scales,
+                    },
+                    block_size,
+                    head_rows,
+                    d,
+                    scale,
+                ),
+                Keys::F16(k) => head_partials(
+                    HeadKeys {
+                        values: &k[at..at + len],
+                        row_scales,
+                    },
+                    block_size,
+                    head_rows,
+                    d,
+                    scale,
+                ),
+                Keys::Q8(k) => head_partials(
+                    HeadKeys {
+                        values: &k[at..at + len],
+                        row_scales,
+                    },
+                    block_size,
+                    head_rows,
+                    d,
+                    scale,
+                ),
             }
         })
         .collect();
@@ -226,16 +305,35 @@ impl KeyValue for f16 {
     }
 }
 
+/// The byte of an 8-bit row, unscaled: the row's scale multiplies its
+/// logits instead of every value.
+impl KeyValue for u8 {
+    fn to_f32(self) -> f32 {
+        f32::from(self) - Q8_ZERO
+    }
+}
+
+/// One KV head's keys: rows of `d` values, and for 8-bit rows each row's
+/// scale.
+struct HeadKeys<'a, K> {
+    values: &'a [K],
+    row_scales: Option<&'a [f32]>,
+}
+
 /// One KV head's partials over consecutive blocks: `keys` holds their
 /// tokens' rows of `d`, `rows` the head's `m` query rows. Returns `[m, s]`
 /// per block and row, laid out `[block][row][2]`.
 fn head_partials<K: KeyValue>(
-    keys: &[K],
+    keys: HeadKeys<'_, K>,
     block_size: usize,
     rows: &[f32],
     d: usize,
     scale: f32,
 ) -> Vec<f32> {
+    let HeadKeys {
+        values: keys,
+        row_scales,
+    } = keys;
     let m = rows.len() / d;
     let blocks = keys.len() / (d * block_size);
     let mut out = Vec::with_capacity(blocks * m * 2);
@@ -243,13 +341,14 @@ fn head_partials<K: KeyValue>(
     let key = &mut key[..d];
     // Row-major per row: `logits[r * block_size + t]`.
     let mut logits = vec![0f32; m * block_size];
-    for block in keys.chunks_exact(d * block_size) {
+    for (b, block) in keys.chunks_exact(d * block_size).enumerate() {
         for (t, row) in block.chunks_exact(d).enumerate() {
             for (x, k) in key.iter_mut().zip(row) {
                 *x = k.to_f32();
             }
+            let row_scale = row_scales.map_or(1.0, |s| s[b * block_size + t]);
             for (r, q) in rows.chunks_exact(d).enumerate() {
-                logits[r * block_size + t] = super::scores::dot(q, key);
+                logits[r * block_size + t] = row_scale * super::scores::dot(q, key);
             }
         }
         for row_logits in logits.chunks_exact(block_size) {
@@ -292,9 +391,10 @@ pub(crate) fn exp_nonpositive(x: f32) -> f32 {
 
 #[cfg(test)]
 mod tests {
-    use candle_core::Device;
+    use candle_core::{DType, Device};
 
     use crate::attention::reference::{assert_close, attention_mass_slow, random};
+    use crate::attention::Q8Rows;
 
     use super::*;
 
@@ -314,21 +414,31 @@ mod tests {
     }
 
     /// Slabs of `(kv_heads, 16 * bs, d)` keys as the block store keeps them:
-    /// views of the filled part of `(1, kv_heads, capacity, d)` tensors.
-    fn slabs(keys: &Tensor, bs: usize, dtype: DType) -> Vec<Tensor> {
+    /// views of the filled part of `(1, kv_heads, capacity, d)` tensors, in
+    /// `dtype`, or as 8-bit rows for `None`.
+    fn slabs(keys: &Tensor, bs: usize, dtype: Option<DType>) -> Vec<KeySlab> {
         let (_, kv_heads, tokens, d) = keys.dims4().unwrap();
         let per_slab = 16 * bs;
         (0..tokens.div_ceil(per_slab))
             .map(|s| {
                 let n = per_slab.min(tokens - s * per_slab);
-                let slab = Tensor::zeros((1, kv_heads, per_slab, d), dtype, &Device::Cpu).unwrap();
-                let part = keys
-                    .narrow(2, s * per_slab, n)
-                    .unwrap()
-                    .to_dtype(dtype)
-                    .unwrap();
-                slab.slice_set(&part.contiguous().unwrap(), 2, 0).unwrap();
-                slab.narrow(2, 0, n).unwrap().squeeze(0).unwrap()
+                let part = keys.narrow(2, s * per_slab, n).unwrap();
+                let shape = (1, kv_heads, per_slab, d);
+                match dtype {
+                    Some(dtype) => {
+                        let slab = Tensor::zeros(shape, dtype, &Device::Cpu).unwrap();
+                        let part = part.to_dtype(dtype).unwrap().contiguous().unwrap();
+                        slab.slice_set(&part, 2, 0).unwrap();
+                        KeySlab::Float(slab.narrow(2, 0, n).unwrap().squeeze(0).unwrap())
+                    }
+                    None => {
+                        let slab =
+                            Q8Rows::zeros(&[1, kv_heads, per_slab, d], &Device::Cpu).unwrap();
+                        slab.slice_set(&Q8Rows::quantize(&part).unwrap(), 2, 0)
+                            .unwrap();
+                        KeySlab::Q8(slab.narrow(2, 0, n).unwrap().squeeze(0).unwrap())
+                    }
+                }
             })
             .collect()
     }
@@ -340,9 +450,18 @@ mod tests {
         let (blocks, bs, kv_heads, d, m) = (37, 4, 2, 8, 3);
         let keys = random((1, kv_heads, blocks * bs, d), 31, 1.5);
         let rows = random((1, kv_heads, m, d), 32, 2.0).squeeze(0).unwrap();
-        for (dtype, tol) in [(DType::F32, 1e-5), (DType::BF16, 1e-4), (DType::F16, 1e-4)] {
+        for (dtype, tol) in [
+            (Some(DType::F32), 1e-5),
+            (Some(DType::BF16), 1e-4),
+            (Some(DType::F16), 1e-4),
+            (None, 1e-4),
+        ] {
             let slabs = slabs(&keys, bs, dtype);
-            assert!(!slabs[2].is_contiguous(), "views into a part-filled slab");
+            let last = match &slabs[2] {
+                KeySlab::Float(keys) => keys.clone(),
+                KeySlab::Q8(rows) => rows.values.clone(),
+            };
+            assert!(!last.is_contiguous(), "views into a part-filled slab");
             let fast = host_block_partials(&slabs, bs, &rows, 0.5)
                 .unwrap()
                 .expect("the CPU kernel reads the store's slabs in place");
@@ -360,7 +479,8 @@ mod tests {
         let keys = random((1, kv_heads, blocks * bs, d), 33, 1.0);
         let rows = random((1, kv_heads, m, d), 34, 2.0).squeeze(0).unwrap();
         let (weights, scale) = ([1.0, 3.0], 0.5);
-        let partials = block_partials(&slabs(&keys, bs, DType::F32), bs, &rows, scale).unwrap();
+        let partials =
+            block_partials(&slabs(&keys, bs, Some(DType::F32)), bs, &rows, scale).unwrap();
         let got = combine_partials(&partials, (kv_heads, m), &weights, scale);
         let expected = attention_mass_slow(&keys, &rows, bs, &weights, scale);
         for g in 0..kv_heads {

@@ -12,6 +12,7 @@ pub mod votes;
 
 use candle_core::{Device, Result, Tensor};
 
+use crate::attention::Q8Rows;
 use crate::config::{Policy, Scoring, Selection};
 use question::{QuestionMass, QuestionState};
 use representative::{head_means, most_attended_rows};
@@ -22,21 +23,46 @@ use scores::{
 pub use select::{top_k, top_k_with_neighbours};
 pub use votes::LayerVotes;
 
+/// One slab's keys as the block store keeps them: `(kv_heads, tokens, d)`,
+/// whole blocks, in block order.
+#[derive(Debug, Clone)]
+pub enum KeySlab {
+    /// In a float dtype.
+    Float(Tensor),
+    /// As 8-bit rows with a scale each.
+    Q8(Q8Rows),
+}
+
+impl KeySlab {
+    /// `(kv_heads, tokens, d)`.
+    pub fn dims3(&self) -> Result<(usize, usize, usize)> {
+        match self {
+            KeySlab::Float(keys) => keys.dims3(),
+            KeySlab::Q8(rows) => rows.values.dims3(),
+        }
+    }
+
+    /// The keys in f32.
+    pub fn to_f32(&self) -> Result<Tensor> {
+        match self {
+            KeySlab::Float(keys) => keys.to_dtype(candle_core::DType::F32),
+            KeySlab::Q8(rows) => rows.dequantize(),
+        }
+    }
+}
+
 /// The memory blocks' keys, as retrieval reads them (the memory's block
 /// store implements it; retrieval does not depend on how blocks are kept).
 pub trait BlockKeys {
     /// Blocks held.
     fn blocks(&self) -> usize;
-    /// Keys of blocks `from..` in their storage dtype, as `(kv_heads,
-    /// tokens, d)` pieces (views, not copies) in block order.
-    fn key_slabs(&self, from: usize) -> Result<Vec<Tensor>>;
+    /// Keys of blocks `from..` as stored, in pieces (views, not copies) in
+    /// block order.
+    fn key_slabs(&self, from: usize) -> Result<Vec<KeySlab>>;
     /// Keys of blocks `from..`, as f32 `(kv_heads, tokens, d)` pieces in
     /// block order.
     fn keys_f32(&self, from: usize) -> Result<Vec<Tensor>> {
-        self.key_slabs(from)?
-            .iter()
-            .map(|keys| keys.to_dtype(candle_core::DType::F32))
-            .collect()
+        self.key_slabs(from)?.iter().map(KeySlab::to_f32).collect()
     }
 }
 
@@ -62,13 +88,13 @@ impl BlockKeys for TestBlocks {
     fn blocks(&self) -> usize {
         self.keys.len()
     }
-    fn key_slabs(&self, from: usize) -> Result<Vec<Tensor>> {
+    fn key_slabs(&self, from: usize) -> Result<Vec<KeySlab>> {
         let mut pieces = Vec::new();
         let mut start = from;
         while start < self.keys.len() {
             let end = ((start / 16 + 1) * 16).min(self.keys.len());
             let piece = Tensor::cat(&self.keys[start..end], 2)?;
-            pieces.push(piece.squeeze(0)?);
+            pieces.push(KeySlab::Float(piece.squeeze(0)?));
             start = end;
         }
         Ok(pieces)

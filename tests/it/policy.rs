@@ -391,7 +391,7 @@ fn sequences_in_one_batch_do_not_see_each_other() {
 }
 
 #[test]
-fn bf16_blocks_halve_block_memory_and_keep_the_output_close() {
+fn bf16_and_q8_blocks_cut_block_memory_and_keep_the_output_close() {
     let run = |block_dtype: BlockDType| {
         let feed = Feed::new(
             Policy {
@@ -420,4 +420,17 @@ fn bf16_blocks_halve_block_memory_and_keep_the_output_close() {
     assert_eq!(bf16_out.dtype(), DType::F32);
     let diff = tensor_max_abs_diff(&f32_out, &bf16_out);
     assert!(diff > 0.0 && diff < 1e-3, "max abs diff {diff}");
+    // 8-bit rows: a byte per value and an f32 scale per row of DIM values.
+    let (q8_out, q8_bytes, q8_stats) = run(BlockDType::Q8_0);
+    assert_eq!(q8_stats.blocks, f32_stats.blocks);
+    assert_eq!(
+        q8_stats.block_bytes * 4 * DIM,
+        f32_stats.block_bytes * (DIM + 4)
+    );
+    assert_eq!(
+        f32_bytes - q8_bytes,
+        f32_stats.block_bytes - q8_stats.block_bytes
+    );
+    let diff = tensor_max_abs_diff(&f32_out, &q8_out);
+    assert!(diff > 0.0 && diff < 2e-2, "q8: max abs diff {diff}");
 }
