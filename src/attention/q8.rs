@@ -8,7 +8,7 @@
 //! back are tensor ops. For `d = 64` a row takes 68 bytes instead of 128
 //! (bf16) or 256 (f32).
 
-use candle_core::{DType, Result, Tensor, D};
+use candle_core::{CpuStorage, DType, Result, Storage, Tensor, D};
 
 /// The offset that turns a signed byte into the stored `u8`.
 pub const Q8_ZERO: f32 = 128.0;
@@ -47,8 +47,33 @@ impl Q8Rows {
         })
     }
 
-    /// The rows in f32.
+    /// The rows in f32: on the CPU in one pass over the bytes, elsewhere
+    /// by [`Q8Rows::dequantize_by_tensors`].
     pub fn dequantize(&self) -> Result<Tensor> {
+        if !self.values.device().is_cpu() {
+            return self.dequantize_by_tensors();
+        }
+        let (values, scales) = (self.values.contiguous()?, self.scales.contiguous()?);
+        let (value_storage, value_layout) = values.storage_and_layout();
+        let (scale_storage, scale_layout) = scales.storage_and_layout();
+        let (Storage::Cpu(CpuStorage::U8(bytes)), Storage::Cpu(CpuStorage::F32(row_scales))) =
+            (&*value_storage, &*scale_storage)
+        else {
+            candle_core::bail!("Q8Rows: values must be u8 and scales f32");
+        };
+        let d = values.dim(D::Minus1)?;
+        let bytes = &bytes[value_layout.start_offset()..][..values.elem_count()];
+        let row_scales = &row_scales[scale_layout.start_offset()..][..scales.elem_count()];
+        let mut out = Vec::with_capacity(bytes.len());
+        for (row, &scale) in bytes.chunks_exact(d).zip(row_scales) {
+            out.extend(row.iter().map(|&b| scale * (f32::from(b) - Q8_ZERO)));
+        }
+        Tensor::from_vec(out, values.shape(), values.device())
+    }
+
+    /// [`Q8Rows::dequantize`] as tensor ops (any device; the CPU pass's
+    /// reference).
+    pub fn dequantize_by_tensors(&self) -> Result<Tensor> {
         (self.values.to_dtype(DType::F32)? - f64::from(Q8_ZERO))?.broadcast_mul(&self.scales)
     }
 
@@ -57,6 +82,16 @@ impl Q8Rows {
         Ok(Self {
             values: self.values.narrow(dim, start, len)?,
             scales: self.scales.narrow(dim, start, len)?,
+        })
+    }
+
+    /// The rows of `pieces` side by side along `dim` (not the last).
+    pub fn cat(pieces: &[Self], dim: usize) -> Result<Self> {
+        let values: Vec<&Tensor> = pieces.iter().map(|p| &p.values).collect();
+        let scales: Vec<&Tensor> = pieces.iter().map(|p| &p.scales).collect();
+        Ok(Self {
+            values: Tensor::cat(&values, dim)?,
+            scales: Tensor::cat(&scales, dim)?,
         })
     }
 

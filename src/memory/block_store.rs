@@ -1,6 +1,6 @@
 //! The memory blocks of one layer: tensors only, no bookkeeping.
 
-use candle_core::{Result, Tensor};
+use candle_core::{DType, Result, Tensor};
 
 use crate::attention::Q8Rows;
 use crate::config::BlockStorage;
@@ -31,6 +31,46 @@ impl Slab {
         match self {
             Slab::Float(keys, _) => keys.dim(2),
             Slab::Q8(keys, _) => keys.values.dim(2),
+        }
+    }
+
+    /// A view of `start..start + len` along `dim`.
+    fn narrow(&self, dim: usize, start: usize, len: usize) -> Result<Self> {
+        Ok(match self {
+            Slab::Float(k, v) => {
+                Slab::Float(k.narrow(dim, start, len)?, v.narrow(dim, start, len)?)
+            }
+            Slab::Q8(k, v) => Slab::Q8(k.narrow(dim, start, len)?, v.narrow(dim, start, len)?),
+        })
+    }
+
+    /// The pieces side by side along `dim`, in their storage dtype.
+    fn cat(pieces: Vec<Self>, dim: usize) -> Result<Self> {
+        let (mut floats, mut q8s) = (Vec::new(), Vec::new());
+        for piece in pieces {
+            match piece {
+                Slab::Float(k, v) => floats.push((k, v)),
+                Slab::Q8(k, v) => q8s.push((k, v)),
+            }
+        }
+        match (floats.is_empty(), q8s.is_empty()) {
+            (false, true) => {
+                let (ks, vs): (Vec<_>, Vec<_>) = floats.into_iter().unzip();
+                Ok(Slab::Float(Tensor::cat(&ks, dim)?, Tensor::cat(&vs, dim)?))
+            }
+            (true, false) => {
+                let (ks, vs): (Vec<_>, Vec<_>) = q8s.into_iter().unzip();
+                Ok(Slab::Q8(Q8Rows::cat(&ks, dim)?, Q8Rows::cat(&vs, dim)?))
+            }
+            _ => candle_core::bail!("BlockStore: no pieces, or pieces stored alike and not"),
+        }
+    }
+
+    /// Keys and values in f32.
+    fn to_f32(&self) -> Result<(Tensor, Tensor)> {
+        match self {
+            Slab::Float(k, v) => Ok((k.to_dtype(DType::F32)?, v.to_dtype(DType::F32)?)),
+            Slab::Q8(k, v) => Ok((k.dequantize()?, v.dequantize()?)),
         }
     }
 }
@@ -83,24 +123,56 @@ impl BlockStore {
         Ok(())
     }
 
-    /// Block `i`'s keys and values, `(1, kv_heads, block_size, d)`: views in
-    /// the storage dtype, or f32 for 8-bit rows.
+    /// Block `i`'s keys and values in f32, `(1, kv_heads, block_size, d)`.
     pub fn get(&self, i: usize) -> Result<(Tensor, Tensor)> {
-        if i >= self.len {
-            candle_core::bail!("BlockStore::get({i}): {} blocks held", self.len);
+        self.gather(&[vec![i]])
+    }
+
+    /// The blocks `picks` names, gathered in f32: `(1, kv_heads,
+    /// picks * block_size, d)` keys and values. One list of picks serves
+    /// every KV head; otherwise each KV head has its own list, all of one
+    /// length. The blocks are gathered in their storage dtype and converted
+    /// once.
+    pub fn gather(&self, picks: &[Vec<usize>]) -> Result<(Tensor, Tensor)> {
+        let count = picks.first().map_or(0, Vec::len);
+        if count == 0 || picks.iter().any(|p| p.len() != count) {
+            candle_core::bail!("BlockStore::gather: KV heads picked unequal block counts");
         }
-        let slab = &self.slabs[i / SLAB_BLOCKS];
-        let block_size = slab.tokens()? / SLAB_BLOCKS;
-        let at = (i % SLAB_BLOCKS) * block_size;
-        match slab {
-            Slab::Float(ks, vs) => {
-                Ok((ks.narrow(2, at, block_size)?, vs.narrow(2, at, block_size)?))
-            }
-            Slab::Q8(ks, vs) => Ok((
-                ks.narrow(2, at, block_size)?.dequantize()?,
-                vs.narrow(2, at, block_size)?.dequantize()?,
-            )),
+        if let Some(&b) = picks.iter().flatten().find(|&&b| b >= self.len) {
+            candle_core::bail!("BlockStore::gather: block {b} of {} held", self.len);
         }
+        let block_size = self.slabs[0].tokens()? / SLAB_BLOCKS;
+        // One head's (or, with one list, every head's) blocks, side by side
+        // along the token axis.
+        let one_list = |list: &[usize], head: Option<usize>| -> Result<Slab> {
+            let pieces = list
+                .iter()
+                .map(|&b| {
+                    let block = self.slabs[b / SLAB_BLOCKS].narrow(
+                        2,
+                        (b % SLAB_BLOCKS) * block_size,
+                        block_size,
+                    )?;
+                    match head {
+                        Some(h) => block.narrow(1, h, 1),
+                        None => Ok(block),
+                    }
+                })
+                .collect::<Result<Vec<_>>>()?;
+            Slab::cat(pieces, 2)
+        };
+        let gathered = match picks {
+            [shared] => one_list(shared, None)?,
+            per_head => Slab::cat(
+                per_head
+                    .iter()
+                    .enumerate()
+                    .map(|(h, list)| one_list(list, Some(h)))
+                    .collect::<Result<Vec<_>>>()?,
+                1,
+            )?,
+        };
+        gathered.to_f32()
     }
 
     /// Keys of blocks `from..self.len()` as stored, one `(kv_heads, tokens,
@@ -141,5 +213,68 @@ impl BlockKeys for BlockStore {
     }
     fn key_slabs(&self, from: usize) -> Result<Vec<KeySlab>> {
         self.slab_keys(from)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use candle_core::DType;
+
+    use super::*;
+    use crate::attention::reference::random;
+
+    fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
+        (a - b)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar()
+            .unwrap()
+    }
+
+    #[test]
+    fn gathered_blocks_are_the_picked_blocks_per_head_in_any_storage() {
+        // 20 blocks of 4 tokens: two slabs; 2 KV heads of 8 values.
+        let keys = random((1, 2, 80, 8), 41, 1.0);
+        let values = random((1, 2, 80, 8), 42, 1.0);
+        for storage in [
+            BlockStorage::Float(DType::F32),
+            BlockStorage::Float(DType::BF16),
+            BlockStorage::Q8,
+        ] {
+            let mut store = BlockStore::default();
+            for b in 0..20 {
+                let (k, v) = (
+                    keys.narrow(2, b * 4, 4).unwrap(),
+                    values.narrow(2, b * 4, 4).unwrap(),
+                );
+                store.push(&k, &v, storage).unwrap();
+            }
+            let picks = [vec![3, 17, 19], vec![0, 16, 5]];
+            let (k, v) = store.gather(&picks).unwrap();
+            assert_eq!((k.dims(), k.dtype()), (&[1, 2, 12, 8][..], DType::F32));
+            for (h, list) in picks.iter().enumerate() {
+                for (i, &b) in list.iter().enumerate() {
+                    let (want_k, want_v) = store.get(b).unwrap();
+                    let got = |t: &Tensor| t.narrow(1, h, 1).unwrap().narrow(2, i * 4, 4).unwrap();
+                    assert_eq!(max_diff(&got(&k), &want_k.narrow(1, h, 1).unwrap()), 0.0);
+                    assert_eq!(max_diff(&got(&v), &want_v.narrow(1, h, 1).unwrap()), 0.0);
+                    // And the block is the one pushed, up to the storage's rounding.
+                    let raw = keys.narrow(2, b * 4, 4).unwrap().narrow(1, h, 1).unwrap();
+                    assert!(max_diff(&got(&k), &raw) < 0.05, "{storage:?} block {b}");
+                }
+            }
+            let (shared_k, _) = store.gather(&[vec![17, 3]]).unwrap();
+            let want =
+                Tensor::cat(&[store.get(17).unwrap().0, store.get(3).unwrap().0], 2).unwrap();
+            assert_eq!(max_diff(&shared_k, &want), 0.0);
+            assert!(
+                store.gather(&[vec![1], vec![1, 2]]).is_err(),
+                "unequal counts"
+            );
+            assert!(store.gather(&[vec![20]]).is_err(), "a block not held");
+        }
     }
 }

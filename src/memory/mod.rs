@@ -325,32 +325,9 @@ impl LayerMemory {
             gather(&k, &v)?;
         }
         let per_head_count = retrieved.first().map_or(0, Vec::len);
-        match retrieved {
-            [shared] => {
-                for &b in shared {
-                    let (k, v) = self.blocks.get(b)?;
-                    gather(&k, &v)?;
-                }
-            }
-            per_head if per_head_count > 0 => {
-                // Each KV head's own blocks, side by side along the head axis.
-                let (mut heads_k, mut heads_v) = (Vec::new(), Vec::new());
-                for (h, picks) in per_head.iter().enumerate() {
-                    if picks.len() != per_head_count {
-                        candle_core::bail!("qllm: KV heads retrieved unequal block counts");
-                    }
-                    let (mut ks, mut vs) = (Vec::new(), Vec::new());
-                    for &b in picks {
-                        let (k, v) = self.blocks.get(b)?;
-                        ks.push(k.narrow(1, h, 1)?);
-                        vs.push(v.narrow(1, h, 1)?);
-                    }
-                    heads_k.push(Tensor::cat(&ks, 2)?);
-                    heads_v.push(Tensor::cat(&vs, 2)?);
-                }
-                gather(&Tensor::cat(&heads_k, 1)?, &Tensor::cat(&heads_v, 1)?)?;
-            }
-            _ => {}
+        if per_head_count > 0 {
+            let (k, v) = self.blocks.gather(retrieved)?;
+            gather(&k, &v)?;
         }
         if global_recent > 0 {
             let (k, v) = self.recent.range(0, global_recent)?;
