@@ -4,10 +4,11 @@
 //! size 64), f32 activations, random keys, the `1k` preset, a question of
 //! one row per head (the question vector) or, with `question_rows =
 //! "tokens"`, 16; memory blocks in the model's dtype, bf16 or 8-bit rows
-//! (`block_dtype`). The last column is the memory's bytes per token at the
-//! longest length.
+//! (`block_dtype`). Each cell: the median decode step, the median prefill
+//! execution block (512 tokens) over the last quarter of the prompt, and
+//! the memory's bytes per token at the longest length.
 //!
-//! `cargo bench --bench decode_step` prints the median of 30 steps per cell;
+//! `cargo bench --bench decode_step` prints medians of 30 decode steps per cell;
 //! `cargo bench --bench decode_step -- NAME [TOKENS [STEPS]]` runs only the
 //! settings whose name contains `NAME` (one length, more steps), e.g. under
 //! `perf record`, where the steps must outweigh filling the memory.
@@ -32,9 +33,25 @@ fn random(shape: (usize, usize, usize, usize), device: &Device) -> Tensor {
 /// Question tokens of the `question_rows = "tokens"` rows.
 const QUESTION_TOKENS: usize = 16;
 
-/// Fills a memory with `tokens` prompt tokens, then returns the median
-/// seconds of one decode step and the memory's bytes.
-fn decode_step_seconds(config: &Policy, tokens: usize, steps: usize) -> (f64, usize) {
+/// What one cell measured.
+struct Cell {
+    /// Median seconds of one prefill execution block over the last quarter
+    /// of the prompt (at least one block).
+    prefill_block: f64,
+    /// Median seconds of one decode step.
+    decode_step: f64,
+    /// The memory's bytes at the end.
+    bytes: usize,
+}
+
+fn median(mut times: Vec<f64>) -> f64 {
+    times.sort_by(f64::total_cmp);
+    times[times.len() / 2]
+}
+
+/// Fills a memory with `tokens` prompt tokens, then runs `steps` decode
+/// steps.
+fn measure(config: &Policy, tokens: usize, steps: usize) -> Cell {
     let device = Device::Cpu;
     let rope = RopeTable::new(100_000.0, D, 2048, true, &device).unwrap();
     let masks = MaskCache::default();
@@ -55,12 +72,17 @@ fn decode_step_seconds(config: &Policy, tokens: usize, steps: usize) -> (f64, us
     let question = random((1, HEADS, rows, D), &device);
     memory.set_question(question.flatten_all().unwrap().to_vec1().unwrap());
     let mut done = 0;
+    let mut prefill = Vec::new();
     while done < tokens {
         let e = config.exc_block_size.min(tokens - done);
         let q = random((1, HEADS, e, D), &device);
         let k = random((1, KV_HEADS, e, D), &device);
         let v = random((1, KV_HEADS, e, D), &device);
+        let start = Instant::now();
         memory.append(config, &args, &q, &k, &v, |_| {}).unwrap();
+        if done + e > tokens * 3 / 4 || done + e == tokens {
+            prefill.push(start.elapsed().as_secs_f64());
+        }
         masks.clear();
         done += e;
     }
@@ -73,8 +95,11 @@ fn decode_step_seconds(config: &Policy, tokens: usize, steps: usize) -> (f64, us
         memory.append(config, &args, &q, &k, &v, |_| {}).unwrap();
         times.push(start.elapsed().as_secs_f64());
     }
-    times.sort_by(f64::total_cmp);
-    (times[steps / 2], memory.bytes())
+    Cell {
+        prefill_block: median(prefill),
+        decode_step: median(times),
+        bytes: memory.bytes(),
+    }
 }
 
 fn main() {
@@ -131,8 +156,12 @@ fn main() {
         .iter()
         .map(|t| format!("{}K tokens", t / 1024))
         .collect();
-    println!("| setting | {} | bytes/token |", header.join(" | "));
-    println!("|---{}|---|", "|---".repeat(lengths.len()));
+    println!(
+        "| setting | decode step at {} | prefill block at {} | bytes/token |",
+        header.join(", "),
+        header.join(", ")
+    );
+    println!("|---|---|---|---|");
     for (name, scoring, selection, question_rows, block_dtype) in settings {
         if only
             .as_ref()
@@ -147,16 +176,23 @@ fn main() {
             block_dtype,
             ..Policy::default()
         };
-        let mut per_token = 0;
-        let cells: Vec<String> = lengths
+        let cells: Vec<(usize, Cell)> = lengths
             .iter()
-            .copied()
-            .map(|tokens| {
-                let (seconds, bytes) = decode_step_seconds(&config, tokens, steps);
-                per_token = bytes / tokens;
-                format!("{:.2} ms", seconds * 1e3)
-            })
+            .map(|&tokens| (tokens, measure(&config, tokens, steps)))
             .collect();
-        println!("| {name} | {} | {per_token} |", cells.join(" | "));
+        let ms = |f: &dyn Fn(&Cell) -> f64| {
+            cells
+                .iter()
+                .map(|(_, c)| format!("{:.2}", f(c) * 1e3))
+                .collect::<Vec<_>>()
+                .join(" / ")
+        };
+        let (tokens, last) = cells.last().expect("a length");
+        println!(
+            "| {name} | {} ms | {} ms | {} |",
+            ms(&|c| c.decode_step),
+            ms(&|c| c.prefill_block),
+            last.bytes / tokens
+        );
     }
 }

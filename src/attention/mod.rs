@@ -8,6 +8,7 @@ pub mod mask;
 pub mod q8;
 pub mod reference;
 pub mod rope;
+pub mod softmax;
 
 use candle_core::{Result, Tensor};
 
@@ -40,15 +41,6 @@ pub fn grouped_attention(
     } else {
         Tensor::cat(&logits, 2)?
     };
-    let mut logits = (logits * f64::from(scale))?;
-    if let Some(mask) = mask {
-        let (kv_heads, rows, n) = logits.dims3()?;
-        let l = mask.dim(0)?;
-        logits = logits
-            .reshape((kv_heads, rows / l, l, n))?
-            .broadcast_add(mask)?
-            .reshape((kv_heads, rows, n))?;
-    }
-    let probs = candle_nn::ops::softmax_last_dim(&logits)?;
+    let probs = softmax::scaled_masked_softmax(&logits, mask, scale)?;
     Ok((probs.matmul(values)?, probs))
 }

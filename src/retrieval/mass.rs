@@ -15,6 +15,7 @@ use rayon::prelude::*;
 
 use super::KeySlab;
 use crate::attention::q8::Q8_ZERO;
+use crate::attention::softmax::exp_nonpositive;
 
 /// Largest head size the CPU kernel handles (a key row is converted into a
 /// stack buffer of this many values).
@@ -364,31 +365,6 @@ fn head_partials<K: KeyValue>(
     out
 }
 
-/// `e^x` for `x <= 0` (0 below -87), within 2e-7 relative of `f32::exp`:
-/// `x = n ln 2 + r`, `|r| <= ln 2 / 2`, `e^r` by its Taylor series to the
-/// 7th power, `2^n` by writing the exponent bits. Branch-free, so loops over
-/// it vectorise, where `f32::exp` is a libm call per value.
-#[inline]
-pub(crate) fn exp_nonpositive(x: f32) -> f32 {
-    const LOG2_E: f32 = std::f32::consts::LOG2_E;
-    const LN_2_HI: f32 = 0.693_145_75;
-    const LN_2_LO: f32 = 1.428_606_8e-6;
-    // Adding and subtracting 1.5 * 2^23 rounds to the nearest integer.
-    const ROUND: f32 = 12_582_912.0;
-    let x = x.max(-87.0);
-    let n = (x * LOG2_E + ROUND) - ROUND;
-    let r = (x - n * LN_2_HI) - n * LN_2_LO;
-    let p = 1.0
-        + r * (1.0
-            + r * (0.5
-                + r * (1.0 / 6.0
-                    + r * (1.0 / 24.0 + r * (1.0 / 120.0 + r * (1.0 / 720.0 + r / 5040.0))))));
-    // `n` is an integer in -126..=0: the bits of `2^n` are `(n + 127) << 23`.
-    #[allow(clippy::cast_possible_truncation, clippy::cast_sign_loss)]
-    let two_n = f32::from_bits(((n as i32 + 127) as u32) << 23);
-    p * two_n
-}
-
 #[cfg(test)]
 mod tests {
     use candle_core::{DType, Device};
@@ -397,21 +373,6 @@ mod tests {
     use crate::attention::Q8Rows;
 
     use super::*;
-
-    #[test]
-    fn the_fast_exponential_matches_the_library_one() {
-        let mut worst = 0f32;
-        for i in 0..=200_000 {
-            #[allow(clippy::cast_precision_loss)]
-            let x = -87.0 * i as f32 / 200_000.0;
-            let (got, want) = (exp_nonpositive(x), x.exp());
-            worst = worst.max((got - want).abs() / want);
-        }
-        assert!(worst < 2e-7, "worst relative error {worst}");
-        assert_eq!(exp_nonpositive(0.0), 1.0);
-        assert!(exp_nonpositive(-1000.0) < 1e-37);
-        assert!(exp_nonpositive(f32::NEG_INFINITY) < 1e-37);
-    }
 
     /// Slabs of `(kv_heads, 16 * bs, d)` keys as the block store keeps them:
     /// views of the filled part of `(1, kv_heads, capacity, d)` tensors, in

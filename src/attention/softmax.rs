@@ -1,0 +1,171 @@
+//! The softmax of scaled, masked logits, the middle of every attention this
+//! crate computes: on the CPU one pass per row that reads the logits once
+//! and writes the probabilities once ([`scaled_masked_softmax`]); elsewhere,
+//! and as its reference, the same as tensor ops
+//! ([`scaled_masked_softmax_by_tensors`]).
+
+use candle_core::{CpuStorage, Result, Storage, Tensor};
+use rayon::prelude::*;
+
+/// `softmax(scale * logits + mask)` over the last dimension. `logits` is
+/// `(kv_heads, rows, n)` f32; `mask` `(l, n)` f32, added to row `r` of
+/// every head as its row `r % l` (rows are `l` queries of `rows / l` query
+/// heads).
+pub fn scaled_masked_softmax(logits: &Tensor, mask: Option<&Tensor>, scale: f32) -> Result<Tensor> {
+    match host_softmax(logits, mask, scale)? {
+        Some(probs) => Ok(probs),
+        None => scaled_masked_softmax_by_tensors(logits, mask, scale),
+    }
+}
+
+/// [`scaled_masked_softmax`] as tensor ops (any device).
+pub fn scaled_masked_softmax_by_tensors(
+    logits: &Tensor,
+    mask: Option<&Tensor>,
+    scale: f32,
+) -> Result<Tensor> {
+    let mut logits = (logits * f64::from(scale))?;
+    if let Some(mask) = mask {
+        let (kv_heads, rows, n) = logits.dims3()?;
+        let l = mask.dim(0)?;
+        logits = logits
+            .reshape((kv_heads, rows / l, l, n))?
+            .broadcast_add(mask)?
+            .reshape((kv_heads, rows, n))?;
+    }
+    candle_nn::ops::softmax_last_dim(&logits)
+}
+
+/// The CPU pass, or `None` off the CPU.
+fn host_softmax(logits: &Tensor, mask: Option<&Tensor>, scale: f32) -> Result<Option<Tensor>> {
+    if !logits.device().is_cpu() || mask.is_some_and(|m| !m.device().is_cpu()) {
+        return Ok(None);
+    }
+    let logits = logits.contiguous()?;
+    let mask = mask.map(Tensor::contiguous).transpose()?;
+    let (_, rows, n) = logits.dims3()?;
+    let (storage, layout) = logits.storage_and_layout();
+    let Storage::Cpu(CpuStorage::F32(x)) = &*storage else {
+        return Ok(None);
+    };
+    let x = &x[layout.start_offset()..][..logits.elem_count()];
+    let mask_guard = mask.as_ref().map(Tensor::storage_and_layout);
+    let mask_rows: Option<&[f32]> = match (&mask, &mask_guard) {
+        (Some(mask), Some((storage, layout))) => {
+            let Storage::Cpu(CpuStorage::F32(m)) = &**storage else {
+                return Ok(None);
+            };
+            Some(&m[layout.start_offset()..][..mask.elem_count()])
+        }
+        _ => None,
+    };
+    let l = mask_rows.map_or(1, |m| m.len() / n);
+    let mut out = vec![0f32; x.len()];
+    out.par_chunks_mut(n)
+        .zip(x.par_chunks(n))
+        .enumerate()
+        .for_each(|(row, (probs, logits))| {
+            let mask = mask_rows.map(|m| &m[(row % rows % l) * n..][..n]);
+            let mut max = f32::NEG_INFINITY;
+            for (j, (p, &x)) in probs.iter_mut().zip(logits).enumerate() {
+                *p = x * scale + mask.map_or(0.0, |m| m[j]);
+                max = max.max(*p);
+            }
+            let mut sum = 0.0;
+            for p in probs.iter_mut() {
+                *p = exp_nonpositive(*p - max);
+                sum += *p;
+            }
+            let inv = 1.0 / sum;
+            for p in probs.iter_mut() {
+                *p *= inv;
+            }
+        });
+    Ok(Some(Tensor::from_vec(
+        out,
+        logits.shape(),
+        logits.device(),
+    )?))
+}
+
+/// `e^x` for `x <= 0` (0 below -87), within 2e-7 relative of `f32::exp`:
+/// `x = n ln 2 + r`, `|r| <= ln 2 / 2`, `e^r` by its Taylor series to the
+/// 7th power, `2^n` by writing the exponent bits. Branch-free, so loops over
+/// it vectorise, where `f32::exp` is a libm call per value.
+#[inline]
+pub fn exp_nonpositive(x: f32) -> f32 {
+    const LOG2_E: f32 = std::f32::consts::LOG2_E;
+    const LN_2_HI: f32 = 0.693_145_75;
+    const LN_2_LO: f32 = 1.428_606_8e-6;
+    // Adding and subtracting 1.5 * 2^23 rounds to the nearest integer.
+    const ROUND: f32 = 12_582_912.0;
+    let below = x < -87.0;
+    let x = x.max(-87.0);
+    let n = (x * LOG2_E + ROUND) - ROUND;
+    let r = (x - n * LN_2_HI) - n * LN_2_LO;
+    let p = 1.0
+        + r * (1.0
+            + r * (0.5
+                + r * (1.0 / 6.0
+                    + r * (1.0 / 24.0 + r * (1.0 / 120.0 + r * (1.0 / 720.0 + r / 5040.0))))));
+    // `n` is an integer in -126..=0: the bits of `2^n` are `(n + 127) << 23`.
+    #[allow(clippy::cast_possible_truncation, clippy::cast_sign_loss)]
+    let two_n = f32::from_bits(((n as i32 + 127) as u32) << 23);
+    // A select, not a branch: masked logits (`-inf`) give exactly 0.
+    if below {
+        0.0
+    } else {
+        p * two_n
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use candle_core::Device;
+
+    use super::*;
+    use crate::attention::mask::causal_mask;
+    use crate::attention::reference::{assert_close, random};
+
+    #[test]
+    fn the_fast_exponential_matches_the_library_one() {
+        let mut worst = 0f32;
+        for i in 0..=200_000 {
+            #[allow(clippy::cast_precision_loss)]
+            let x = -87.0 * i as f32 / 200_000.0;
+            let (got, want) = (exp_nonpositive(x), x.exp());
+            worst = worst.max((got - want).abs() / want);
+        }
+        assert!(worst < 2e-7, "worst relative error {worst}");
+        assert_eq!(exp_nonpositive(0.0), 1.0);
+        assert_eq!(exp_nonpositive(-1000.0), 0.0);
+        assert_eq!(exp_nonpositive(f32::NEG_INFINITY), 0.0);
+    }
+
+    #[test]
+    fn the_cpu_pass_gives_the_tensor_ops_probabilities() {
+        // 2 KV heads, 3 query heads of 5 queries each, 9 keys: the causal
+        // mask of the last 5 of 9 positions, and no mask.
+        let logits = random((1, 2, 15, 9), 51, 3.0).squeeze(0).unwrap();
+        let mask = causal_mask(5, 9, &Device::Cpu).unwrap();
+        for mask in [Some(&mask), None] {
+            let fast = scaled_masked_softmax(&logits, mask, 0.7).unwrap();
+            let slow = scaled_masked_softmax_by_tensors(&logits, mask, 0.7).unwrap();
+            let flat = |t: &Tensor| t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+            assert_close(&flat(&fast), &flat(&slow), 1e-6);
+            // Masked keys get nothing; each row sums to one.
+            let rows = fast.to_vec3::<f32>().unwrap();
+            for head in &rows {
+                for (r, row) in head.iter().enumerate() {
+                    assert!((row.iter().sum::<f32>() - 1.0).abs() < 1e-5);
+                    if mask.is_some() {
+                        assert!(
+                            row[9 - 5 + r % 5 + 1..].iter().all(|&p| p == 0.0),
+                            "row {r}"
+                        );
+                    }
+                }
+            }
+        }
+    }
+}
