@@ -36,11 +36,71 @@ pub fn grouped_attention(
         .iter()
         .map(|(q, k)| q.matmul(&k.t()?))
         .collect::<Result<Vec<_>>>()?;
-    let logits = if logits.len() == 1 {
-        logits.into_iter().next().expect("one part")
-    } else {
-        Tensor::cat(&logits, 2)?
-    };
     let probs = softmax::scaled_masked_softmax(&logits, mask, scale)?;
     Ok((probs.matmul(values)?, probs))
+}
+
+/// Attention each of the keys `columns` received, summed over the `l`
+/// queries of each query head: `probs` is `(kv_heads, group * l, n)` as
+/// [`grouped_attention`] returns it; the result is one row of
+/// `columns.len()` sums per query head (`kv_heads * group` rows). On the
+/// CPU one pass over the rows; elsewhere [`received_by_tensors`].
+pub fn received(
+    probs: &Tensor,
+    l: usize,
+    columns: std::ops::Range<usize>,
+) -> Result<Vec<Vec<f32>>> {
+    if !probs.device().is_cpu() || !probs.is_contiguous() {
+        return received_by_tensors(probs, l, columns);
+    }
+    let (kv_heads, rows, n) = probs.dims3()?;
+    let (storage, layout) = probs.storage_and_layout();
+    let candle_core::Storage::Cpu(candle_core::CpuStorage::F32(p)) = &*storage else {
+        return received_by_tensors(probs, l, columns.clone());
+    };
+    let p = &p[layout.start_offset()..][..probs.elem_count()];
+    let heads = kv_heads * rows / l;
+    let mut sums = vec![vec![0f32; columns.len()]; heads];
+    for (row, probs) in p.chunks_exact(n).enumerate() {
+        for (s, &x) in sums[row / l].iter_mut().zip(&probs[columns.clone()]) {
+            *s += x;
+        }
+    }
+    Ok(sums)
+}
+
+/// [`received`] as tensor ops (any device, and its reference).
+pub fn received_by_tensors(
+    probs: &Tensor,
+    l: usize,
+    columns: std::ops::Range<usize>,
+) -> Result<Vec<Vec<f32>>> {
+    let (kv_heads, rows, _) = probs.dims3()?;
+    probs
+        .narrow(2, columns.start, columns.len())?
+        .contiguous()?
+        .reshape((kv_heads * rows / l, l, columns.len()))?
+        .sum(1)?
+        .to_vec2()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::attention::reference::{assert_close, random};
+
+    #[test]
+    fn received_attention_is_summed_per_query_head_as_the_tensor_ops_sum_it() {
+        // 2 KV heads of 3 query heads, 4 queries each, 10 keys; keys 6..9.
+        let probs = random((1, 2, 12, 10), 61, 1.0).squeeze(0).unwrap();
+        let fast = received(&probs, 4, 6..9).unwrap();
+        let slow = received_by_tensors(&probs, 4, 6..9).unwrap();
+        assert_eq!((fast.len(), fast[0].len()), (6, 3));
+        assert_close(&fast.concat(), &slow.concat(), 1e-6);
+        // Written out for query head 4 (KV head 1, second of its group),
+        // key 7: rows 4..8 of KV head 1.
+        let p = probs.to_vec3::<f32>().unwrap();
+        let want: f32 = (4..8).map(|r| p[1][r][7]).sum();
+        assert!((fast[4][1] - want).abs() < 1e-6);
+    }
 }

@@ -7,24 +7,30 @@
 use candle_core::{CpuStorage, Result, Storage, Tensor};
 use rayon::prelude::*;
 
-/// `softmax(scale * logits + mask)` over the last dimension. `logits` is
-/// `(kv_heads, rows, n)` f32; `mask` `(l, n)` f32, added to row `r` of
-/// every head as its row `r % l` (rows are `l` queries of `rows / l` query
-/// heads).
-pub fn scaled_masked_softmax(logits: &Tensor, mask: Option<&Tensor>, scale: f32) -> Result<Tensor> {
-    match host_softmax(logits, mask, scale)? {
+/// `softmax(scale * logits + mask)` over the last dimension, where the
+/// logits are `parts` side by side (`(kv_heads, rows, n_i)` f32 each; the
+/// CPU pass reads them where they are, without joining them first). `mask`
+/// is `(l, sum n_i)` f32, added to row `r` of every head as its row `r % l`
+/// (rows are `l` queries of `rows / l` query heads). Returns `(kv_heads,
+/// rows, sum n_i)`.
+pub fn scaled_masked_softmax(
+    parts: &[Tensor],
+    mask: Option<&Tensor>,
+    scale: f32,
+) -> Result<Tensor> {
+    match host_softmax(parts, mask, scale)? {
         Some(probs) => Ok(probs),
-        None => scaled_masked_softmax_by_tensors(logits, mask, scale),
+        None => scaled_masked_softmax_by_tensors(parts, mask, scale),
     }
 }
 
 /// [`scaled_masked_softmax`] as tensor ops (any device).
 pub fn scaled_masked_softmax_by_tensors(
-    logits: &Tensor,
+    parts: &[Tensor],
     mask: Option<&Tensor>,
     scale: f32,
 ) -> Result<Tensor> {
-    let mut logits = (logits * f64::from(scale))?;
+    let mut logits = (Tensor::cat(parts, 2)? * f64::from(scale))?;
     if let Some(mask) = mask {
         let (kv_heads, rows, n) = logits.dims3()?;
         let l = mask.dim(0)?;
@@ -37,54 +43,74 @@ pub fn scaled_masked_softmax_by_tensors(
 }
 
 /// The CPU pass, or `None` off the CPU.
-fn host_softmax(logits: &Tensor, mask: Option<&Tensor>, scale: f32) -> Result<Option<Tensor>> {
-    if !logits.device().is_cpu() || mask.is_some_and(|m| !m.device().is_cpu()) {
+fn host_softmax(parts: &[Tensor], mask: Option<&Tensor>, scale: f32) -> Result<Option<Tensor>> {
+    let on_cpu = |t: &Tensor| t.device().is_cpu();
+    if parts.is_empty() || !parts.iter().all(on_cpu) || mask.is_some_and(|m| !on_cpu(m)) {
         return Ok(None);
     }
-    let logits = logits.contiguous()?;
+    let parts = parts
+        .iter()
+        .map(Tensor::contiguous)
+        .collect::<Result<Vec<_>>>()?;
+    let (kv_heads, rows, _) = parts[0].dims3()?;
+    let widths = parts.iter().map(|p| p.dim(2)).collect::<Result<Vec<_>>>()?;
+    let n: usize = widths.iter().sum();
+    let guards: Vec<_> = parts.iter().map(Tensor::storage_and_layout).collect();
+    let mut slices = Vec::with_capacity(parts.len());
+    for (part, (storage, layout)) in parts.iter().zip(&guards) {
+        let Storage::Cpu(CpuStorage::F32(x)) = &**storage else {
+            return Ok(None);
+        };
+        if part.dims3()?.0 != kv_heads || part.dim(1)? != rows {
+            candle_core::bail!("scaled_masked_softmax: parts of unequal rows");
+        }
+        slices.push(&x[layout.start_offset()..][..part.elem_count()]);
+    }
     let mask = mask.map(Tensor::contiguous).transpose()?;
-    let (_, rows, n) = logits.dims3()?;
-    let (storage, layout) = logits.storage_and_layout();
-    let Storage::Cpu(CpuStorage::F32(x)) = &*storage else {
-        return Ok(None);
-    };
-    let x = &x[layout.start_offset()..][..logits.elem_count()];
     let mask_guard = mask.as_ref().map(Tensor::storage_and_layout);
     let mask_rows: Option<&[f32]> = match (&mask, &mask_guard) {
         (Some(mask), Some((storage, layout))) => {
             let Storage::Cpu(CpuStorage::F32(m)) = &**storage else {
                 return Ok(None);
             };
+            if mask.dim(1)? != n {
+                candle_core::bail!(
+                    "scaled_masked_softmax: a mask of {} columns for {n}",
+                    mask.dim(1)?
+                );
+            }
             Some(&m[layout.start_offset()..][..mask.elem_count()])
         }
         _ => None,
     };
     let l = mask_rows.map_or(1, |m| m.len() / n);
-    let mut out = vec![0f32; x.len()];
-    out.par_chunks_mut(n)
-        .zip(x.par_chunks(n))
-        .enumerate()
-        .for_each(|(row, (probs, logits))| {
-            let mask = mask_rows.map(|m| &m[(row % rows % l) * n..][..n]);
-            let mut max = f32::NEG_INFINITY;
-            for (j, (p, &x)) in probs.iter_mut().zip(logits).enumerate() {
-                *p = x * scale + mask.map_or(0.0, |m| m[j]);
+    let mut out = vec![0f32; kv_heads * rows * n];
+    out.par_chunks_mut(n).enumerate().for_each(|(row, probs)| {
+        let mask = mask_rows.map(|m| &m[(row % rows % l) * n..][..n]);
+        let mut max = f32::NEG_INFINITY;
+        let mut at = 0;
+        for (x, &width) in slices.iter().zip(&widths) {
+            let logits = &x[row * width..][..width];
+            for (j, (p, &x)) in probs[at..at + width].iter_mut().zip(logits).enumerate() {
+                *p = x * scale + mask.map_or(0.0, |m| m[at + j]);
                 max = max.max(*p);
             }
-            let mut sum = 0.0;
-            for p in probs.iter_mut() {
-                *p = exp_nonpositive(*p - max);
-                sum += *p;
-            }
-            let inv = 1.0 / sum;
-            for p in probs.iter_mut() {
-                *p *= inv;
-            }
-        });
+            at += width;
+        }
+        let mut sum = 0.0;
+        for p in probs.iter_mut() {
+            *p = exp_nonpositive(*p - max);
+            sum += *p;
+        }
+        let inv = 1.0 / sum;
+        for p in probs.iter_mut() {
+            *p *= inv;
+        }
+    });
     Ok(Some(Tensor::from_vec(
         out,
-        logits.shape(),
-        logits.device(),
+        (kv_heads, rows, n),
+        parts[0].device(),
     )?))
 }
 
@@ -146,11 +172,16 @@ mod tests {
     fn the_cpu_pass_gives_the_tensor_ops_probabilities() {
         // 2 KV heads, 3 query heads of 5 queries each, 9 keys: the causal
         // mask of the last 5 of 9 positions, and no mask.
+        // The logits in two parts of 4 and 5 columns.
         let logits = random((1, 2, 15, 9), 51, 3.0).squeeze(0).unwrap();
+        let parts = [
+            logits.narrow(2, 0, 4).unwrap(),
+            logits.narrow(2, 4, 5).unwrap(),
+        ];
         let mask = causal_mask(5, 9, &Device::Cpu).unwrap();
         for mask in [Some(&mask), None] {
-            let fast = scaled_masked_softmax(&logits, mask, 0.7).unwrap();
-            let slow = scaled_masked_softmax_by_tensors(&logits, mask, 0.7).unwrap();
+            let fast = scaled_masked_softmax(&parts, mask, 0.7).unwrap();
+            let slow = scaled_masked_softmax_by_tensors(&[logits.clone()], mask, 0.7).unwrap();
             let flat = |t: &Tensor| t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
             assert_close(&flat(&fast), &flat(&slow), 1e-6);
             // Masked keys get nothing; each row sums to one.

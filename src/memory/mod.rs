@@ -39,7 +39,7 @@ pub use ledger::{Eviction, Ledger, ReadPlan};
 
 use crate::attention::mask::MaskGeometry;
 use crate::attention::{
-    grouped_attention, positions, rotate_f32, rotate_f32_fractional, MaskCache, Rotary,
+    grouped_attention, positions, received, rotate_f32, rotate_f32_fractional, MaskCache, Rotary,
 };
 use crate::config::{Mode, Policy, Positions, Read};
 use crate::retrieval::{LayerVotes, Retrieval};
@@ -415,12 +415,7 @@ impl LayerMemory {
 
         // Attention received by each window token from this block's queries,
         // the measure a block's representative tokens are chosen by.
-        let local_probs: Vec<Vec<f32>> = probs
-            .narrow(2, n_global, local_len)?
-            .contiguous()?
-            .reshape((heads, e, local_len))?
-            .sum(1)?
-            .to_vec2()?;
+        let local_probs = received(&probs, e, n_global..n_global + local_len)?;
         let first = (plan.local.start - recent_start) * heads;
         for (h, row) in local_probs.iter().enumerate() {
             for (t, p) in row.iter().enumerate() {
