@@ -181,7 +181,8 @@ mod tests {
         let mask = causal_mask(5, 9, &Device::Cpu).unwrap();
         for mask in [Some(&mask), None] {
             let fast = scaled_masked_softmax(&parts, mask, 0.7).unwrap();
-            let slow = scaled_masked_softmax_by_tensors(&[logits.clone()], mask, 0.7).unwrap();
+            let slow =
+                scaled_masked_softmax_by_tensors(std::slice::from_ref(&logits), mask, 0.7).unwrap();
             let flat = |t: &Tensor| t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
             assert_close(&flat(&fast), &flat(&slow), 1e-6);
             // Masked keys get nothing; each row sums to one.
