@@ -86,32 +86,67 @@ fn host_softmax(parts: &[Tensor], mask: Option<&Tensor>, scale: f32) -> Result<O
     let l = mask_rows.map_or(1, |m| m.len() / n);
     let mut out = vec![0f32; kv_heads * rows * n];
     out.par_chunks_mut(n).enumerate().for_each(|(row, probs)| {
-        let mask = mask_rows.map(|m| &m[(row % rows % l) * n..][..n]);
-        let mut max = f32::NEG_INFINITY;
         let mut at = 0;
         for (x, &width) in slices.iter().zip(&widths) {
             let logits = &x[row * width..][..width];
-            for (j, (p, &x)) in probs[at..at + width].iter_mut().zip(logits).enumerate() {
-                *p = x * scale + mask.map_or(0.0, |m| m[at + j]);
-                max = max.max(*p);
+            let probs = &mut probs[at..at + width];
+            match mask_rows {
+                Some(m) => {
+                    let mask = &m[(row % rows % l) * n + at..][..width];
+                    for ((p, &x), &m) in probs.iter_mut().zip(logits).zip(mask) {
+                        *p = x * scale + m;
+                    }
+                }
+                None => {
+                    for (p, &x) in probs.iter_mut().zip(logits) {
+                        *p = x * scale;
+                    }
+                }
             }
             at += width;
         }
-        let mut sum = 0.0;
-        for p in probs.iter_mut() {
-            *p = exp_nonpositive(*p - max);
-            sum += *p;
-        }
-        let inv = 1.0 / sum;
-        for p in probs.iter_mut() {
-            *p *= inv;
-        }
+        softmax_in_place(probs);
     });
     Ok(Some(Tensor::from_vec(
         out,
         (kv_heads, rows, n),
         parts[0].device(),
     )?))
+}
+
+/// Replaces `row` by its softmax. Maxima and sums are kept in eight lanes,
+/// so the passes vectorise (a single running sum is one add per cycle).
+fn softmax_in_place(row: &mut [f32]) {
+    const LANES: usize = 8;
+    let mut lanes = [f32::NEG_INFINITY; LANES];
+    let mut chunks = row.chunks_exact(LANES);
+    for chunk in &mut chunks {
+        for (m, &x) in lanes.iter_mut().zip(chunk) {
+            *m = m.max(x);
+        }
+    }
+    let max = chunks
+        .remainder()
+        .iter()
+        .chain(&lanes)
+        .fold(f32::NEG_INFINITY, |a, &b| a.max(b));
+    let mut sums = [0f32; LANES];
+    let mut chunks = row.chunks_exact_mut(LANES);
+    for chunk in &mut chunks {
+        for (s, p) in sums.iter_mut().zip(chunk) {
+            *p = exp_nonpositive(*p - max);
+            *s += *p;
+        }
+    }
+    let mut sum: f32 = sums.iter().sum();
+    for p in chunks.into_remainder() {
+        *p = exp_nonpositive(*p - max);
+        sum += *p;
+    }
+    let inv = 1.0 / sum;
+    for p in row.iter_mut() {
+        *p *= inv;
+    }
 }
 
 /// `e^x` for `x <= 0` (0 below -87), within 2e-7 relative of `f32::exp`:

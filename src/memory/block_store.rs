@@ -1,7 +1,8 @@
 //! The memory blocks of one layer: tensors only, no bookkeeping.
 
-use candle_core::{DType, Result, Tensor};
+use candle_core::{CpuStorage, DType, Result, Storage, Tensor, D};
 
+use crate::attention::q8::Q8_ZERO;
 use crate::attention::Q8Rows;
 use crate::config::BlockStorage;
 use crate::retrieval::{BlockKeys, KeySlab};
@@ -63,6 +64,22 @@ impl Slab {
                 Ok(Slab::Q8(Q8Rows::cat(&ks, dim)?, Q8Rows::cat(&vs, dim)?))
             }
             _ => candle_core::bail!("BlockStore: no pieces, or pieces stored alike and not"),
+        }
+    }
+
+    /// The keys' and values' tensors (the bytes, for 8-bit rows).
+    fn tensors(&self) -> (&Tensor, &Tensor) {
+        match self {
+            Slab::Float(k, v) => (k, v),
+            Slab::Q8(k, v) => (&k.values, &v.values),
+        }
+    }
+
+    /// The rows' scales of keys and values, for 8-bit rows.
+    fn scales(&self) -> Option<(&Tensor, &Tensor)> {
+        match self {
+            Slab::Float(..) => None,
+            Slab::Q8(k, v) => Some((&k.scales, &v.scales)),
         }
     }
 
@@ -141,6 +158,56 @@ impl BlockStore {
         if let Some(&b) = picks.iter().flatten().find(|&&b| b >= self.len) {
             candle_core::bail!("BlockStore::gather: block {b} of {} held", self.len);
         }
+        match self.gather_on_host(picks)? {
+            Some(gathered) => Ok(gathered),
+            None => self.gather_by_tensors(picks),
+        }
+    }
+
+    /// [`BlockStore::gather`] on the CPU: each picked block's rows copied
+    /// (and converted) straight into the result, one pass; `None` off the
+    /// CPU.
+    fn gather_on_host(&self, picks: &[Vec<usize>]) -> Result<Option<(Tensor, Tensor)>> {
+        let (keys, _) = self.slabs[0].tensors();
+        if !keys.device().is_cpu() {
+            return Ok(None);
+        }
+        let (_, kv_heads, capacity, d) = keys.dims4()?;
+        let block_size = capacity / SLAB_BLOCKS;
+        let per_head: Vec<&[usize]> = match picks {
+            [shared] => vec![shared.as_slice(); kv_heads],
+            per_head if per_head.len() == kv_heads => per_head.iter().map(Vec::as_slice).collect(),
+            _ => candle_core::bail!(
+                "BlockStore::gather: {} pick lists for {kv_heads} KV heads",
+                picks.len()
+            ),
+        };
+        let len = kv_heads * per_head[0].len() * block_size * d;
+        let (mut out_k, mut out_v) = (Vec::with_capacity(len), Vec::with_capacity(len));
+        for (h, list) in per_head.iter().enumerate() {
+            for &b in *list {
+                let slab = &self.slabs[b / SLAB_BLOCKS];
+                // Row of the slab where this head's block begins.
+                let row = h * capacity + (b % SLAB_BLOCKS) * block_size;
+                let (k, v) = slab.tensors();
+                let scales = slab.scales();
+                if !(append_rows(k, scales.map(|s| s.0), row, block_size, &mut out_k)?
+                    && append_rows(v, scales.map(|s| s.1), row, block_size, &mut out_v)?)
+                {
+                    return Ok(None);
+                }
+            }
+        }
+        let shape = (1, kv_heads, per_head[0].len() * block_size, d);
+        Ok(Some((
+            Tensor::from_vec(out_k, shape, keys.device())?,
+            Tensor::from_vec(out_v, shape, keys.device())?,
+        )))
+    }
+
+    /// [`BlockStore::gather`] as tensor ops (any device, and the CPU pass's
+    /// reference).
+    fn gather_by_tensors(&self, picks: &[Vec<usize>]) -> Result<(Tensor, Tensor)> {
         let block_size = self.slabs[0].tokens()? / SLAB_BLOCKS;
         // One head's (or, with one list, every head's) blocks, side by side
         // along the token axis.
@@ -207,6 +274,46 @@ impl BlockStore {
     }
 }
 
+/// Appends rows `row..row + rows` of a contiguous slab tensor (rows of its
+/// last dimension) to `out` in f32, scaling 8-bit rows by `scales`. False
+/// where the storage is not one the CPU pass reads.
+fn append_rows(
+    slab: &Tensor,
+    scales: Option<&Tensor>,
+    row: usize,
+    rows: usize,
+    out: &mut Vec<f32>,
+) -> Result<bool> {
+    let d = slab.dim(D::Minus1)?;
+    let (storage, layout) = slab.storage_and_layout();
+    if !layout.is_contiguous() {
+        return Ok(false);
+    }
+    let range = layout.start_offset() + row * d..layout.start_offset() + (row + rows) * d;
+    match (&*storage, scales) {
+        (Storage::Cpu(CpuStorage::F32(x)), None) => out.extend_from_slice(&x[range]),
+        (Storage::Cpu(CpuStorage::BF16(x)), None) => {
+            out.extend(x[range].iter().map(|v| v.to_f32()))
+        }
+        (Storage::Cpu(CpuStorage::F16(x)), None) => out.extend(x[range].iter().map(|v| v.to_f32())),
+        (Storage::Cpu(CpuStorage::U8(bytes)), Some(scales)) => {
+            let (scale_storage, scale_layout) = scales.storage_and_layout();
+            let Storage::Cpu(CpuStorage::F32(scales)) = &*scale_storage else {
+                return Ok(false);
+            };
+            let first = scale_layout.start_offset() + row;
+            for (values, &scale) in bytes[range]
+                .chunks_exact(d)
+                .zip(&scales[first..first + rows])
+            {
+                out.extend(values.iter().map(|&b| scale * (f32::from(b) - Q8_ZERO)));
+            }
+        }
+        _ => return Ok(false),
+    }
+    Ok(true)
+}
+
 impl BlockKeys for BlockStore {
     fn blocks(&self) -> usize {
         self.len
@@ -266,6 +373,11 @@ mod tests {
                     assert!(max_diff(&got(&k), &raw) < 0.05, "{storage:?} block {b}");
                 }
             }
+            // The CPU pass against the tensor ops.
+            let (slow_k, slow_v) = store.gather_by_tensors(&picks).unwrap();
+            let (fast_k, fast_v) = store.gather_on_host(&picks).unwrap().expect("on the CPU");
+            assert_eq!(max_diff(&fast_k, &slow_k), 0.0, "{storage:?}");
+            assert_eq!(max_diff(&fast_v, &slow_v), 0.0, "{storage:?}");
             let (shared_k, _) = store.gather(&[vec![17, 3]]).unwrap();
             let want =
                 Tensor::cat(&[store.get(17).unwrap().0, store.get(3).unwrap().0], 2).unwrap();
