@@ -114,9 +114,30 @@ fn host_softmax(parts: &[Tensor], mask: Option<&Tensor>, scale: f32) -> Result<O
     )?))
 }
 
-/// Replaces `row` by its softmax. Maxima and sums are kept in eight lanes,
-/// so the passes vectorise (a single running sum is one add per cycle).
+/// Replaces `row` by its softmax, with AVX2 where the CPU has it (the
+/// crate is built for the baseline x86-64, whose vectors are half as
+/// wide).
 fn softmax_in_place(row: &mut [f32]) {
+    #[cfg(target_arch = "x86_64")]
+    if std::arch::is_x86_feature_detected!("avx2") {
+        // SAFETY: the CPU has AVX2, checked just above.
+        unsafe { softmax_in_place_avx2(row) };
+        return;
+    }
+    softmax_in_place_portable(row);
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+unsafe fn softmax_in_place_avx2(row: &mut [f32]) {
+    softmax_in_place_portable(row);
+}
+
+/// [`softmax_in_place`] for any CPU. Maxima and sums are kept in eight
+/// lanes, so the passes vectorise (a single running sum is one add per
+/// cycle).
+#[inline(always)]
+fn softmax_in_place_portable(row: &mut [f32]) {
     const LANES: usize = 8;
     let mut lanes = [f32::NEG_INFINITY; LANES];
     let mut chunks = row.chunks_exact(LANES);
@@ -153,7 +174,7 @@ fn softmax_in_place(row: &mut [f32]) {
 /// `x = n ln 2 + r`, `|r| <= ln 2 / 2`, `e^r` by its Taylor series to the
 /// 7th power, `2^n` by writing the exponent bits. Branch-free, so loops over
 /// it vectorise, where `f32::exp` is a libm call per value.
-#[inline]
+#[inline(always)]
 pub fn exp_nonpositive(x: f32) -> f32 {
     const LOG2_E: f32 = std::f32::consts::LOG2_E;
     const LN_2_HI: f32 = 0.693_145_75;

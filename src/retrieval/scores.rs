@@ -65,6 +65,7 @@ pub fn head_softmax_block_scores(
     total
 }
 
+#[inline(always)]
 pub(crate) fn dot(a: &[f32], b: &[f32]) -> f32 {
     // Eight independent sums so the compiler can vectorise.
     let mut acc = [0f32; 8];
