@@ -139,18 +139,7 @@ unsafe fn softmax_in_place_avx2(row: &mut [f32]) {
 #[inline(always)]
 fn softmax_in_place_portable(row: &mut [f32]) {
     const LANES: usize = 8;
-    let mut lanes = [f32::NEG_INFINITY; LANES];
-    let mut chunks = row.chunks_exact(LANES);
-    for chunk in &mut chunks {
-        for (m, &x) in lanes.iter_mut().zip(chunk) {
-            *m = m.max(x);
-        }
-    }
-    let max = chunks
-        .remainder()
-        .iter()
-        .chain(&lanes)
-        .fold(f32::NEG_INFINITY, |a, &b| a.max(b));
+    let max = lane_max(row);
     let mut sums = [0f32; LANES];
     let mut chunks = row.chunks_exact_mut(LANES);
     for chunk in &mut chunks {
@@ -168,6 +157,45 @@ fn softmax_in_place_portable(row: &mut [f32]) {
     for p in row.iter_mut() {
         *p *= inv;
     }
+}
+
+/// The largest of `values` and `sum exp(scale * (v - max))`, in eight
+/// lanes so the loops vectorise (one running maximum or sum is one
+/// dependent operation per value).
+#[inline(always)]
+pub fn max_and_exp_sum(values: &[f32], scale: f32) -> (f32, f32) {
+    const LANES: usize = 8;
+    let max = lane_max(values);
+    let mut sums = [0f32; LANES];
+    let mut chunks = values.chunks_exact(LANES);
+    for chunk in &mut chunks {
+        for (s, &x) in sums.iter_mut().zip(chunk) {
+            *s += exp_nonpositive((x - max) * scale);
+        }
+    }
+    let tail: f32 = chunks
+        .remainder()
+        .iter()
+        .map(|&x| exp_nonpositive((x - max) * scale))
+        .sum();
+    (max, sums.iter().sum::<f32>() + tail)
+}
+
+/// The largest of `values` (`-inf` for none), in eight lanes.
+#[inline(always)]
+fn lane_max(values: &[f32]) -> f32 {
+    let mut lanes = [f32::NEG_INFINITY; 8];
+    let mut chunks = values.chunks_exact(8);
+    for chunk in &mut chunks {
+        for (m, &x) in lanes.iter_mut().zip(chunk) {
+            *m = m.max(x);
+        }
+    }
+    chunks
+        .remainder()
+        .iter()
+        .chain(&lanes)
+        .fold(f32::NEG_INFINITY, |a, &b| a.max(b))
 }
 
 /// `e^x` for `x <= 0` (0 below -87), within 2e-7 relative of `f32::exp`:

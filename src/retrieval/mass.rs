@@ -15,7 +15,7 @@ use rayon::prelude::*;
 
 use super::KeySlab;
 use crate::attention::q8::Q8_ZERO;
-use crate::attention::softmax::exp_nonpositive;
+use crate::attention::softmax::max_and_exp_sum;
 
 /// Largest head size the CPU kernel handles (a key row is converted into a
 /// stack buffer of this many values).
@@ -383,11 +383,7 @@ fn head_partials_portable<K: KeyValue>(
             }
         }
         for row_logits in logits.chunks_exact(block_size) {
-            let max = row_logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-            let sum: f32 = row_logits
-                .iter()
-                .map(|&x| exp_nonpositive((x - max) * scale))
-                .sum();
+            let (max, sum) = max_and_exp_sum(row_logits, scale);
             out.push(max);
             out.push(sum);
         }
