@@ -120,6 +120,26 @@ fn the_hook_runs_in_every_dtype_for_every_architecture() {
                 beyond[0].iter().flatten().all(|x| x.is_finite()),
                 "{arch:?} {dtype:?}: non-finite logits past the window"
             );
+            // Memory blocks as 8-bit rows, quantized from any model dtype.
+            // With every block retrieved (no pick can flip), the logits stay
+            // within the rounding of the blocks' values.
+            let every_block = |block_dtype| {
+                let mut config = qllm(32);
+                config.policy.topk = 128;
+                config.policy.block_dtype = block_dtype;
+                logits(&file, dtype, Some(Arc::new(QllmHook::new(config))), &long)
+            };
+            let model_blocks = every_block(qllm::BlockDType::Model);
+            let q8_blocks = every_block(qllm::BlockDType::Q8_0);
+            assert_eq!(q8_blocks[0].len(), DECODE_STEPS + 1, "{arch:?} {dtype:?}");
+            let d_q8 = max_abs_diff(&model_blocks, &q8_blocks);
+            // Rounding to 8 bits (at most 0.4% of a row's largest value)
+            // moves these logits by about a tenth; a lost scale or a wrong
+            // row moves them by whole units, as a flipped retrieval does.
+            assert!(
+                d_q8 > 0.0 && d_q8 < 0.3,
+                "{arch:?} {dtype:?}: 8-bit blocks moved the logits by {d_q8}"
+            );
             if dtype == ModelDType::F32 {
                 // A window shorter than the 45-token prompt must change the
                 // logits: the policy, not only the hook's call, reaches the
