@@ -126,6 +126,14 @@ pub enum Scoring {
     AttentionMass,
 }
 
+impl Scoring {
+    /// Whether it scores blocks by their representative keys (the others
+    /// read the stored keys, so no representative is kept for them).
+    pub fn uses_representatives(self) -> bool {
+        matches!(self, Scoring::Dot | Scoring::HeadSoftmax)
+    }
+}
+
 impl FromStr for Scoring {
     type Err = String;
     fn from_str(s: &str) -> std::result::Result<Self, String> {

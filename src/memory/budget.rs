@@ -77,9 +77,11 @@ pub fn sequence_bytes_bound(
                     * (storage.row_bytes(model.k_head_dim) + storage.row_bytes(model.v_head_dim));
                 window
                     + slabs * SLAB_BLOCKS * config.block_size * block_token
-                    // f32 representative key per block and query head; the
-                    // vector may hold up to twice its length.
-                    + 2 * blocks * heads * model.k_head_dim * 4
+                    // f32 representative key per block and query head, for
+                    // the scorings that use them; the vector may hold up to
+                    // twice its length.
+                    + usize::from(config.scoring.uses_representatives())
+                        * 2 * blocks * heads * model.k_head_dim * 4
                     // Each block's first position; the vector may hold up to
                     // twice its length.
                     + 2 * blocks * std::mem::size_of::<usize>()

@@ -486,15 +486,17 @@ impl LayerMemory {
         let bs = policy.block_size;
         let (k, v) = self.recent.range(0, bs)?;
         let storage = policy.block_dtype.resolve(k.dtype());
-        let kv_heads = k.dim(1)?;
-        let keys = k.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
-        self.retrieval.add_block(
-            policy,
-            &keys,
-            kv_heads,
-            &self.local_score[..bs * heads],
-            heads,
-        );
+        if policy.scoring.uses_representatives() {
+            let kv_heads = k.dim(1)?;
+            let keys = k.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
+            self.retrieval.add_block(
+                policy,
+                &keys,
+                kv_heads,
+                &self.local_score[..bs * heads],
+                heads,
+            );
+        }
         self.blocks.push(&k, &v, storage)?;
         self.drop_recent(advance, heads);
         Ok(())
@@ -941,6 +943,51 @@ mod tests {
                     assert_ne!(fixed.outputs, compared.outputs, "{name}: nothing changed");
                 }
             }
+        }
+    }
+
+    #[test]
+    fn only_the_scorings_that_read_representatives_keep_them() {
+        let (heads, kv_heads, d) = (4, 2, 16);
+        let rope = RopeTable::new(10000.0, d, 256, true, &Device::Cpu).unwrap();
+        let masks = MaskCache::default();
+        let args = StepArgs {
+            rope: &rope,
+            softmax_scale: 0.25,
+            question: None,
+            prompt_len: 0,
+            masks: &masks,
+            votes: None,
+            sentence_ends: &[],
+        };
+        let run = |scoring| {
+            let config = Policy {
+                scoring,
+                ..selective_config(Positions::Fixed, 0)
+            };
+            let mut memory = LayerMemory::default();
+            for p0 in (0..96).step_by(8) {
+                let x = |seed, h| random((1, h, 8, d), seed + p0 as u64, 1.0);
+                memory
+                    .append(
+                        &config,
+                        &args,
+                        &x(1, heads),
+                        &x(2, kv_heads),
+                        &x(3, kv_heads),
+                        |_| {},
+                    )
+                    .unwrap();
+                masks.clear();
+            }
+            (memory.block_count(), memory.retrieval.bytes())
+        };
+        let (blocks, with_reps) = run(Scoring::Dot);
+        assert!(blocks > 10);
+        // One f32 key per block and query head.
+        assert!(with_reps >= blocks * heads * d * 4, "{with_reps}");
+        for scoring in [Scoring::AttentionMass, Scoring::TokenMax] {
+            assert_eq!(run(scoring), (blocks, 0), "{scoring}");
         }
     }
 
