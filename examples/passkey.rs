@@ -40,6 +40,10 @@ struct Args {
     dequantize: bool,
 }
 
+const USAGE: &str = "usage: passkey [--model FILE.gguf] [--tokens LIST] [--depths LIST] \
+                     [--config FILE] [--mode qllm|infllm|streaming|dense|upstream] [--preset NAME] \
+                     [--dtype f32|bf16|f16|auto] [--seed N] [--max-new-tokens N] [--dequantize]";
+
 fn parse_args() -> Result<Args> {
     let mut args = Args {
         model: PathBuf::from("assets/SmolLM2-135M-Instruct.Q4_1.gguf"),
@@ -75,7 +79,11 @@ fn parse_args() -> Result<Args> {
             "--seed" => args.seed = value()?.parse()?,
             "--max-new-tokens" => args.max_new_tokens = value()?.parse()?,
             "--dequantize" => args.dequantize = true,
-            other => bail!("unknown argument {other}"),
+            "--help" | "-h" => {
+                println!("{USAGE}");
+                std::process::exit(0);
+            }
+            other => bail!("unknown argument {other}\n{USAGE}"),
         }
     }
     if let Some(d) = args.depths.iter().find(|d| !(0.0..=1.0).contains(*d)) {
