@@ -114,30 +114,9 @@ fn host_softmax(parts: &[Tensor], mask: Option<&Tensor>, scale: f32) -> Result<O
     )?))
 }
 
-/// Replaces `row` by its softmax, with AVX2 where the CPU has it (the
-/// crate is built for the baseline x86-64, whose vectors are half as
-/// wide).
+/// Replaces `row` by its softmax. Maxima and sums are kept in eight lanes,
+/// so the passes vectorise (a single running sum is one add per cycle).
 fn softmax_in_place(row: &mut [f32]) {
-    #[cfg(target_arch = "x86_64")]
-    if std::arch::is_x86_feature_detected!("avx2") {
-        // SAFETY: the CPU has AVX2, checked just above.
-        unsafe { softmax_in_place_avx2(row) };
-        return;
-    }
-    softmax_in_place_portable(row);
-}
-
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2")]
-unsafe fn softmax_in_place_avx2(row: &mut [f32]) {
-    softmax_in_place_portable(row);
-}
-
-/// [`softmax_in_place`] for any CPU. Maxima and sums are kept in eight
-/// lanes, so the passes vectorise (a single running sum is one add per
-/// cycle).
-#[inline(always)]
-fn softmax_in_place_portable(row: &mut [f32]) {
     const LANES: usize = 8;
     let max = lane_max(row);
     let mut sums = [0f32; LANES];

@@ -323,38 +323,8 @@ struct HeadKeys<'a, K> {
 
 /// One KV head's partials over consecutive blocks: `keys` holds their
 /// tokens' rows of `d`, `rows` the head's `m` query rows. Returns `[m, s]`
-/// per block and row, laid out `[block][row][2]`. With AVX2 where the CPU
-/// has it (the crate is built for the baseline x86-64).
+/// per block and row, laid out `[block][row][2]`.
 fn head_partials<K: KeyValue>(
-    keys: HeadKeys<'_, K>,
-    block_size: usize,
-    rows: &[f32],
-    d: usize,
-    scale: f32,
-) -> Vec<f32> {
-    #[cfg(target_arch = "x86_64")]
-    if std::arch::is_x86_feature_detected!("avx2") {
-        // SAFETY: the CPU has AVX2, checked just above.
-        return unsafe { head_partials_avx2(keys, block_size, rows, d, scale) };
-    }
-    head_partials_portable(keys, block_size, rows, d, scale)
-}
-
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2")]
-unsafe fn head_partials_avx2<K: KeyValue>(
-    keys: HeadKeys<'_, K>,
-    block_size: usize,
-    rows: &[f32],
-    d: usize,
-    scale: f32,
-) -> Vec<f32> {
-    head_partials_portable(keys, block_size, rows, d, scale)
-}
-
-/// [`head_partials`] for any CPU.
-#[inline(always)]
-fn head_partials_portable<K: KeyValue>(
     keys: HeadKeys<'_, K>,
     block_size: usize,
     rows: &[f32],
