@@ -65,9 +65,7 @@ impl Q8Rows {
         let bytes = &bytes[value_layout.start_offset()..][..values.elem_count()];
         let row_scales = &row_scales[scale_layout.start_offset()..][..scales.elem_count()];
         let mut out = Vec::with_capacity(bytes.len());
-        for (row, &scale) in bytes.chunks_exact(d).zip(row_scales) {
-            out.extend(row.iter().map(|&b| scale * (f32::from(b) - Q8_ZERO)));
-        }
+        dequantize_into(bytes, row_scales, d, &mut out);
         Tensor::from_vec(out, values.shape(), values.device())
     }
 
@@ -117,12 +115,20 @@ impl Q8Rows {
     }
 }
 
+/// Appends the rows of `d` bytes in `bytes`, each scaled by its entry of
+/// `scales`, to `out` in f32.
+pub fn dequantize_into(bytes: &[u8], scales: &[f32], d: usize, out: &mut Vec<f32>) {
+    for (row, &scale) in bytes.chunks_exact(d).zip(scales) {
+        out.extend(row.iter().map(|&b| scale * (f32::from(b) - Q8_ZERO)));
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use candle_core::Device;
 
     use super::*;
-    use crate::attention::reference::random;
+    use crate::attention::reference::{random, tensor_max_abs_diff};
 
     #[test]
     fn every_value_comes_back_within_half_its_rows_step() {
@@ -179,15 +185,7 @@ mod tests {
             .unwrap();
         let got = store.narrow(2, 8, 8).unwrap().dequantize().unwrap();
         let want = Q8Rows::quantize(&x).unwrap().dequantize().unwrap();
-        let diff = (got - want)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .max_all()
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap();
-        assert_eq!(diff, 0.0);
+        assert_eq!(tensor_max_abs_diff(&got, &want), 0.0);
         assert_eq!(store.bytes(), 2 * 16 * 4 + 2 * 16 * 4);
     }
 }

@@ -2,7 +2,7 @@
 
 use candle_core::{CpuStorage, DType, Result, Storage, Tensor, D};
 
-use crate::attention::q8::Q8_ZERO;
+use crate::attention::q8::dequantize_into;
 use crate::attention::Q8Rows;
 use crate::config::BlockStorage;
 use crate::retrieval::{BlockKeys, KeySlab};
@@ -302,12 +302,7 @@ fn append_rows(
                 return Ok(false);
             };
             let first = scale_layout.start_offset() + row;
-            for (values, &scale) in bytes[range]
-                .chunks_exact(d)
-                .zip(&scales[first..first + rows])
-            {
-                out.extend(values.iter().map(|&b| scale * (f32::from(b) - Q8_ZERO)));
-            }
+            dequantize_into(&bytes[range], &scales[first..first + rows], d, out);
         }
         _ => return Ok(false),
     }
@@ -328,18 +323,7 @@ mod tests {
     use candle_core::DType;
 
     use super::*;
-    use crate::attention::reference::random;
-
-    fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
-        (a - b)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .max_all()
-            .unwrap()
-            .to_scalar()
-            .unwrap()
-    }
+    use crate::attention::reference::{random, tensor_max_abs_diff};
 
     #[test]
     fn gathered_blocks_are_the_picked_blocks_per_head_in_any_storage() {
@@ -366,22 +350,31 @@ mod tests {
                 for (i, &b) in list.iter().enumerate() {
                     let (want_k, want_v) = store.get(b).unwrap();
                     let got = |t: &Tensor| t.narrow(1, h, 1).unwrap().narrow(2, i * 4, 4).unwrap();
-                    assert_eq!(max_diff(&got(&k), &want_k.narrow(1, h, 1).unwrap()), 0.0);
-                    assert_eq!(max_diff(&got(&v), &want_v.narrow(1, h, 1).unwrap()), 0.0);
+                    assert_eq!(
+                        tensor_max_abs_diff(&got(&k), &want_k.narrow(1, h, 1).unwrap()),
+                        0.0
+                    );
+                    assert_eq!(
+                        tensor_max_abs_diff(&got(&v), &want_v.narrow(1, h, 1).unwrap()),
+                        0.0
+                    );
                     // And the block is the one pushed, up to the storage's rounding.
                     let raw = keys.narrow(2, b * 4, 4).unwrap().narrow(1, h, 1).unwrap();
-                    assert!(max_diff(&got(&k), &raw) < 0.05, "{storage:?} block {b}");
+                    assert!(
+                        tensor_max_abs_diff(&got(&k), &raw) < 0.05,
+                        "{storage:?} block {b}"
+                    );
                 }
             }
             // The CPU pass against the tensor ops.
             let (slow_k, slow_v) = store.gather_by_tensors(&picks).unwrap();
             let (fast_k, fast_v) = store.gather_on_host(&picks).unwrap().expect("on the CPU");
-            assert_eq!(max_diff(&fast_k, &slow_k), 0.0, "{storage:?}");
-            assert_eq!(max_diff(&fast_v, &slow_v), 0.0, "{storage:?}");
+            assert_eq!(tensor_max_abs_diff(&fast_k, &slow_k), 0.0, "{storage:?}");
+            assert_eq!(tensor_max_abs_diff(&fast_v, &slow_v), 0.0, "{storage:?}");
             let (shared_k, _) = store.gather(&[vec![17, 3]]).unwrap();
             let want =
                 Tensor::cat(&[store.get(17).unwrap().0, store.get(3).unwrap().0], 2).unwrap();
-            assert_eq!(max_diff(&shared_k, &want), 0.0);
+            assert_eq!(tensor_max_abs_diff(&shared_k, &want), 0.0);
             assert!(
                 store.gather(&[vec![1], vec![1, 2]]).is_err(),
                 "unequal counts"

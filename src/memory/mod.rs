@@ -520,6 +520,19 @@ mod tests {
     use crate::retrieval::scores::attention_mass_scores;
     use crate::retrieval::top_k;
 
+    /// Step inputs with no question, prompt length or votes, scale 0.25.
+    fn plain_args<'a>(rope: &'a RopeTable, masks: &'a MaskCache) -> StepArgs<'a> {
+        StepArgs {
+            rope,
+            softmax_scale: 0.25,
+            question: None,
+            prompt_len: 0,
+            masks,
+            votes: None,
+            sentence_ends: &[],
+        }
+    }
+
     /// Random keys (seed 12) in which the key of `token` stands out: four
     /// times the others' size.
     fn keys_with_planted_token(shape: (usize, usize, usize, usize), token: usize) -> Tensor {
@@ -554,15 +567,7 @@ mod tests {
         config.validate().unwrap();
         let rope = RopeTable::new(10000.0, d, 256, true, &Device::Cpu).unwrap();
         let masks = MaskCache::default();
-        let args = StepArgs {
-            rope: &rope,
-            softmax_scale: 0.25,
-            question: None,
-            prompt_len: 0,
-            masks: &masks,
-            votes: None,
-            sentence_ends: &[],
-        };
+        let args = plain_args(&rope, &masks);
         let (total, planted, bs) = (120, 9, config.block_size);
         let token = config.n_init + planted * bs + 1;
         let q_all = random((1, heads, total, d), 11, 1.0);
@@ -688,13 +693,8 @@ mod tests {
         for p0 in (0..total).step_by(8) {
             for (layer, memory) in layers.iter_mut().enumerate() {
                 let args = StepArgs {
-                    rope: &rope,
-                    softmax_scale: 0.25,
-                    question: None,
-                    prompt_len: 0,
-                    masks: &masks,
                     votes: Some((layer, &votes)),
-                    sentence_ends: &[],
+                    ..plain_args(&rope, &masks)
                 };
                 let (q, k) = &inputs[layer];
                 let at = |t: &Tensor| t.narrow(2, p0, 8).unwrap();
@@ -951,15 +951,7 @@ mod tests {
         let (heads, kv_heads, d) = (4, 2, 16);
         let rope = RopeTable::new(10000.0, d, 256, true, &Device::Cpu).unwrap();
         let masks = MaskCache::default();
-        let args = StepArgs {
-            rope: &rope,
-            softmax_scale: 0.25,
-            question: None,
-            prompt_len: 0,
-            masks: &masks,
-            votes: None,
-            sentence_ends: &[],
-        };
+        let args = plain_args(&rope, &masks);
         let run = |scoring| {
             let config = Policy {
                 scoring,

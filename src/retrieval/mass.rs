@@ -5,9 +5,9 @@
 //! scores and the question's cached share are both built from them.
 //!
 //! [`block_partials`] reads the keys where they lie on the CPU, in their
-//! storage dtype (8-bit rows included), one task per slab and KV head; [`block_partials_by_tensors`]
-//! is the same computation as tensor ops (any device, and the reference the
-//! CPU kernel is tested against).
+//! storage dtype (8-bit rows included), one task per slab and KV head;
+//! [`block_partials_by_tensors`] is the same computation as tensor ops (any
+//! device, and the reference the CPU kernel is tested against).
 
 use candle_core::{CpuStorage, Result, Storage, Tensor};
 use half::{bf16, f16};
@@ -22,9 +22,9 @@ use crate::attention::softmax::max_and_exp_sum;
 const MAX_HEAD_SIZE: usize = 512;
 
 /// Partials of the blocks in `slabs` (whole blocks of `block_size`, in
-/// block order) against `rows` (`(kv_heads,
-/// m, d)` f32: each KV head's query rows): per block, KV head and row, `[m,
-/// s]`, laid out `[block][kv_head][row][2]`.
+/// block order) against `rows` (`(kv_heads, m, d)` f32: each KV head's
+/// query rows): per block, KV head and row, `[m, s]`, laid out
+/// `[block][kv_head][row][2]`.
 pub(crate) fn block_partials(
     slabs: &[KeySlab],
     block_size: usize,
@@ -224,40 +224,32 @@ fn host_partials(
             });
             match view.keys {
                 Keys::F32(k) => head_partials(
-                    HeadKeys {
-                        values: &k[at..at + len],
-                        row_scales,
-                    },
+                    &k[at..at + len],
+                    row_scales,
                     block_size,
                     head_rows,
                     d,
                     scale,
                 ),
                 Keys::Bf16(k) => head_partials(
-                    HeadKeys {
-                        values: &k[at..at + len],
-                        row_scales,
-                    },
+                    &k[at..at + len],
+                    row_scales,
                     block_size,
                     head_rows,
                     d,
                     scale,
                 ),
                 Keys::F16(k) => head_partials(
-                    HeadKeys {
-                        values: &k[at..at + len],
-                        row_scales,
-                    },
+                    &k[at..at + len],
+                    row_scales,
                     block_size,
                     head_rows,
                     d,
                     scale,
                 ),
                 Keys::Q8(k) => head_partials(
-                    HeadKeys {
-                        values: &k[at..at + len],
-                        row_scales,
-                    },
+                    &k[at..at + len],
+                    row_scales,
                     block_size,
                     head_rows,
                     d,
@@ -314,27 +306,18 @@ impl KeyValue for u8 {
     }
 }
 
-/// One KV head's keys: rows of `d` values, and for 8-bit rows each row's
-/// scale.
-struct HeadKeys<'a, K> {
-    values: &'a [K],
-    row_scales: Option<&'a [f32]>,
-}
-
 /// One KV head's partials over consecutive blocks: `keys` holds their
-/// tokens' rows of `d`, `rows` the head's `m` query rows. Returns `[m, s]`
-/// per block and row, laid out `[block][row][2]`.
+/// tokens' rows of `d` (for 8-bit rows unscaled, each row's scale in
+/// `row_scales`), `rows` the head's `m` query rows. Returns `[m, s]` per
+/// block and row, laid out `[block][row][2]`.
 fn head_partials<K: KeyValue>(
-    keys: HeadKeys<'_, K>,
+    keys: &[K],
+    row_scales: Option<&[f32]>,
     block_size: usize,
     rows: &[f32],
     d: usize,
     scale: f32,
 ) -> Vec<f32> {
-    let HeadKeys {
-        values: keys,
-        row_scales,
-    } = keys;
     let m = rows.len() / d;
     let blocks = keys.len() / (d * block_size);
     let mut out = Vec::with_capacity(blocks * m * 2);
