@@ -125,7 +125,10 @@ fn hook_config(args: &Args) -> Result<qllm::QllmConfig> {
                 .context("--preset")?,
         );
     }
-    Ok(file.resolve()?)
+    let mut config = file.resolve()?;
+    // Each run reads its prompt from the start, and its peak RSS is its own.
+    config.caps.prefix_cache_memory = 0;
+    Ok(config)
 }
 
 /// The prompt with about `target` tokens and the key at `depth`, and the

@@ -50,7 +50,7 @@ pub use error::{Error, Result};
 pub use memory::LayerStats;
 
 #[cfg(feature = "engine")]
-pub use engine::{MemoryStats, Needle, QllmHook, RequestPlan, RequestReport};
+pub use engine::{MemoryStats, Needle, PrefixStats, QllmHook, RequestPlan, RequestReport};
 #[cfg(feature = "engine")]
 pub use mistralrs_core::attention_hook::AttentionHook;
 
@@ -59,7 +59,7 @@ mod install {
     use std::path::Path;
     use std::sync::{Arc, RwLock};
 
-    use crate::config::size::{format_bytes, parse_byte_size};
+    use crate::config::size::{format_bytes, parse_byte_size, parse_byte_size_or_zero};
     use crate::{ConfigFile, QllmConfig, QllmHook, Result};
 
     /// Loads the config (defaults when `config_path` is `None`), validates it
@@ -78,6 +78,17 @@ mod install {
         max_memory: Option<&str>,
         max_request_memory: Option<&str>,
     ) -> Result<Arc<QllmHook>> {
+        install_with_memory(config_path, max_memory, max_request_memory, None)
+    }
+
+    /// [`install_with_limits`], with the kept prefixes' budget (`"2GiB"`,
+    /// `"0"` for none) overriding the config file's `prefix_cache_memory`.
+    pub fn install_with_memory(
+        config_path: Option<&Path>,
+        max_memory: Option<&str>,
+        max_request_memory: Option<&str>,
+        prefix_cache_memory: Option<&str>,
+    ) -> Result<Arc<QllmHook>> {
         let file = match config_path {
             Some(path) => ConfigFile::load(path)?,
             None => ConfigFile::default(),
@@ -90,13 +101,17 @@ mod install {
         if let Some(size) = max_request_memory {
             caps.max_request_memory = Some(parse_byte_size("max_request_memory", size)?);
         }
+        if let Some(size) = prefix_cache_memory {
+            caps.prefix_cache_memory = parse_byte_size_or_zero("prefix_cache_memory", size)?;
+        }
         if caps.max_memory.is_none() {
             caps.max_memory = crate::system::physical_memory().map(|bytes| bytes / 2);
         }
         tracing::info!(
-            "Q-LLM memory caps: max_memory = {}, max_request_memory = {}",
+            "Q-LLM memory caps: max_memory = {}, max_request_memory = {}, prefix_cache_memory = {}",
             caps.max_memory.map_or("none".into(), format_bytes),
-            caps.max_request_memory.map_or("none".into(), format_bytes)
+            caps.max_request_memory.map_or("none".into(), format_bytes),
+            format_bytes(caps.prefix_cache_memory)
         );
         Ok(install_config(config))
     }
@@ -119,4 +134,4 @@ mod install {
 }
 
 #[cfg(feature = "engine")]
-pub use install::{install, install_config, install_with_limits, installed};
+pub use install::{install, install_config, install_with_limits, install_with_memory, installed};

@@ -280,7 +280,10 @@ fn hook_config(args: &Args, mode: Mode) -> Result<qllm::QllmConfig> {
     if let Some(preset) = &args.preset {
         file.preset = Some(preset.parse().map_err(anyhow::Error::msg)?);
     }
-    Ok(file.resolve()?)
+    let mut config = file.resolve()?;
+    // Each cell reads its prompt from the start, and its peak RSS is its own.
+    config.caps.prefix_cache_memory = 0;
+    Ok(config)
 }
 
 fn main() -> Result<()> {

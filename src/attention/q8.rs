@@ -109,6 +109,14 @@ impl Q8Rows {
             .slice_set(&rows.scales.contiguous()?, dim, start)
     }
 
+    /// A copy in buffers of its own.
+    pub fn copy(&self) -> Result<Self> {
+        Ok(Self {
+            values: self.values.copy()?,
+            scales: self.scales.copy()?,
+        })
+    }
+
     /// Bytes of the values and scales.
     pub fn bytes(&self) -> usize {
         self.values.elem_count() + self.scales.elem_count() * 4

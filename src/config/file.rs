@@ -8,7 +8,7 @@ use serde::Deserialize;
 use super::size::SizeValue;
 use super::{
     BlockDType, Boundaries, EngineSettings, MemoryCaps, Mode, Policy, Positions, Preset,
-    QllmConfig, QuestionRows, Scoring, Selection,
+    QllmConfig, QuestionRows, Scoring, Selection, DEFAULT_PREFIX_CACHE_MEMORY,
 };
 use crate::error::{Error, Result};
 
@@ -72,6 +72,9 @@ pub struct ConfigFile {
     /// See [`MemoryCaps::max_request_memory`]: bytes, or a size such as
     /// `"2GiB"`.
     pub max_request_memory: Option<SizeValue>,
+    /// See [`MemoryCaps::prefix_cache_memory`]: bytes, or a size such as
+    /// `"2GiB"`; 0 keeps no prefixes.
+    pub prefix_cache_memory: Option<SizeValue>,
 }
 
 impl ConfigFile {
@@ -141,6 +144,12 @@ impl ConfigFile {
                 .as_ref()
                 .map(|v| v.bytes("max_request_memory"))
                 .transpose()?,
+            prefix_cache_memory: self
+                .prefix_cache_memory
+                .as_ref()
+                .map_or(Ok(DEFAULT_PREFIX_CACHE_MEMORY), |v| {
+                    v.bytes_or_zero("prefix_cache_memory")
+                })?,
         };
         let config = QllmConfig {
             policy,
@@ -315,6 +324,16 @@ mod tests {
         assert_eq!(config.caps.max_memory, Some(8 << 30));
         assert_eq!(config.caps.max_request_memory, Some(1_000_000));
         assert_eq!(parse("").unwrap().caps.max_memory, None);
+        let caps = |text| parse(text).unwrap().caps.prefix_cache_memory;
+        assert_eq!(caps(""), DEFAULT_PREFIX_CACHE_MEMORY);
+        assert_eq!(caps("prefix_cache_memory = 0"), 0);
+        assert_eq!(caps("prefix_cache_memory = \"0\""), 0);
+        assert_eq!(caps("prefix_cache_memory = \"512MiB\""), 512 << 20);
+        let err = parse("prefix_cache_memory = -5").unwrap_err().to_string();
+        assert!(
+            err.contains("`prefix_cache_memory` must be a positive size"),
+            "{err}"
+        );
     }
 
     #[test]

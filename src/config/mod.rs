@@ -677,12 +677,32 @@ impl EngineSettings {
 
 /// What a server admits, in bytes of Q-LLM state: a request that would go
 /// over a cap is refused before any work.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct MemoryCaps {
-    /// Cap on the state of all sequences together.
+    /// Cap on the state of all sequences together, kept prefixes included.
     pub max_memory: Option<usize>,
     /// Cap on the state of one request (all its sequences).
     pub max_request_memory: Option<usize>,
+    /// Budget of the kept prefixes: the state of recent prompts and answers
+    /// that a follow-up request beginning with the same tokens resumes from
+    /// instead of reading them again; 0 keeps none. Least recently used
+    /// are dropped first, and before a request would be refused for
+    /// `max_memory`.
+    pub prefix_cache_memory: usize,
+}
+
+/// Default of [`MemoryCaps::prefix_cache_memory`]: room for about two 16K
+/// prompts' state of a small model in f32 blocks.
+pub const DEFAULT_PREFIX_CACHE_MEMORY: usize = 2 << 30;
+
+impl Default for MemoryCaps {
+    fn default() -> Self {
+        Self {
+            max_memory: None,
+            max_request_memory: None,
+            prefix_cache_memory: DEFAULT_PREFIX_CACHE_MEMORY,
+        }
+    }
 }
 
 /// Validated settings the hook runs with.

@@ -47,6 +47,9 @@ pub struct RequestOptions {
     pub selection: Option<Selection>,
     /// Where memory blocks begin (`fixed`, `sentence`).
     pub boundaries: Option<Boundaries>,
+    /// `false` reads the whole prompt even when it begins with a kept
+    /// prefix, and keeps nothing of this request for later ones.
+    pub reuse: Option<bool>,
     /// The question; overrides the one found in the prompt.
     pub question: Option<String>,
     /// Debug: a passage of the prompt to trace; the response's report then

@@ -29,6 +29,25 @@ impl SizeValue {
     }
 }
 
+impl SizeValue {
+    /// [`Self::bytes`], with 0 accepted (a budget that turns a feature off).
+    pub fn bytes_or_zero(&self, key: &'static str) -> Result<usize> {
+        match self {
+            SizeValue::Bytes(0) => Ok(0),
+            SizeValue::Text(text) => parse_byte_size_or_zero(key, text),
+            _ => self.bytes(key),
+        }
+    }
+}
+
+/// [`parse_byte_size`], with `0` accepted.
+pub fn parse_byte_size_or_zero(key: &'static str, text: &str) -> Result<usize> {
+    if text.trim() == "0" {
+        return Ok(0);
+    }
+    parse_byte_size(key, text)
+}
+
 fn too_large(key: &'static str, value: impl std::fmt::Display) -> Error {
     Error::InvalidConfig {
         key,

@@ -27,6 +27,11 @@ pub(crate) struct InUse {
     pub sequences: usize,
 }
 
+/// Bytes the kept prefixes may hold once a request is admitted: what
+/// `max_memory` leaves beside the live sequences and the request (`None`:
+/// no cap). Kept prefixes give way to requests, never the reverse.
+pub(crate) type KeptRoom = Option<usize>;
+
 impl Admission {
     pub fn model(&self) -> Option<ModelShape> {
         self.model
@@ -67,7 +72,7 @@ impl Admission {
         question_tokens: Option<usize>,
         registered: bool,
         in_use: impl FnOnce() -> InUse,
-    ) -> std::result::Result<(), String> {
+    ) -> std::result::Result<KeptRoom, String> {
         let prompt_len = request.prompt_tokens.len();
         self.admitted = None;
         if let Some(model) = self.model.filter(|_| policy.mode == Mode::Dense) {
@@ -88,7 +93,7 @@ impl Admission {
             ));
         }
         let Some(model) = self.model else {
-            return Ok(());
+            return Ok(None);
         };
         if policy.mode != Mode::Dense && policy.positions_needed() > model.max_seq_len {
             return Err(rope_table_too_small(policy, model.max_seq_len));
@@ -97,9 +102,9 @@ impl Admission {
         let per_sequence = sequence_bytes_bound(policy, &config.engine, &model, tokens);
         let sequences = request.sequences.max(1);
         let request_bytes = per_sequence.saturating_mul(sequences);
-        check_caps(&config.caps, request_bytes, tokens, sequences, in_use)?;
+        let kept_room = check_caps(&config.caps, request_bytes, tokens, sequences, in_use)?;
         self.admitted = Some((request.id, per_sequence));
-        Ok(())
+        Ok(kept_room)
     }
 }
 
@@ -109,7 +114,7 @@ fn check_caps(
     tokens: usize,
     sequences: usize,
     in_use: impl FnOnce() -> InUse,
-) -> std::result::Result<(), String> {
+) -> std::result::Result<KeptRoom, String> {
     let size = format!(
         "{} of attention state ({tokens} tokens{})",
         format_bytes(request_bytes),
@@ -139,8 +144,9 @@ fn check_caps(
                 in_use.sequences
             ));
         }
+        return Ok(Some(cap - in_use.charged_bytes - request_bytes));
     }
-    Ok(())
+    Ok(None)
 }
 
 /// The refusal of a policy whose positions the model's RoPE table does not

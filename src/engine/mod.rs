@@ -4,6 +4,7 @@
 //! (`admission.rs`).
 
 mod admission;
+mod prefixes;
 pub mod requests;
 mod sequences;
 pub mod trace;
@@ -23,6 +24,8 @@ use crate::config::{Boundaries, Mode, QllmConfig};
 use crate::memory::{LayerStats, ModelShape};
 use crate::system::release_free_memory;
 use admission::{Admission, InUse};
+use prefixes::KeptPrefixes;
+pub use prefixes::PrefixStats;
 use requests::RequestRegistry;
 pub use requests::{Needle, RequestPlan, RequestReport};
 use sequences::{LayerCall, SeqState};
@@ -58,6 +61,9 @@ pub struct QllmHook {
     sentence_end_tokens: Mutex<Option<Vec<u32>>>,
     causal_masks: CausalMasks,
     memory_masks: MaskCache,
+    /// States kept for follow-up requests (locked after `seqs` where both
+    /// are held).
+    kept: Mutex<KeptPrefixes>,
 }
 
 impl QllmHook {
@@ -73,6 +79,35 @@ impl QllmHook {
             sentence_end_tokens: Mutex::default(),
             causal_masks: CausalMasks::default(),
             memory_masks: MaskCache::default(),
+            kept: Mutex::default(),
+        }
+    }
+
+    /// What the kept prefixes hold.
+    pub fn prefix_stats(&self) -> PrefixStats {
+        lock(&self.kept).stats()
+    }
+
+    /// Drops every kept prefix.
+    pub fn clear_prefixes(&self) {
+        lock(&self.kept).clear();
+        release_free_memory();
+    }
+
+    /// Fewest tokens a kept prefix holds: reading fewer again costs little.
+    fn min_kept_tokens(&self) -> usize {
+        self.config.engine.prefill_chunk_size
+    }
+
+    /// Keeps a state for later requests, within the budget.
+    fn keep(&self, snapshot: prefixes::Snapshot) {
+        let budget = self.config.caps.prefix_cache_memory;
+        tracing::debug!(
+            "qllm: keeping the state after {} tokens for follow-up requests",
+            snapshot.tokens.len()
+        );
+        if lock(&self.kept).keep(snapshot, budget) {
+            release_free_memory();
         }
     }
 
@@ -176,21 +211,25 @@ impl QllmHook {
 
     /// Publishes a probe's question vectors, or the request's report, once
     /// the last layer of a step has run.
-    fn after_last_layer(&self, state: &mut SeqState, step_len: usize) {
+    fn after_last_layer(&self, state: &mut SeqState, step_len: usize) -> Result<()> {
+        if self.config.caps.prefix_cache_memory > 0 && state.at_keep_point(self.min_kept_tokens()) {
+            self.keep(state.snapshot()?);
+        }
         if let Some(target) = state.probe_for {
             if let Some(vectors) = state.question_vectors() {
                 lock(&self.requests).publish_probe(target, vectors);
             }
-            return;
+            return Ok(());
         }
         let Some(request_id) = state.request_id else {
-            return;
+            return Ok(());
         };
         if !lock(&self.requests).is_registered(request_id) {
-            return;
+            return Ok(());
         }
         let report = state.update_report(step_len).clone();
         lock(&self.requests).publish_report(request_id, report);
+        Ok(())
     }
 }
 
@@ -255,7 +294,7 @@ impl AttentionHook for QllmHook {
                 sequences: stats.sequences,
             }
         };
-        lock(&self.admission)
+        let kept_room = lock(&self.admission)
             .admit(
                 &self.config,
                 &policy,
@@ -264,7 +303,13 @@ impl AttentionHook for QllmHook {
                 plan.is_some(),
                 in_use,
             )
-            .map_err(refusal)
+            .map_err(refusal)?;
+        if let Some(room) = kept_room {
+            if lock(&self.kept).shrink_to(room) {
+                release_free_memory();
+            }
+        }
+        Ok(())
     }
 
     fn begin_sequence(&self, seq_id: usize, request_id: usize) {
@@ -298,7 +343,12 @@ impl AttentionHook for QllmHook {
                 tracing::debug!("qllm: sequence {} stepped before it began", seq.seq_id);
                 self.new_state()
             });
-            state.begin_prompt(seq, global_question.as_deref());
+            state.note_tokens(seq.tokens);
+            state.begin_prompt(
+                seq,
+                global_question.as_deref(),
+                self.config.engine.prefill_chunk_size,
+            );
             if let Some(ends) = sentence_ends.as_deref() {
                 state.note_sentence_ends(seq.tokens, ends);
             }
@@ -343,7 +393,7 @@ impl AttentionHook for QllmHook {
                 &v.narrow(0, row, 1)?,
             )?;
             if ctx.layer_idx + 1 == ctx.num_layers {
-                self.after_last_layer(state, q.dim(2)?);
+                self.after_last_layer(state, q.dim(2)?)?;
             }
             rows.push(out);
         }
@@ -351,6 +401,33 @@ impl AttentionHook for QllmHook {
             return Ok(rows.pop().expect("one row"));
         }
         Tensor::cat(&rows, 0)
+    }
+
+    fn held_prompt_tokens(&self, seq_id: usize, prompt: &[u32]) -> usize {
+        if self.config.caps.prefix_cache_memory == 0 {
+            return 0;
+        }
+        let mut seqs = self.lock();
+        let Some(state) = seqs.get_mut(&seq_id).filter(|s| s.reuse) else {
+            return 0;
+        };
+        let kept = match lock(&self.kept).resume(prompt, &state.policy) {
+            Ok(kept) => kept,
+            Err(e) => {
+                tracing::warn!("qllm: sequence {seq_id}: a kept prefix could not be copied: {e}");
+                None
+            }
+        };
+        let Some(kept) = kept else {
+            return 0;
+        };
+        let reused = kept.tokens.len();
+        tracing::info!(
+            "qllm: sequence {seq_id}: resuming from a kept prefix, {reused} of {} prompt tokens",
+            prompt.len()
+        );
+        state.resume(kept);
+        reused
     }
 
     fn end_sequence(&self, seq_id: usize) {
@@ -363,7 +440,16 @@ impl AttentionHook for QllmHook {
             state.request_id,
             format_bytes(freed)
         );
-        drop(state);
+        let kept = if self.config.caps.prefix_cache_memory > 0 {
+            state.into_snapshot(self.min_kept_tokens())
+        } else {
+            drop(state);
+            None
+        };
+        if let Some(snapshot) = kept {
+            self.keep(snapshot);
+            return;
+        }
         if freed >= RELEASE_AFTER_BYTES {
             release_free_memory();
         }
@@ -410,6 +496,7 @@ pub(crate) mod tests {
             caps: MemoryCaps {
                 max_request_memory: Some(bound_16k),
                 max_memory: Some(bound_16k * 3 / 2),
+                ..MemoryCaps::default()
             },
             ..config
         });
@@ -441,6 +528,54 @@ pub(crate) mod tests {
     }
 
     #[test]
+    fn kept_prefixes_give_way_to_a_request_that_would_otherwise_be_refused() {
+        use candle_core::{DType, Device};
+        let bound_16k = sequence_bytes_bound(
+            &Policy::default(),
+            &EngineSettings::default(),
+            &smollm2(),
+            16 * 1024 + 16,
+        );
+        let caps = MemoryCaps {
+            max_memory: Some(bound_16k * 3 / 2),
+            ..MemoryCaps::default()
+        };
+        let hook = QllmHook::new(QllmConfig {
+            caps,
+            ..QllmConfig::default()
+        });
+        hook.model_loaded(&hook_model());
+        // Two kept prefixes of a third of a 16K request's bound each (one
+        // f32 layer), where the cap leaves half a bound beside that request.
+        let third = bound_16k / 3;
+        for first in [1, 2] {
+            let mut layer = crate::memory::KvBuffer::default();
+            let tokens = third / 8 / 2;
+            let kv = Tensor::zeros((1, 1, tokens, 1), DType::F32, &Device::Cpu).unwrap();
+            layer.append(&kv, &kv).unwrap();
+            hook.keep(prefixes::Snapshot {
+                tokens: vec![first; 600],
+                policy: Arc::new(Policy::default()),
+                memory: sequences::SeqMemory::Dense(vec![layer]),
+                sentence_ends: Vec::new(),
+                votes: Default::default(),
+            });
+        }
+        assert_eq!(hook.prefix_stats().entries, 2);
+        assert!(hook.prefix_stats().bytes > bound_16k / 2);
+        // A 16K request needs the whole room beside them: the older goes.
+        admit(&hook, 1, 16 * 1024).unwrap();
+        let left = hook.prefix_stats();
+        assert_eq!(left.entries, 1);
+        assert!(left.bytes <= bound_16k * 3 / 2 - bound_16k, "{left:?}");
+        // One that would not fit even without them is refused, and they stay.
+        hook.begin_sequence(10, 1);
+        let err = admit(&hook, 2, 16 * 1024).unwrap_err();
+        assert!(err.contains("`max_memory`"), "{err}");
+        assert_eq!(hook.prefix_stats().entries, 1);
+    }
+
+    #[test]
     fn a_question_longer_than_the_prompt_is_refused() {
         let hook = QllmHook::new(QllmConfig::default());
         hook.register_request(
@@ -450,6 +585,7 @@ pub(crate) mod tests {
                 question: Some(vec![1; 10]),
                 probe_for: None,
                 needle: None,
+                reuse: true,
             },
         );
         let err = admit(&hook, 7, 9).unwrap_err();

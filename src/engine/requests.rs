@@ -21,6 +21,9 @@ pub struct RequestPlan {
     /// A span to trace (debug): the report then says whether the memory
     /// blocks holding it were retrieved, per layer.
     pub needle: Option<Needle>,
+    /// Whether it may resume from a kept prefix, and its own state be kept
+    /// for later requests.
+    pub reuse: bool,
 }
 
 /// The span of a prompt to trace.
@@ -39,6 +42,9 @@ pub struct RequestReport {
     pub mode: String,
     /// Tokens of the prompt.
     pub prompt_tokens: usize,
+    /// Of those, the first ones taken over from a kept prefix (an earlier
+    /// request's prompt, answer or document) rather than read.
+    pub reused_prompt_tokens: usize,
     /// Token span of the question in the prompt, if found.
     pub question_span: Option<(usize, usize)>,
     /// How the question's vectors were obtained: `probe`, `in line`, or

@@ -6,10 +6,11 @@ use std::collections::BTreeSet;
 use std::ops::Range;
 use std::sync::Arc;
 
-use candle_core::{Result, Tensor};
+use candle_core::{Result, Tensor, TensorId};
 use mistralrs_core::attention_hook::{AttentionHookCtx, StepSequence};
 
 use super::admission::rope_table_too_small;
+use super::prefixes::Snapshot;
 use super::requests::{Needle, ProbedVectors, RequestPlan, RequestReport};
 use super::trace::NeedleTrace;
 use crate::attention::{causal_attention, positions, rotate_f32, CausalMasks, MaskCache};
@@ -25,6 +26,47 @@ pub(crate) enum SeqMemory {
     Dense(Vec<KvBuffer>),
     /// Other modes: Q-LLM's context memory.
     Blocks(Vec<LayerMemory>),
+}
+
+impl SeqMemory {
+    /// The same memory for a second owner (block slabs shared).
+    pub fn fork(&self) -> Result<Self> {
+        Ok(match self {
+            SeqMemory::Dense(layers) => {
+                SeqMemory::Dense(layers.iter().map(KvBuffer::fork).collect::<Result<_>>()?)
+            }
+            SeqMemory::Blocks(layers) => SeqMemory::Blocks(
+                layers
+                    .iter()
+                    .map(LayerMemory::fork)
+                    .collect::<Result<_>>()?,
+            ),
+        })
+    }
+
+    pub fn bytes(&self) -> usize {
+        match self {
+            SeqMemory::Dense(layers) => layers.iter().map(KvBuffer::bytes).sum(),
+            SeqMemory::Blocks(layers) => layers.iter().map(LayerMemory::bytes).sum(),
+        }
+    }
+
+    /// Allocations that forks share, by identity, with their bytes.
+    pub fn shared_allocations(&self) -> impl Iterator<Item = (TensorId, usize)> + '_ {
+        let layers: &[LayerMemory] = match self {
+            SeqMemory::Dense(_) => &[],
+            SeqMemory::Blocks(layers) => layers,
+        };
+        layers.iter().flat_map(LayerMemory::shared_allocations)
+    }
+
+    /// Tokens every layer has read (0 before the first step).
+    fn processed(&self) -> usize {
+        match self {
+            SeqMemory::Dense(layers) => layers.first().map_or(0, KvBuffer::len),
+            SeqMemory::Blocks(layers) => layers.first().map_or(0, LayerMemory::processed),
+        }
+    }
 }
 
 /// Per-sequence state.
@@ -59,6 +101,15 @@ pub(crate) struct SeqState {
     /// Whether each token read so far ends a sentence (`sentence`
     /// boundaries only; empty otherwise).
     sentence_ends: Vec<bool>,
+    /// Every token of the sequence so far, as the engine last showed them.
+    tokens: Vec<u32>,
+    /// Whether its state may be kept for later requests, and a kept prefix
+    /// taken over.
+    pub reuse: bool,
+    /// Where, besides the prompt's end, its state is kept: the last chunk
+    /// boundary before the question, for another question about the same
+    /// document.
+    before_question: Option<usize>,
 }
 
 /// What one call of the hook needs besides the sequence's own state.
@@ -96,6 +147,9 @@ impl SeqState {
             needle: None,
             votes: RefCell::default(),
             sentence_ends: Vec::new(),
+            tokens: Vec::new(),
+            reuse: true,
+            before_question: None,
         }
     }
 
@@ -105,6 +159,7 @@ impl SeqState {
         state.question_tokens = plan.question;
         state.needle_asked = plan.needle;
         state.probe_for = plan.probe_for;
+        state.reuse = plan.reuse && plan.probe_for.is_none();
         if plan.probe_for.is_none() {
             state.probed = probed;
         }
@@ -112,11 +167,88 @@ impl SeqState {
     }
 
     pub fn bytes(&self) -> usize {
-        let kv: usize = match &self.memory {
-            SeqMemory::Dense(layers) => layers.iter().map(KvBuffer::bytes).sum(),
-            SeqMemory::Blocks(layers) => layers.iter().map(LayerMemory::bytes).sum(),
-        };
-        kv + self.sentence_ends.capacity()
+        self.memory.bytes() + self.sentence_ends.capacity() + self.tokens.capacity() * 4
+    }
+
+    /// Tokens every layer has read.
+    pub fn processed(&self) -> usize {
+        self.memory.processed()
+    }
+
+    /// Takes in the tokens a step shows (all of the sequence's so far).
+    pub fn note_tokens(&mut self, tokens: &[u32]) {
+        let known = self.tokens.len().min(tokens.len());
+        if self.tokens[..known] != tokens[..known] {
+            self.tokens.clear();
+        }
+        let known = self.tokens.len();
+        self.tokens.extend_from_slice(&tokens[known..]);
+    }
+
+    /// Whether its state after the step just run is worth keeping for a
+    /// later request: at the prompt's end, or the document's before the
+    /// question, and at least `min_tokens` read.
+    pub fn at_keep_point(&self, min_tokens: usize) -> bool {
+        let processed = self.processed();
+        self.reuse
+            && processed >= min_tokens
+            && (processed == self.prompt_len || Some(processed) == self.before_question)
+    }
+
+    /// Its state after the tokens read so far, for later requests (block
+    /// slabs shared).
+    pub fn snapshot(&self) -> Result<Snapshot> {
+        let processed = self.processed();
+        Ok(Snapshot {
+            tokens: self.tokens[..processed.min(self.tokens.len())].to_vec(),
+            policy: self.policy.clone(),
+            memory: self.memory.fork()?,
+            sentence_ends: self.sentence_ends[..processed.min(self.sentence_ends.len())].to_vec(),
+            votes: self.votes.borrow().clone(),
+        })
+    }
+
+    /// Its final state, for later requests, when it is worth keeping.
+    pub fn into_snapshot(mut self, min_tokens: usize) -> Option<Snapshot> {
+        let processed = self.processed();
+        if !self.reuse || processed < min_tokens || processed > self.tokens.len() {
+            return None;
+        }
+        self.tokens.truncate(processed);
+        self.sentence_ends.truncate(processed);
+        Some(Snapshot {
+            tokens: self.tokens,
+            policy: self.policy,
+            memory: self.memory,
+            sentence_ends: self.sentence_ends,
+            votes: self.votes.into_inner(),
+        })
+    }
+
+    /// Takes over a kept prefix (of this sequence's policy) as the state
+    /// after its first tokens. The prefix's question is forgotten: this
+    /// sequence's own is applied (its probed vectors now; one read in line
+    /// as it passes).
+    pub fn resume(&mut self, kept: Snapshot) {
+        let reused = kept.tokens.len();
+        self.memory = kept.memory;
+        self.sentence_ends = kept.sentence_ends;
+        *self.votes.get_mut() = kept.votes;
+        if let SeqMemory::Blocks(layers) = &mut self.memory {
+            for (layer, memory) in layers.iter_mut().enumerate() {
+                memory.forget_question();
+                let probed = self
+                    .probed
+                    .as_ref()
+                    .and_then(|p| p.get(layer))
+                    .and_then(Option::as_ref);
+                if let Some(vector) = probed {
+                    memory.set_question(vector.clone());
+                }
+            }
+        }
+        self.tokens = kept.tokens;
+        self.report.reused_prompt_tokens = reused;
     }
 
     /// What counts against the memory caps: its reservation, or what it
@@ -141,7 +273,12 @@ impl SeqState {
     /// span and where the question's vectors come from, and the needle to
     /// trace. Later prompt steps (an engine that re-runs a parked sequence)
     /// change nothing.
-    pub fn begin_prompt(&mut self, seq: &StepSequence<'_>, global_question: Option<&[u32]>) {
+    pub fn begin_prompt(
+        &mut self,
+        seq: &StepSequence<'_>,
+        global_question: Option<&[u32]>,
+        chunk_size: usize,
+    ) {
         if !seq.is_prompt || self.prompt_len != 0 {
             return;
         }
@@ -151,6 +288,11 @@ impl SeqState {
             let question = self.question_tokens.take();
             self.settle_question(seq, question.as_deref().or(global_question));
         }
+        self.before_question = self.question.as_ref().and_then(|span| {
+            let start = self.processed();
+            let point = start + (span.start - start.min(span.start)) / chunk_size * chunk_size;
+            (point > start).then_some(point)
+        });
         self.start_needle_trace(seq);
     }
 

@@ -83,6 +83,29 @@ impl Slab {
         }
     }
 
+    /// The same slab for a second owner (no copy).
+    fn share(&self) -> Self {
+        match self {
+            Slab::Float(k, v) => Slab::Float(k.clone(), v.clone()),
+            Slab::Q8(k, v) => Slab::Q8(k.clone(), v.clone()),
+        }
+    }
+
+    /// A copy in buffers of its own.
+    fn copy(&self) -> Result<Self> {
+        Ok(match self {
+            Slab::Float(k, v) => Slab::Float(k.copy()?, v.copy()?),
+            Slab::Q8(k, v) => Slab::Q8(k.copy()?, v.copy()?),
+        })
+    }
+
+    fn bytes(&self) -> usize {
+        match self {
+            Slab::Float(k, v) => (k.elem_count() + v.elem_count()) * k.dtype().size_in_bytes(),
+            Slab::Q8(k, v) => k.bytes() + v.bytes(),
+        }
+    }
+
     /// Keys and values in f32.
     fn to_f32(&self) -> Result<(Tensor, Tensor)> {
         match self {
@@ -262,15 +285,38 @@ impl BlockStore {
         Ok(pieces)
     }
 
+    /// The same blocks for a second owner: full slabs, which no push writes
+    /// again, are shared; the last one, if it has free slots, is copied, so
+    /// that either owner's pushes leave the other's blocks as they were.
+    pub fn fork(&self) -> Result<Self> {
+        let mut slabs = Vec::with_capacity(self.slabs.len());
+        let partial = self.len % SLAB_BLOCKS != 0;
+        for (i, slab) in self.slabs.iter().enumerate() {
+            slabs.push(if partial && i + 1 == self.slabs.len() {
+                slab.copy()?
+            } else {
+                slab.share()
+            });
+        }
+        Ok(Self {
+            slabs,
+            len: self.len,
+        })
+    }
+
+    /// Each full slab's identity and bytes: the allocations [`Self::fork`]
+    /// shares between owners (the free slots of the last slab belong to
+    /// one owner and count in [`Self::bytes`] only).
+    pub fn shared_slabs(&self) -> impl Iterator<Item = (candle_core::TensorId, usize)> + '_ {
+        let full = self.len / SLAB_BLOCKS;
+        self.slabs[..full]
+            .iter()
+            .map(|slab| (slab.tensors().0.id(), slab.bytes()))
+    }
+
     /// Bytes allocated, including the free slots of the last slab.
     pub fn bytes(&self) -> usize {
-        self.slabs
-            .iter()
-            .map(|slab| match slab {
-                Slab::Float(k, v) => (k.elem_count() + v.elem_count()) * k.dtype().size_in_bytes(),
-                Slab::Q8(k, v) => k.bytes() + v.bytes(),
-            })
-            .sum()
+        self.slabs.iter().map(Slab::bytes).sum()
     }
 }
 

@@ -97,6 +97,16 @@ impl KvBuffer {
         self.range(0, self.len).map(Some)
     }
 
+    /// A copy of the live tokens in buffers of their own, so that appends to
+    /// either leave the other as it was.
+    pub fn fork(&self) -> Result<Self> {
+        let mut fork = Self::default();
+        if let Some((k, v)) = self.get()? {
+            fork.append(&k, &v)?;
+        }
+        Ok(fork)
+    }
+
     /// Bytes held by the buffers (capacity, not length).
     pub fn bytes(&self) -> usize {
         self.buffers.as_ref().map_or(0, |(k, v)| {

@@ -182,6 +182,33 @@ impl LayerMemory {
         self.retrieval.question.set(vector);
     }
 
+    /// The same memory for a second owner, which goes on from where this
+    /// one is: full block slabs are shared (blocks never change once
+    /// formed), the rest is copied, so either owner's appends leave the
+    /// other as it was.
+    pub fn fork(&self) -> Result<Self> {
+        Ok(Self {
+            ledger: self.ledger,
+            init: self.init.fork()?,
+            recent: self.recent.fork()?,
+            local_score: self.local_score.clone(),
+            blocks: self.blocks.fork()?,
+            block_starts: self.block_starts.clone(),
+            retrieval: self.retrieval.clone(),
+        })
+    }
+
+    /// Forgets the question (its rows, the queries gathered for them and
+    /// their cached scores), for a second owner that asks another one.
+    pub fn forget_question(&mut self) {
+        self.retrieval.question = Default::default();
+    }
+
+    /// Allocations shared with forks, by identity, with their bytes.
+    pub fn shared_allocations(&self) -> impl Iterator<Item = (candle_core::TensorId, usize)> + '_ {
+        self.blocks.shared_slabs()
+    }
+
     /// Bytes held: KV in the model's dtype plus f32 bookkeeping.
     pub fn bytes(&self) -> usize {
         self.init.bytes()
@@ -980,6 +1007,68 @@ mod tests {
         assert!(with_reps >= blocks * heads * d * 4, "{with_reps}");
         for scoring in [Scoring::AttentionMass, Scoring::TokenMax] {
             assert_eq!(run(scoring), (blocks, 0), "{scoring}");
+        }
+    }
+
+    #[test]
+    fn a_fork_goes_on_as_the_original_and_neither_changes_the_other() {
+        // 160 tokens in calls of 8: 37 blocks of 4 (one full slab of 16 and
+        // a partial one), `topk` 2. The original and a fork taken then read
+        // the same 32 more tokens: the same outputs, bit for bit. A second
+        // fork first reads other tokens, then a third fork of the same
+        // snapshot reads the 32: still the same, so no write of one reached
+        // another's blocks or window.
+        let (heads, kv_heads, d) = (4, 2, 16);
+        let rope = RopeTable::new(10000.0, d, 256, true, &Device::Cpu).unwrap();
+        let masks = MaskCache::default();
+        let args = plain_args(&rope, &masks);
+        for (scoring, block_dtype) in [
+            (Scoring::AttentionMass, BlockDType::F32),
+            (Scoring::Dot, BlockDType::Q8_0),
+        ] {
+            let config = Policy {
+                scoring,
+                block_dtype,
+                ..selective_config(Positions::Fixed, 0)
+            };
+            let read = |memory: &mut LayerMemory, from: usize, to: usize, salt: u64| {
+                let mut outputs = Vec::new();
+                for p0 in (from..to).step_by(8) {
+                    let x = |seed: u64, h| random((1, h, 8, d), seed + salt + p0 as u64, 1.0);
+                    let out = memory
+                        .append(
+                            &config,
+                            &args,
+                            &x(1, heads),
+                            &x(2, kv_heads),
+                            &x(3, kv_heads),
+                            |_| {},
+                        )
+                        .unwrap();
+                    outputs.extend(out.flatten_all().unwrap().to_vec1::<f32>().unwrap());
+                    masks.clear();
+                }
+                outputs
+            };
+            let mut original = LayerMemory::default();
+            read(&mut original, 0, 160, 0);
+            assert!(original.block_count() > 20, "{}", original.block_count());
+            let snapshot = original.fork().unwrap();
+            let shared: Vec<_> = snapshot.shared_allocations().map(|(id, _)| id).collect();
+            let full_slabs = snapshot.block_count() / block_store::SLAB_BLOCKS;
+            assert!(full_slabs > 0);
+            assert_eq!(shared.len(), full_slabs, "{scoring}");
+            assert!(original.shared_allocations().any(|(id, _)| id == shared[0]));
+
+            let expected = read(&mut original, 160, 192, 0);
+            let mut fork = snapshot.fork().unwrap();
+            assert_eq!(read(&mut fork, 160, 192, 0), expected, "{scoring}");
+            let mut other = snapshot.fork().unwrap();
+            assert_ne!(read(&mut other, 160, 192, 1000), expected, "{scoring}");
+            let mut third = snapshot.fork().unwrap();
+            assert_eq!(read(&mut third, 160, 192, 0), expected, "{scoring}");
+            assert_eq!(snapshot.processed(), 160);
+            assert_eq!(third.processed(), 192);
         }
     }
 

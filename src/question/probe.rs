@@ -110,6 +110,7 @@ pub async fn prepare(
         question: (!question_tokens.is_empty()).then(|| question_tokens.clone()),
         probe_for: None,
         needle,
+        reuse: options.reuse.unwrap_or(true),
     };
     hook.register_request(request.id, plan.clone());
     let probed =

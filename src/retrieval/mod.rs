@@ -103,7 +103,7 @@ impl BlockKeys for TestBlocks {
 
 /// One layer's retrieval state: the blocks' representative keys, the
 /// question, and what the latest execution block retrieved.
-#[derive(Debug, Default)]
+#[derive(Debug, Default, Clone)]
 pub struct Retrieval {
     /// One representative key per block, `heads * d` values each.
     representatives: Vec<f32>,

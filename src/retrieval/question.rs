@@ -17,7 +17,7 @@ use crate::config::{Policy, QuestionRows, MAX_QUESTION_ROWS};
 /// against them are computed once: per block and row, the largest logit and
 /// the sum of `exp(scale * (logit - largest))`, which combine into the
 /// softmax over all blocks without reading a key again.
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub(crate) struct QuestionMass {
     /// `(kv_heads, rows, d)` f32: each KV head's query heads' question rows.
     rows: Tensor,
@@ -83,7 +83,7 @@ impl QuestionMass {
 /// What a layer knows of the question: its rows once captured (or set from
 /// a probe), the queries of its tokens while they pass, and the cached
 /// attention-mass partials.
-#[derive(Debug, Default)]
+#[derive(Debug, Default, Clone)]
 pub(crate) struct QuestionState {
     /// The question's rows, `(heads, r, d)` flattened: `r` is 1 (the
     /// question vector) or, with `question_rows = "tokens"`, one per token.

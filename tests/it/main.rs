@@ -10,6 +10,7 @@ mod passkey;
 mod policy;
 mod qllm;
 mod reliability;
+mod reuse;
 mod serve;
 mod smollm2;
 mod tiny;

@@ -1,0 +1,204 @@
+//! Follow-up requests resume from the state kept for an earlier prompt: on
+//! the tiny model in f32, through mistral.rs's engine.
+
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use candle_core::{Result, Tensor};
+use mistralrs_core::attention_hook::{
+    set_attention_hook, AttentionHook, AttentionHookCtx, HookModel, HookRequest, StepSequence,
+};
+use mistralrs_core::ModelDType;
+use qllm::{Mode, Policy, QllmConfig, QllmHook};
+
+use crate::engine::{engine_lock, generate_tokens, load_gguf, max_abs_diff, runtime};
+use crate::tiny::{self, prompt};
+
+const NEW_TOKENS: usize = 6;
+const EOS: u32 = 2;
+
+/// Delegates to the real hook and counts the tokens each sequence's first
+/// layer reads.
+struct Counting {
+    inner: QllmHook,
+    /// `(sequence, tokens read)`, in the order sequences first ran.
+    read: Mutex<Vec<(usize, usize)>>,
+}
+
+impl Counting {
+    fn new(config: QllmConfig) -> Arc<Self> {
+        Arc::new(Self {
+            inner: QllmHook::new(config),
+            read: Mutex::default(),
+        })
+    }
+
+    /// Tokens read by the last sequence that ran.
+    fn last_read(&self) -> usize {
+        self.read.lock().unwrap().last().expect("a sequence ran").1
+    }
+}
+
+impl AttentionHook for Counting {
+    fn begin_step(&self, seqs: &[StepSequence<'_>]) -> Result<()> {
+        self.inner.begin_step(seqs)
+    }
+    fn attend(
+        &self,
+        ctx: &AttentionHookCtx<'_>,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+    ) -> Result<Tensor> {
+        if ctx.layer_idx == 0 {
+            let mut read = self.read.lock().unwrap();
+            for &seq in ctx.seq_ids {
+                match read.iter_mut().find(|(s, _)| *s == seq) {
+                    Some((_, n)) => *n += q.dim(2)?,
+                    None => read.push((seq, q.dim(2)?)),
+                }
+            }
+        }
+        self.inner.attend(ctx, q, k, v)
+    }
+    fn admit_request(&self, request: &HookRequest<'_>) -> Result<()> {
+        self.inner.admit_request(request)
+    }
+    fn begin_sequence(&self, seq_id: usize, request_id: usize) {
+        self.inner.begin_sequence(seq_id, request_id)
+    }
+    fn held_prompt_tokens(&self, seq_id: usize, prompt: &[u32]) -> usize {
+        self.inner.held_prompt_tokens(seq_id, prompt)
+    }
+    fn end_sequence(&self, seq_id: usize) {
+        self.inner.end_sequence(seq_id)
+    }
+    fn prefill_chunk_size(&self) -> Option<usize> {
+        self.inner.prefill_chunk_size()
+    }
+    fn model_loaded(&self, model: &HookModel) -> Option<usize> {
+        self.inner.model_loaded(model)
+    }
+}
+
+/// Logits of each prompt's steps, run one after the other with `hook`.
+fn run(file: &std::path::Path, hook: &Arc<Counting>, prompts: &[Vec<u32>]) -> Vec<Vec<Vec<f32>>> {
+    set_attention_hook(Some(hook.clone()));
+    let out = runtime().block_on(async {
+        let mistralrs = load_gguf(file, ModelDType::F32).await;
+        let mut out = Vec::new();
+        for p in prompts {
+            out.push(generate_tokens(&mistralrs, p.clone(), NEW_TOKENS, &[EOS]).await);
+            // The engine drops a sequence, and so keeps its final state,
+            // just after its response.
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while !hook.inner.sequence_ids().is_empty() && Instant::now() < deadline {
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        }
+        out
+    });
+    set_attention_hook(None);
+    out
+}
+
+fn config(mode: Mode, topk: usize) -> QllmConfig {
+    QllmConfig::from(Policy {
+        mode,
+        n_init: 4,
+        n_local: 48,
+        block_size: 8,
+        exc_block_size: 16,
+        topk,
+        repr_topk: 2,
+        ..Policy::default()
+    })
+    .with_prefill_chunk_size(16)
+}
+
+#[test]
+fn a_prompt_that_extends_a_kept_one_reads_only_its_new_tokens_and_gets_the_same_logits() {
+    let _guard = engine_lock();
+    let dir = tempfile::tempdir().unwrap();
+    let file = tiny::write(dir.path(), 11, 0.3);
+    // 17 + 12 x 16 tokens: the kept prompt ends one token into an
+    // execution block, whose first token it read alone, as a fresh read of
+    // the longer prompt does not; `dense` and every block retrieved
+    // (`topk` 64 of about 20) are where a fresh read and a resumed one
+    // compute the same.
+    let first = prompt(209, 5);
+    let longer = prompt(300, 5);
+    assert!(longer.starts_with(&first));
+    for (mode, topk) in [(Mode::Dense, 2), (Mode::Infllm, 64), (Mode::Qllm, 64)] {
+        let mut fresh_config = config(mode, topk);
+        fresh_config.caps.prefix_cache_memory = 0;
+        let fresh = Counting::new(fresh_config);
+        let expected = run(&file, &fresh, std::slice::from_ref(&longer));
+        assert_eq!(fresh.last_read(), 300 + NEW_TOKENS - 1, "{mode:?}");
+
+        let hook = Counting::new(config(mode, topk));
+        let got = run(&file, &hook, &[first.clone(), longer.clone()]);
+        // The first prompt's state at its end (209 tokens) is kept; the
+        // longer prompt resumes from it.
+        assert_eq!(hook.last_read(), 300 - 209 + NEW_TOKENS - 1, "{mode:?}");
+        let diff = max_abs_diff(&expected, &got[1..]);
+        assert!(diff <= 1e-4, "{mode:?}: max abs logit difference {diff}");
+        let kept = hook.inner.prefix_stats();
+        // Each request's prompt end and its final state.
+        assert_eq!(kept.entries, 4, "{mode:?}");
+        hook.inner.clear_prefixes();
+        assert_eq!(hook.inner.prefix_stats().bytes, 0);
+    }
+}
+
+#[test]
+fn selective_retrieval_resumes_as_the_same_sequence_continued_and_edited_history_reads_all() {
+    let _guard = engine_lock();
+    let dir = tempfile::tempdir().unwrap();
+    let file = tiny::write(dir.path(), 11, 0.3);
+    // `topk` 2 of about 20 blocks: a resumed read retrieves as a sequence
+    // that went on reading would, which a fresh read of the longer prompt
+    // need not (its execution blocks fall elsewhere). The answer of the
+    // first request, kept at its end, is what the follow-up resumes from.
+    let first = prompt(208, 7);
+    let hook = Counting::new(config(Mode::Qllm, 2));
+    let answered = run(&file, &hook, std::slice::from_ref(&first));
+    let answer: Vec<u32> = answered[0]
+        .iter()
+        .map(|logits| {
+            let mut best = 0;
+            for (i, &l) in logits.iter().enumerate() {
+                if i as u32 != EOS && l > logits[best] {
+                    best = i;
+                }
+            }
+            best as u32
+        })
+        .collect();
+    let mut follow_up = first.clone();
+    follow_up.extend_from_slice(&answer[..NEW_TOKENS - 1]);
+    follow_up.extend(prompt(40, 9));
+    let got = run(&file, &hook, std::slice::from_ref(&follow_up));
+    assert_eq!(
+        hook.last_read(),
+        follow_up.len() - (208 + NEW_TOKENS - 1) + NEW_TOKENS - 1,
+        "resumed from the first request's final state"
+    );
+    assert!(got[0].iter().flatten().all(|l| l.is_finite()));
+
+    // The same history with one token of the first prompt changed: nothing
+    // kept begins it.
+    let mut edited = follow_up.clone();
+    edited[100] = edited[100] % 200 + 3;
+    assert_ne!(edited[100], follow_up[100]);
+    run(&file, &hook, std::slice::from_ref(&edited));
+    assert_eq!(hook.last_read(), edited.len() + NEW_TOKENS - 1);
+
+    // A budget of 0 keeps nothing.
+    let mut off = config(Mode::Qllm, 2);
+    off.caps.prefix_cache_memory = 0;
+    let hook = Counting::new(off);
+    run(&file, &hook, &[first.clone(), follow_up.clone()]);
+    assert_eq!(hook.last_read(), follow_up.len() + NEW_TOKENS - 1);
+    assert_eq!(hook.inner.prefix_stats().entries, 0);
+}
