@@ -278,6 +278,7 @@ impl AttentionHook for QllmHook {
         let question = plan
             .as_ref()
             .and_then(|p| p.question.as_ref())
+            .filter(|_| policy.mode.uses_question())
             .map(Vec::len);
         if policy.boundaries == Boundaries::Sentence && !self.knows_sentence_ends() {
             return Err(refusal(

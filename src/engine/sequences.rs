@@ -283,14 +283,24 @@ impl SeqState {
             return;
         }
         self.prompt_len = seq.tokens.len();
-        if !self.question_searched && self.policy.mode.uses_question() {
+        let mut question_start = None;
+        if !self.question_searched {
             self.question_searched = true;
             let question = self.question_tokens.take();
-            self.settle_question(seq, question.as_deref().or(global_question));
+            let question = question.as_deref().or(global_question);
+            if self.policy.mode.uses_question() {
+                self.settle_question(seq, question);
+                question_start = self.question.as_ref().map(|span| span.start);
+            } else {
+                // Not used, but where it begins the document ends.
+                question_start = question
+                    .and_then(|q| resolve(seq.tokens, q, &self.policy))
+                    .map(|found| found.span.start);
+            }
         }
-        self.before_question = self.question.as_ref().and_then(|span| {
+        self.before_question = question_start.and_then(|question| {
             let start = self.processed();
-            let point = start + (span.start - start.min(span.start)) / chunk_size * chunk_size;
+            let point = start + (question - start.min(question)) / chunk_size * chunk_size;
             (point > start).then_some(point)
         });
         self.start_needle_trace(seq);

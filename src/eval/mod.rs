@@ -742,10 +742,7 @@ fn build_spec(
                     .cloned()
                     .collect(),
                 needles: vec![(format!(" {}", fact.sentence), 0.0)],
-                tail: format!(
-                    "\n\nAnswer the question using the text above.\nQuestion: {}\nAnswer: {}",
-                    fact.question, fact.answer_prefix
-                ),
+                tail: fact_tail(&fact.question, &fact.answer_prefix),
                 question: fact.question,
                 answers: vec![fact.answer],
                 cut_last_unit: true,
@@ -817,11 +814,28 @@ fn build_spec(
 
 /// A made-up sentence, its question, the start of the answer and what the
 /// answer must contain.
-struct Fact {
-    sentence: String,
-    question: String,
-    answer_prefix: String,
-    answer: String,
+#[derive(Debug, Clone)]
+pub struct Fact {
+    /// The sentence hidden in the haystack.
+    pub sentence: String,
+    /// Its question.
+    pub question: String,
+    /// The start of the answer, given after the question.
+    pub answer_prefix: String,
+    /// What a right answer contains.
+    pub answer: String,
+}
+
+/// The fact the `fact` task would draw from `seed`'s fact stream (for
+/// prompts that hold more than one).
+pub fn draw_fact(seed: u64) -> Fact {
+    invented_fact(&mut Rng::new(seed, 0xFAC7))
+}
+
+/// The end of a `fact` prompt: the question after the text, then the start
+/// of the answer.
+pub fn fact_tail(question: &str, answer_prefix: &str) -> String {
+    format!("\n\nAnswer the question using the text above.\nQuestion: {question}\nAnswer: {answer_prefix}")
 }
 
 const FIRST_NAMES: [&str; 12] = [

@@ -97,14 +97,25 @@ impl KvBuffer {
         self.range(0, self.len).map(Some)
     }
 
-    /// A copy of the live tokens in buffers of their own, so that appends to
-    /// either leave the other as it was.
+    /// A copy of the live tokens in buffers of their own and of their size
+    /// (a kept copy may never grow; one that does moves once, as any full
+    /// buffer does), so that appends to either leave the other as it was.
     pub fn fork(&self) -> Result<Self> {
-        let mut fork = Self::default();
-        if let Some((k, v)) = self.get()? {
-            fork.append(&k, &v)?;
-        }
-        Ok(fork)
+        // A fresh buffer for the live rows: `Tensor::copy` of a view copies
+        // its whole storage.
+        let own = |view: Tensor| -> Result<Tensor> {
+            let fresh = Tensor::zeros(view.shape(), view.dtype(), view.device())?;
+            fresh.slice_set(&view.contiguous()?, 2, 0)?;
+            Ok(fresh)
+        };
+        Ok(match self.get()? {
+            Some((k, v)) => Self {
+                buffers: Some((own(k)?, own(v)?)),
+                start: 0,
+                len: self.len,
+            },
+            None => Self::default(),
+        })
     }
 
     /// Bytes held by the buffers (capacity, not length).

@@ -83,8 +83,10 @@ pub async fn prepare(
             )));
         }
     }
+    // Tokenized in every mode: where the question begins, the document
+    // ends, and its state is kept for other questions (see `reuse`).
     let mut question_tokens = Vec::new();
-    if let (Some(q), true) = (&question, policy.mode.uses_question()) {
+    if let Some(q) = &question {
         question_tokens = tokenize_with(mistralrs, &q.text, false).await?;
         tracing::info!(
             "qllm: request {}: question from {} ({} tokens): {:?}",

@@ -333,3 +333,68 @@ fn serve_cuts_memory_blocks_at_sentence_ends_on_request() {
     assert_eq!(status, 400, "{error}");
     assert!(error.to_string().contains("words"), "{error}");
 }
+
+/// A two-turn chat about one document with two facts in it: the second
+/// turn, which resends the first turn and its answer, resumes from the
+/// state the first one left and reads only the new tokens.
+#[test]
+fn serve_answers_a_follow_up_question_from_the_kept_state_of_the_first_turn() {
+    let (_server, port) = start_server();
+    let key = passkey::key(9, 0);
+    let city = "Quillmoor";
+    let units = UNITS_12K;
+    let document = format!(
+        "{}{}{}{}The secret city is called {city}. Remember it. {city} is the secret city. {}",
+        passkey::INTRO,
+        passkey::FILLER.repeat(units * 3 / 10),
+        passkey::needle(key),
+        passkey::FILLER.repeat(units * 4 / 10),
+        passkey::FILLER.repeat(units * 3 / 10),
+    );
+    let first_question = format!("{document}\n\n{QUESTION}");
+    let turn = |messages: &Value| {
+        let body = json!({
+            "model": "default", "messages": messages, "max_tokens": 12, "temperature": 0,
+        });
+        let (status, reply) = post_json(port, "/v1/chat/completions", &body.to_string());
+        assert_eq!(status, 200, "{reply}");
+        let answer = reply["choices"][0]["message"]["content"]
+            .as_str()
+            .unwrap_or_default()
+            .to_string();
+        (answer, reply["qllm"].clone())
+    };
+    let mut messages = json!([{"role": "user", "content": first_question}]);
+    let (first, report) = turn(&messages);
+    assert!(
+        first.contains(&key.to_string()),
+        "{first:?} for {key}: {report}"
+    );
+    assert_eq!(report["reused_prompt_tokens"], 0, "{report}");
+    let first_tokens = report["prompt_tokens"].as_u64().unwrap();
+    assert!(first_tokens > 11_000, "{report}");
+
+    messages.as_array_mut().unwrap().extend([
+        json!({"role": "assistant", "content": first}),
+        json!({"role": "user", "content": "What is the secret city called? Answer with its name only."}),
+    ]);
+    let (second, report) = turn(&messages);
+    assert!(second.contains(city), "{second:?} {report}");
+    // At least the whole first prompt was taken over, not read again.
+    let reused = report["reused_prompt_tokens"].as_u64().unwrap();
+    let prompt_tokens = report["prompt_tokens"].as_u64().unwrap();
+    assert!(
+        reused >= first_tokens && prompt_tokens - reused < 64,
+        "{reused} of {prompt_tokens} prompt tokens reused: {report}"
+    );
+    assert_eq!(report["question_vectors"], "probe", "{report}");
+
+    // The same conversation with `reuse` off reads everything.
+    let body = json!({
+        "model": "default", "messages": messages, "max_tokens": 12, "temperature": 0,
+        "qllm": {"reuse": false},
+    });
+    let (status, reply) = post_json(port, "/v1/chat/completions", &body.to_string());
+    assert_eq!(status, 200, "{reply}");
+    assert_eq!(reply["qllm"]["reused_prompt_tokens"], 0, "{reply}");
+}
