@@ -16,12 +16,13 @@
 //!
 //! One line each: the answer and whether it is right, the prompt tokens
 //! read and reused, the prefill time and the wall time (probe pass, prefill
-//! and decode). `--json FILE` also writes them.
+//! and decode). `--json FILE` also writes them; `--fresh false` leaves out
+//! the fresh reads (3 and 5).
 //!
 //! ```text
 //! cargo run --release --example followup -- [--model FILE.gguf] [--tokens 12288] \
 //!     [--depths 0.1,0.6] [--modes qllm,infllm] [--seed 1] [--max-new-tokens 12] \
-//!     [--config FILE] [--json FILE]
+//!     [--config FILE] [--json FILE] [--fresh false]
 //! ```
 
 use std::path::PathBuf;
@@ -42,10 +43,12 @@ struct Args {
     max_new_tokens: usize,
     config: Option<PathBuf>,
     json: Option<PathBuf>,
+    fresh: bool,
 }
 
 const USAGE: &str = "usage: followup [--model FILE.gguf] [--tokens N] [--depths A,B] \
-                     [--modes LIST] [--seed N] [--max-new-tokens N] [--config FILE] [--json FILE]";
+                     [--modes LIST] [--seed N] [--max-new-tokens N] [--config FILE] [--json FILE] \
+                     [--fresh false]";
 
 fn parse_args() -> Result<Args> {
     let mut args = Args {
@@ -57,6 +60,7 @@ fn parse_args() -> Result<Args> {
         max_new_tokens: 12,
         config: None,
         json: None,
+        fresh: true,
     };
     let mut it = std::env::args().skip(1);
     while let Some(flag) = it.next() {
@@ -97,6 +101,7 @@ fn parse_args() -> Result<Args> {
             }
             "--config" => args.config = Some(value.into()),
             "--json" => args.json = Some(value.into()),
+            "--fresh" => args.fresh = value.parse().context("--fresh (true or false)")?,
             _ => bail!("unknown flag {flag}\n{USAGE}"),
         }
     }
@@ -303,14 +308,18 @@ fn main() -> Result<()> {
             second.question, second.answer_prefix
         );
         rows.push(ask(follow_up.clone(), second, "follow-up", true)?.0);
-        rows.push(ask(follow_up, second, "follow-up fresh", false)?.0);
+        if args.fresh {
+            rows.push(ask(follow_up, second, "follow-up fresh", false)?.0);
+        }
         let other = format!(
             "{}{}",
             doc.text,
             eval::fact_tail(&second.question, &second.answer_prefix)
         );
         rows.push(ask(other.clone(), second, "other question", true)?.0);
-        rows.push(ask(other, second, "other question fresh", false)?.0);
+        if args.fresh {
+            rows.push(ask(other, second, "other question fresh", false)?.0);
+        }
         let kept = hook.prefix_stats();
         println!(
             "{mode:>9} kept prefixes: {} holding {:.1} MiB",

@@ -127,10 +127,17 @@ pub struct Stats {
     pub max_request_memory: Option<usize>,
     /// Resident memory of the server process.
     pub resident_bytes: Option<usize>,
+    /// States kept for follow-up requests.
+    pub kept_prefixes: usize,
+    /// Bytes they hold (each shared block slab once).
+    pub kept_prefix_bytes: usize,
+    /// Their budget, `prefix_cache_memory`.
+    pub prefix_cache_memory: usize,
 }
 
 async fn stats(State(state): State<ServerState>) -> Json<Stats> {
     let memory = state.hook.memory_stats();
+    let kept = state.hook.prefix_stats();
     let config = state.hook.config();
     Json(Stats {
         sequences: memory.sequences,
@@ -140,6 +147,9 @@ async fn stats(State(state): State<ServerState>) -> Json<Stats> {
         max_memory: config.caps.max_memory,
         max_request_memory: config.caps.max_request_memory,
         resident_bytes: crate::system::resident_memory(),
+        kept_prefixes: kept.entries,
+        kept_prefix_bytes: kept.bytes,
+        prefix_cache_memory: config.caps.prefix_cache_memory,
     })
 }
 
