@@ -408,6 +408,7 @@ impl AttentionHook for QllmHook {
         if self.config.caps.prefix_cache_memory == 0 {
             return 0;
         }
+        let global_question = lock(&self.question_tokens).clone();
         let mut seqs = self.lock();
         let Some(state) = seqs.get_mut(&seq_id).filter(|s| s.reuse) else {
             return 0;
@@ -427,7 +428,7 @@ impl AttentionHook for QllmHook {
             "qllm: sequence {seq_id}: resuming from a kept prefix, {reused} of {} prompt tokens",
             prompt.len()
         );
-        state.resume(kept);
+        state.resume(kept, global_question.as_deref());
         reused
     }
 
@@ -441,16 +442,7 @@ impl AttentionHook for QllmHook {
             state.request_id,
             format_bytes(freed)
         );
-        let kept = if self.config.caps.prefix_cache_memory > 0 {
-            state.into_snapshot(self.min_kept_tokens())
-        } else {
-            drop(state);
-            None
-        };
-        if let Some(snapshot) = kept {
-            self.keep(snapshot);
-            return;
-        }
+        drop(state);
         if freed >= RELEASE_AFTER_BYTES {
             release_free_memory();
         }
@@ -461,6 +453,9 @@ impl AttentionHook for QllmHook {
     }
 
     fn model_loaded(&self, model: &HookModel) -> Option<usize> {
+        // Kept states belong to the model that read them; the same tokens
+        // mean something else to another.
+        lock(&self.kept).clear();
         lock(&self.admission).model_loaded(&self.config, model.into());
         (self.config.policy.mode != Mode::Dense).then_some(self.config.engine.max_context_len)
     }
@@ -560,6 +555,7 @@ pub(crate) mod tests {
                 memory: sequences::SeqMemory::Dense(vec![layer]),
                 sentence_ends: Vec::new(),
                 votes: Default::default(),
+                question: None,
             });
         }
         assert_eq!(hook.prefix_stats().entries, 2);

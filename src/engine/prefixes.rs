@@ -23,6 +23,8 @@ pub(crate) struct Snapshot {
     /// Per token read, whether it ends a sentence (`sentence` boundaries).
     pub sentence_ends: Vec<bool>,
     pub votes: LayerVotes,
+    /// The question the tokens were read with, if any.
+    pub question: Option<Vec<u32>>,
 }
 
 impl Snapshot {
@@ -35,6 +37,7 @@ impl Snapshot {
             memory: self.memory.fork()?,
             sentence_ends: self.sentence_ends.clone(),
             votes: self.votes.clone(),
+            question: self.question.clone(),
         })
     }
 
@@ -176,6 +179,7 @@ mod tests {
             memory: SeqMemory::Dense(vec![layer]),
             sentence_ends: Vec::new(),
             votes: LayerVotes::default(),
+            question: None,
         }
     }
 

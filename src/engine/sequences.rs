@@ -106,10 +106,12 @@ pub(crate) struct SeqState {
     /// Whether its state may be kept for later requests, and a kept prefix
     /// taken over.
     pub reuse: bool,
-    /// Where, besides the prompt's end, its state is kept: the last chunk
-    /// boundary before the question, for another question about the same
-    /// document.
-    before_question: Option<usize>,
+    /// Where its state is kept for later requests: the last chunk boundary
+    /// before the question (the document, for another question about it)
+    /// and the last before the prompt's last token (for a follow-up).
+    keep_points: Vec<usize>,
+    /// The question its prompt was read with, once looked up.
+    asked: Option<Vec<u32>>,
 }
 
 /// What one call of the hook needs besides the sequence's own state.
@@ -149,7 +151,8 @@ impl SeqState {
             sentence_ends: Vec::new(),
             tokens: Vec::new(),
             reuse: true,
-            before_question: None,
+            keep_points: Vec::new(),
+            asked: None,
         }
     }
 
@@ -185,14 +188,11 @@ impl SeqState {
         self.tokens.extend_from_slice(&tokens[known..]);
     }
 
-    /// Whether its state after the step just run is worth keeping for a
-    /// later request: at the prompt's end, or the document's before the
-    /// question, and at least `min_tokens` read.
+    /// Whether its state after the step just run is to be kept for later
+    /// requests: at a keep point, with at least `min_tokens` read.
     pub fn at_keep_point(&self, min_tokens: usize) -> bool {
         let processed = self.processed();
-        self.reuse
-            && processed >= min_tokens
-            && (processed == self.prompt_len || Some(processed) == self.before_question)
+        self.reuse && processed >= min_tokens && self.keep_points.contains(&processed)
     }
 
     /// Its state after the tokens read so far, for later requests (block
@@ -200,6 +200,7 @@ impl SeqState {
     pub fn snapshot(&self) -> Result<Snapshot> {
         let processed = self.processed();
         Ok(Snapshot {
+            question: self.asked.clone(),
             tokens: self.tokens[..processed.min(self.tokens.len())].to_vec(),
             policy: self.policy.clone(),
             memory: self.memory.fork()?,
@@ -208,33 +209,18 @@ impl SeqState {
         })
     }
 
-    /// Its final state, for later requests, when it is worth keeping.
-    pub fn into_snapshot(mut self, min_tokens: usize) -> Option<Snapshot> {
-        let processed = self.processed();
-        if !self.reuse || processed < min_tokens || processed > self.tokens.len() {
-            return None;
-        }
-        self.tokens.truncate(processed);
-        self.sentence_ends.truncate(processed);
-        Some(Snapshot {
-            tokens: self.tokens,
-            policy: self.policy,
-            memory: self.memory,
-            sentence_ends: self.sentence_ends,
-            votes: self.votes.into_inner(),
-        })
-    }
-
     /// Takes over a kept prefix (of this sequence's policy) as the state
-    /// after its first tokens. The prefix's question is forgotten: this
-    /// sequence's own is applied (its probed vectors now; one read in line
-    /// as it passes).
-    pub fn resume(&mut self, kept: Snapshot) {
+    /// after its first tokens. A prefix read with another question forgets
+    /// it: this sequence's own is applied (its probed vectors now; one read
+    /// in line as it passes).
+    pub fn resume(&mut self, kept: Snapshot, global_question: Option<&[u32]>) {
         let reused = kept.tokens.len();
         self.memory = kept.memory;
         self.sentence_ends = kept.sentence_ends;
         *self.votes.get_mut() = kept.votes;
-        if let SeqMemory::Blocks(layers) = &mut self.memory {
+        let asked = self.question_tokens.as_deref().or(global_question);
+        let same_question = kept.question.is_some() && kept.question.as_deref() == asked;
+        if let (false, SeqMemory::Blocks(layers)) = (same_question, &mut self.memory) {
             for (layer, memory) in layers.iter_mut().enumerate() {
                 memory.forget_question();
                 let probed = self
@@ -288,6 +274,7 @@ impl SeqState {
             self.question_searched = true;
             let question = self.question_tokens.take();
             let question = question.as_deref().or(global_question);
+            self.asked = question.map(<[u32]>::to_vec);
             if self.policy.mode.uses_question() {
                 self.settle_question(seq, question);
                 question_start = self.question.as_ref().map(|span| span.start);
@@ -298,11 +285,21 @@ impl SeqState {
                     .map(|found| found.span.start);
             }
         }
-        self.before_question = question_start.and_then(|question| {
-            let start = self.processed();
-            let point = start + (question - start.min(question)) / chunk_size * chunk_size;
-            (point > start).then_some(point)
-        });
+        // Chunk boundaries, where every layer has read the same tokens. They
+        // fall on execution-block boundaries, which do not move when a
+        // prompt is extended: a state kept there and resumed reads on as a
+        // fresh read of the longer prompt would. The prompt's end does not
+        // qualify: its last token is read alone, as a longer prompt's is
+        // not.
+        let start = self.processed();
+        self.keep_points = [question_start, self.prompt_len.checked_sub(1)]
+            .into_iter()
+            .flatten()
+            .filter_map(|end| {
+                let point = start + (end - start.min(end)) / chunk_size * chunk_size;
+                (point > start).then_some(point)
+            })
+            .collect();
         self.start_needle_trace(seq);
     }
 

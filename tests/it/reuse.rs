@@ -117,19 +117,25 @@ fn config(mode: Mode, topk: usize) -> QllmConfig {
 }
 
 #[test]
-fn a_prompt_that_extends_a_kept_one_reads_only_its_new_tokens_and_gets_the_same_logits() {
+fn a_prompt_that_extends_a_kept_one_reads_only_its_new_tokens_and_gets_a_fresh_reads_logits() {
     let _guard = engine_lock();
     let dir = tempfile::tempdir().unwrap();
     let file = tiny::write(dir.path(), 11, 0.3);
-    // 17 + 12 x 16 tokens: the kept prompt ends one token into an
-    // execution block, whose first token it read alone, as a fresh read of
-    // the longer prompt does not; `dense` and every block retrieved
-    // (`topk` 64 of about 20) are where a fresh read and a resumed one
-    // compute the same.
+    // The first prompt's state is kept at its last chunk boundary before
+    // its last token (208 of 209 tokens: chunks of 16), where execution
+    // blocks of 16 begin whatever follows; the longer prompt resumes there
+    // and reads the rest as a fresh read of it does, also when `topk` 2 of
+    // about 20 blocks are retrieved.
     let first = prompt(209, 5);
     let longer = prompt(300, 5);
     assert!(longer.starts_with(&first));
-    for (mode, topk) in [(Mode::Dense, 2), (Mode::Infllm, 64), (Mode::Qllm, 64)] {
+    for (mode, topk) in [
+        (Mode::Dense, 2),
+        (Mode::Infllm, 2),
+        (Mode::Infllm, 64),
+        (Mode::Qllm, 2),
+        (Mode::Streaming, 0),
+    ] {
         let mut fresh_config = config(mode, topk);
         fresh_config.caps.prefix_cache_memory = 0;
         let fresh = Counting::new(fresh_config);
@@ -138,31 +144,32 @@ fn a_prompt_that_extends_a_kept_one_reads_only_its_new_tokens_and_gets_the_same_
 
         let hook = Counting::new(config(mode, topk));
         let got = run(&file, &hook, &[first.clone(), longer.clone()]);
-        // The first prompt's state at its end (209 tokens) is kept; the
-        // longer prompt resumes from it.
-        assert_eq!(hook.last_read(), 300 - 209 + NEW_TOKENS - 1, "{mode:?}");
+        assert_eq!(hook.last_read(), 300 - 208 + NEW_TOKENS - 1, "{mode:?}");
         let diff = max_abs_diff(&expected, &got[1..]);
-        assert!(diff <= 1e-4, "{mode:?}: max abs logit difference {diff}");
-        let kept = hook.inner.prefix_stats();
-        // Each request's prompt end and its final state.
-        assert_eq!(kept.entries, 4, "{mode:?}");
+        assert!(
+            diff <= 1e-4,
+            "{mode:?} topk {topk}: max abs logit difference {diff}"
+        );
+        // One state per prompt: at 208 tokens, and the longer one's at 288.
+        assert_eq!(hook.inner.prefix_stats().entries, 2, "{mode:?}");
         hook.inner.clear_prefixes();
         assert_eq!(hook.inner.prefix_stats().bytes, 0);
     }
 }
 
 #[test]
-fn selective_retrieval_resumes_as_the_same_sequence_continued_and_edited_history_reads_all() {
+fn a_follow_up_after_the_answer_resumes_and_edited_history_reads_all() {
     let _guard = engine_lock();
     let dir = tempfile::tempdir().unwrap();
     let file = tiny::write(dir.path(), 11, 0.3);
-    // `topk` 2 of about 20 blocks: a resumed read retrieves as a sequence
-    // that went on reading would, which a fresh read of the longer prompt
-    // need not (its execution blocks fall elsewhere). The answer of the
-    // first request, kept at its end, is what the follow-up resumes from.
+    // The first request's answer and a new message follow its prompt, as a
+    // chat's next turn sends them: it resumes at 192 of the first prompt's
+    // 208 tokens and gives a fresh read's logits.
     let first = prompt(208, 7);
-    let hook = Counting::new(config(Mode::Qllm, 2));
-    let answered = run(&file, &hook, std::slice::from_ref(&first));
+    let mut fresh_config = config(Mode::Qllm, 2);
+    fresh_config.caps.prefix_cache_memory = 0;
+    let fresh = Counting::new(fresh_config);
+    let answered = run(&file, &fresh, std::slice::from_ref(&first));
     let answer: Vec<u32> = answered[0]
         .iter()
         .map(|logits| {
@@ -176,23 +183,27 @@ fn selective_retrieval_resumes_as_the_same_sequence_continued_and_edited_history
         })
         .collect();
     let mut follow_up = first.clone();
-    follow_up.extend_from_slice(&answer[..NEW_TOKENS - 1]);
+    follow_up.extend_from_slice(&answer);
     follow_up.extend(prompt(40, 9));
-    let got = run(&file, &hook, std::slice::from_ref(&follow_up));
-    assert_eq!(
-        hook.last_read(),
-        follow_up.len() - (208 + NEW_TOKENS - 1) + NEW_TOKENS - 1,
-        "resumed from the first request's final state"
-    );
-    assert!(got[0].iter().flatten().all(|l| l.is_finite()));
+    // Kept states belong to the loaded model: each `run` loads it anew, so
+    // the first prompt is read again in the same run.
+    let hook = Counting::new(config(Mode::Qllm, 2));
+    let got = run(&file, &hook, &[first.clone(), follow_up.clone()]);
+    assert_eq!(hook.last_read(), follow_up.len() - 192 + NEW_TOKENS - 1);
+    let expected = run(&file, &fresh, std::slice::from_ref(&follow_up));
+    let diff = max_abs_diff(&expected, &got[1..]);
+    assert!(diff <= 1e-4, "max abs logit difference {diff}");
 
     // The same history with one token of the first prompt changed: nothing
     // kept begins it.
     let mut edited = follow_up.clone();
     edited[100] = edited[100] % 200 + 3;
     assert_ne!(edited[100], follow_up[100]);
-    run(&file, &hook, std::slice::from_ref(&edited));
+    run(&file, &hook, &[first.clone(), edited.clone()]);
     assert_eq!(hook.last_read(), edited.len() + NEW_TOKENS - 1);
+    // And a new model load drops what was kept.
+    run(&file, &hook, std::slice::from_ref(&follow_up));
+    assert_eq!(hook.last_read(), follow_up.len() + NEW_TOKENS - 1);
 
     // A budget of 0 keeps nothing.
     let mut off = config(Mode::Qllm, 2);
