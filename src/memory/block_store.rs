@@ -290,7 +290,7 @@ impl BlockStore {
     /// that either owner's pushes leave the other's blocks as they were.
     pub fn fork(&self) -> Result<Self> {
         let mut slabs = Vec::with_capacity(self.slabs.len());
-        let partial = self.len % SLAB_BLOCKS != 0;
+        let partial = !self.len.is_multiple_of(SLAB_BLOCKS);
         for (i, slab) in self.slabs.iter().enumerate() {
             slabs.push(if partial && i + 1 == self.slabs.len() {
                 slab.copy()?

@@ -155,6 +155,29 @@ fn a_prompt_that_extends_a_kept_one_reads_only_its_new_tokens_and_gets_a_fresh_r
         hook.inner.clear_prefixes();
         assert_eq!(hook.inner.prefix_stats().bytes, 0);
     }
+
+    // `qllm` with a question, the same for both requests: read in line at
+    // tokens 240..252 of the longer prompt (absent from the first one), the
+    // kept state goes on as a fresh read with that question.
+    let question = longer[240..252].to_vec();
+    let mut fresh_config = config(Mode::Qllm, 2);
+    fresh_config.caps.prefix_cache_memory = 0;
+    let fresh = Counting::new(fresh_config);
+    fresh.inner.set_question(Some(question.clone()));
+    let expected = run(&file, &fresh, std::slice::from_ref(&longer));
+    let hook = Counting::new(config(Mode::Qllm, 2));
+    hook.inner.set_question(Some(question));
+    let got = run(&file, &hook, &[first.clone(), longer.clone()]);
+    assert_eq!(hook.last_read(), 300 - 208 + NEW_TOKENS - 1);
+    let diff = max_abs_diff(&expected, &got[1..]);
+    assert!(
+        diff <= 1e-4,
+        "qllm with a question: max abs logit difference {diff}"
+    );
+    // The question steers: without it the logits differ.
+    let plain = Counting::new(config(Mode::Qllm, 2));
+    let without = run(&file, &plain, std::slice::from_ref(&longer));
+    assert!(max_abs_diff(&expected, &without) > 1e-3);
 }
 
 #[test]
