@@ -10,7 +10,7 @@ cargo fmt -p qllm --check
 # Tests run in release: the CLI build and the test build share one build of
 # mistral.rs, and model runs in debug builds are far too slow.
 cargo build --release -p mistralrs-cli
-# The patched core's own unit tests of the series' fixes (0012, 0013).
+# The patched core's own unit tests of the series (0012, 0013, 0014).
 cargo test --release -p mistralrs-core --lib -- default_scheduler sequence::tests
 # The hook's doctest (patch 0002).
 cargo test --release -p mistralrs-core --doc -- attention::hook
