@@ -179,11 +179,9 @@ impl SeqState {
     }
 
     /// Takes in the tokens a step shows (all of the sequence's so far).
+    /// Only the new ones are copied: a sequence's tokens only grow.
     pub fn note_tokens(&mut self, tokens: &[u32]) {
-        let known = self.tokens.len().min(tokens.len());
-        if self.tokens[..known] != tokens[..known] {
-            self.tokens.clear();
-        }
+        self.tokens.truncate(tokens.len());
         let known = self.tokens.len();
         self.tokens.extend_from_slice(&tokens[known..]);
     }
@@ -223,12 +221,7 @@ impl SeqState {
         if let (false, SeqMemory::Blocks(layers)) = (same_question, &mut self.memory) {
             for (layer, memory) in layers.iter_mut().enumerate() {
                 memory.forget_question();
-                let probed = self
-                    .probed
-                    .as_ref()
-                    .and_then(|p| p.get(layer))
-                    .and_then(Option::as_ref);
-                if let Some(vector) = probed {
+                if let Some(vector) = probed_for(&self.probed, layer) {
                     memory.set_question(vector.clone());
                 }
             }
@@ -462,12 +455,7 @@ impl SeqState {
                         self.votes.get_mut().clear();
                     }
                     // Only read when the layer starts: borrowed, not copied.
-                    let probed = self
-                        .probed
-                        .as_ref()
-                        .and_then(|p| p.get(layer))
-                        .and_then(Option::as_ref);
-                    if let Some(vector) = probed {
+                    if let Some(vector) = probed_for(&self.probed, layer) {
                         memory.set_question(vector.clone());
                     }
                 } else if call.offset != memory.processed() {
@@ -557,6 +545,11 @@ impl SeqState {
         }
         &self.report
     }
+}
+
+/// Layer `layer`'s question vector from a probe pass, if there is one.
+fn probed_for(probed: &Option<ProbedVectors>, layer: usize) -> Option<&Vec<f32>> {
+    probed.as_ref()?.get(layer)?.as_ref()
 }
 
 /// `dense` mode: full causal attention over the layer's own KV store.

@@ -116,6 +116,13 @@ fn config(mode: Mode, topk: usize) -> QllmConfig {
     .with_prefill_chunk_size(16)
 }
 
+/// [`config`] with no prefixes kept: every prompt is read whole.
+fn without_reuse(mode: Mode, topk: usize) -> QllmConfig {
+    let mut config = config(mode, topk);
+    config.caps.prefix_cache_memory = 0;
+    config
+}
+
 #[test]
 fn a_prompt_that_extends_a_kept_one_reads_only_its_new_tokens_and_gets_a_fresh_reads_logits() {
     let _guard = engine_lock();
@@ -136,8 +143,7 @@ fn a_prompt_that_extends_a_kept_one_reads_only_its_new_tokens_and_gets_a_fresh_r
         (Mode::Qllm, 2),
         (Mode::Streaming, 0),
     ] {
-        let mut fresh_config = config(mode, topk);
-        fresh_config.caps.prefix_cache_memory = 0;
+        let fresh_config = without_reuse(mode, topk);
         let fresh = Counting::new(fresh_config);
         let expected = run(&file, &fresh, std::slice::from_ref(&longer));
         assert_eq!(fresh.last_read(), 300 + NEW_TOKENS - 1, "{mode:?}");
@@ -160,8 +166,7 @@ fn a_prompt_that_extends_a_kept_one_reads_only_its_new_tokens_and_gets_a_fresh_r
     // tokens 240..252 of the longer prompt (absent from the first one), the
     // kept state goes on as a fresh read with that question.
     let question = longer[240..252].to_vec();
-    let mut fresh_config = config(Mode::Qllm, 2);
-    fresh_config.caps.prefix_cache_memory = 0;
+    let fresh_config = without_reuse(Mode::Qllm, 2);
     let fresh = Counting::new(fresh_config);
     fresh.inner.set_question(Some(question.clone()));
     let expected = run(&file, &fresh, std::slice::from_ref(&longer));
@@ -189,8 +194,7 @@ fn a_follow_up_after_the_answer_resumes_and_edited_history_reads_all() {
     // chat's next turn sends them: it resumes at 192 of the first prompt's
     // 208 tokens and gives a fresh read's logits.
     let first = prompt(208, 7);
-    let mut fresh_config = config(Mode::Qllm, 2);
-    fresh_config.caps.prefix_cache_memory = 0;
+    let fresh_config = without_reuse(Mode::Qllm, 2);
     let fresh = Counting::new(fresh_config);
     let answered = run(&file, &fresh, std::slice::from_ref(&first));
     let answer: Vec<u32> = answered[0]
@@ -229,8 +233,7 @@ fn a_follow_up_after_the_answer_resumes_and_edited_history_reads_all() {
     assert_eq!(hook.last_read(), follow_up.len() + NEW_TOKENS - 1);
 
     // A budget of 0 keeps nothing.
-    let mut off = config(Mode::Qllm, 2);
-    off.caps.prefix_cache_memory = 0;
+    let off = without_reuse(Mode::Qllm, 2);
     let hook = Counting::new(off);
     run(&file, &hook, &[first.clone(), follow_up.clone()]);
     assert_eq!(hook.last_read(), follow_up.len() + NEW_TOKENS - 1);
