@@ -107,17 +107,49 @@ fn main() {
     use QuestionRows::{Mean, Tokens};
     use Scoring::{AttentionMass, Dot, TokenMax};
     use Selection::{PerKvHead, Shared};
+    // Name, scoring, selection, question rows, block dtype, `mass_candidates`.
     let settings = [
-        ("dot, shared (paper)", Dot, Shared, Mean, Model),
-        ("dot, shared (paper), q8_0 blocks", Dot, Shared, Mean, Q8_0),
-        ("dot, per_kv_head", Dot, PerKvHead, Mean, Model),
-        ("attention_mass, shared", AttentionMass, Shared, Mean, Model),
+        ("dot, shared (paper)", Dot, Shared, Mean, Model, 0),
         (
-            "attention_mass, per_kv_head (default)",
+            "dot, shared (paper), q8_0 blocks",
+            Dot,
+            Shared,
+            Mean,
+            Q8_0,
+            0,
+        ),
+        ("dot, per_kv_head", Dot, PerKvHead, Mean, Model, 0),
+        (
+            "attention_mass, shared",
+            AttentionMass,
+            Shared,
+            Mean,
+            Model,
+            0,
+        ),
+        (
+            "attention_mass, per_kv_head",
             AttentionMass,
             PerKvHead,
             Mean,
             Model,
+            0,
+        ),
+        (
+            "attention_mass, per_kv_head, mass_candidates 32",
+            AttentionMass,
+            PerKvHead,
+            Mean,
+            Model,
+            32,
+        ),
+        (
+            "attention_mass, per_kv_head, mass_candidates 64",
+            AttentionMass,
+            PerKvHead,
+            Mean,
+            Model,
+            64,
         ),
         (
             "attention_mass, per_kv_head, bf16 blocks",
@@ -125,6 +157,7 @@ fn main() {
             PerKvHead,
             Mean,
             Bf16,
+            0,
         ),
         (
             "attention_mass, per_kv_head, q8_0 blocks",
@@ -132,6 +165,15 @@ fn main() {
             PerKvHead,
             Mean,
             Q8_0,
+            0,
+        ),
+        (
+            "attention_mass, per_kv_head, q8_0 blocks, mass_candidates 64",
+            AttentionMass,
+            PerKvHead,
+            Mean,
+            Q8_0,
+            64,
         ),
         (
             "attention_mass, per_kv_head, question_rows tokens",
@@ -139,8 +181,9 @@ fn main() {
             PerKvHead,
             Tokens,
             Model,
+            0,
         ),
-        ("token_max, shared", TokenMax, Shared, Mean, Model),
+        ("token_max, shared", TokenMax, Shared, Mean, Model, 0),
     ];
     // `cargo bench` passes `--bench` to a harness-less bench: skip flags.
     let mut args = std::env::args().skip(1).filter(|a| !a.starts_with("--"));
@@ -162,7 +205,7 @@ fn main() {
         header.join(", ")
     );
     println!("|---|---|---|---|");
-    for (name, scoring, selection, question_rows, block_dtype) in settings {
+    for (name, scoring, selection, question_rows, block_dtype, mass_candidates) in settings {
         if only
             .as_ref()
             .is_some_and(|only| !name.contains(only.as_str()))
@@ -174,6 +217,7 @@ fn main() {
             selection,
             question_rows,
             block_dtype,
+            mass_candidates,
             ..Policy::default()
         };
         let cells: Vec<(usize, Cell)> = lengths

@@ -216,6 +216,70 @@ pub fn attention_mass_slow(
         .collect()
 }
 
+/// [`attention_mass_slow`] with `mass_candidates`, written out: per KV head
+/// `g` and row, a block's bound is the largest logit the row could give a
+/// key inside the box of the block's key channels (each channel at its
+/// block's low or high end, whichever the row's sign favours); the rows'
+/// `exp(scale * (bound - best bound))` summed rank the blocks, the `count`
+/// best are the head's candidates, and each row's softmax runs over the
+/// candidates' keys only (weight 1). Returns the candidates (ascending) and
+/// the scores of every block (0 outside the candidates).
+pub fn bounded_attention_mass_slow(
+    keys: &Tensor,
+    rows: &Tensor,
+    block_size: usize,
+    count: usize,
+    scale: f32,
+) -> (Vec<Vec<usize>>, Vec<Vec<f32>>) {
+    let k = keys.squeeze(0).unwrap().to_vec3::<f32>().unwrap();
+    let q = rows.to_vec3::<f32>().unwrap();
+    let mut all_candidates = Vec::new();
+    let mut all_scores = Vec::new();
+    for (k, q) in k.iter().zip(&q) {
+        let blocks: Vec<&[Vec<f32>]> = k.chunks(block_size).collect();
+        let bound = |row: &[f32], block: &[Vec<f32>]| -> f32 {
+            (0..row.len())
+                .map(|c| {
+                    let low = block.iter().map(|key| key[c]).fold(f32::INFINITY, f32::min);
+                    let high = block
+                        .iter()
+                        .map(|key| key[c])
+                        .fold(f32::NEG_INFINITY, f32::max);
+                    (row[c] * low).max(row[c] * high)
+                })
+                .sum()
+        };
+        let mut rank = vec![0f32; blocks.len()];
+        for row in q {
+            let bounds: Vec<f32> = blocks.iter().map(|b| bound(row, b)).collect();
+            let best = bounds.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+            for (r, b) in rank.iter_mut().zip(&bounds) {
+                *r += ((b - best) * scale).exp();
+            }
+        }
+        let mut order: Vec<usize> = (0..blocks.len()).collect();
+        order.sort_by(|&a, &b| rank[b].total_cmp(&rank[a]).then(a.cmp(&b)));
+        let mut candidates = order[..count.min(order.len())].to_vec();
+        candidates.sort_unstable();
+        let mut mass = vec![0f32; blocks.len()];
+        for row in q {
+            let logits: Vec<(usize, f32)> = candidates
+                .iter()
+                .flat_map(|&b| blocks[b].iter().map(move |key| (b, key)))
+                .map(|(b, key)| (b, dot_slow(row, key) * scale))
+                .collect();
+            let max = logits.iter().map(|l| l.1).fold(f32::NEG_INFINITY, f32::max);
+            let sum: f32 = logits.iter().map(|l| (l.1 - max).exp()).sum();
+            for (b, l) in logits {
+                mass[b] += (l - max).exp() / sum;
+            }
+        }
+        all_candidates.push(candidates);
+        all_scores.push(mass);
+    }
+    (all_candidates, all_scores)
+}
+
 /// A tensor of uniform values in `[-scale, scale)` from `seed`
 /// (xorshift), the same on every machine.
 pub fn random(shape: (usize, usize, usize, usize), seed: u64, scale: f64) -> Tensor {

@@ -51,6 +51,8 @@ pub struct ConfigFile {
     pub scoring: Option<Scoring>,
     /// See [`Policy::selection`].
     pub selection: Option<Selection>,
+    /// See [`Policy::mass_candidates`].
+    pub mass_candidates: Option<i64>,
     /// See [`Policy::neighbours`].
     pub neighbours: Option<i64>,
     /// See [`Policy::consensus`].
@@ -112,6 +114,12 @@ impl ConfigFile {
             positions: self.positions.unwrap_or(base.positions),
             scoring: self.scoring.unwrap_or(base.scoring),
             selection: self.selection.unwrap_or(base.selection),
+            mass_candidates: size(
+                "mass_candidates",
+                self.mass_candidates,
+                base.mass_candidates,
+                0,
+            )?,
             neighbours: size("neighbours", self.neighbours, base.neighbours, 0)?,
             consensus: size("consensus", self.consensus, base.consensus, 0)?,
             question_topk: size("question_topk", self.question_topk, base.question_topk, 0)?,
@@ -387,6 +395,21 @@ mod tests {
         assert_eq!(
             parse("question_topk = 256").unwrap().policy.question_topk,
             256
+        );
+        let err = parse("scoring = \"dot\"\nmass_candidates = 64").unwrap_err();
+        assert!(
+            err.contains("`mass_candidates`")
+                && err.contains("needs `scoring = \"attention_mass\"`"),
+            "{err}"
+        );
+        let err = parse("mass_candidates = -1").unwrap_err();
+        assert!(err.contains("`mass_candidates`"), "{err}");
+        assert_eq!(
+            parse("mass_candidates = 64")
+                .unwrap()
+                .policy
+                .mass_candidates,
+            64
         );
     }
 

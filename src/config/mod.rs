@@ -387,6 +387,13 @@ pub struct Policy {
     pub scoring: Scoring,
     /// Whether the KV heads share one retrieval or make their own.
     pub selection: Selection,
+    /// With `attention_mass` scoring: blocks per KV head (at least the
+    /// retrieval's `topk`) whose keys the current queries are scored
+    /// against, chosen by a bound on their largest logit from each block's
+    /// per-channel key range (Quest); the rest get only the question's
+    /// share. 0: every block (each retrieval reads every stored key, so its
+    /// cost grows with the context).
+    pub mass_candidates: usize,
     /// Blocks after each retrieved block attended with it (EM-LLM's
     /// contiguity), within the same `topk` budget: a fact cut by a block
     /// boundary is read whole.
@@ -459,6 +466,7 @@ impl Policy {
             // SmolLM2's 30 layers, with these by 8-10 (README, diagnosis).
             scoring: Scoring::AttentionMass,
             selection: Selection::PerKvHead,
+            mass_candidates: 0,
             neighbours: 0,
             consensus: 0,
             // The paper's (`topk`). With `positions = "interpolated"`, 256
@@ -598,6 +606,16 @@ impl Policy {
                 format!(
                     "\"tokens\" needs `scoring = \"attention_mass\"` (got \"{}\"): the other \
                      scorings read the question as one vector",
+                    self.scoring
+                ),
+            );
+        }
+        if self.mass_candidates > 0 && self.scoring != Scoring::AttentionMass {
+            return invalid(
+                "mass_candidates",
+                format!(
+                    "needs `scoring = \"attention_mass\"` (got \"{}\"): it bounds which blocks' \
+                     keys that scoring reads",
                     self.scoring
                 ),
             );

@@ -32,6 +32,8 @@ pub struct RequestOptions {
     pub question_rows: Option<QuestionRows>,
     /// Where memory tokens sit for RoPE (`fixed`, `ordered`).
     pub positions: Option<Positions>,
+    /// Blocks per KV head whose keys `attention_mass` reads (0: all).
+    pub mass_candidates: Option<i64>,
     /// Neighbour blocks attended with each retrieved block.
     pub neighbours: Option<i64>,
     /// Blocks of `topk` taken from those the other layers retrieved most.
@@ -95,6 +97,12 @@ impl RequestOptions {
         if let Some(boundaries) = self.boundaries {
             config.boundaries = boundaries;
         }
+        config.mass_candidates = size(
+            "mass_candidates",
+            self.mass_candidates,
+            config.mass_candidates,
+            0,
+        )?;
         config.neighbours = size("neighbours", self.neighbours, config.neighbours, 0)?;
         config.consensus = size("consensus", self.consensus, config.consensus, 0)?;
         config.question_topk = size("question_topk", self.question_topk, config.question_topk, 0)?;
@@ -180,6 +188,16 @@ mod tests {
         .apply(&base)
         .unwrap_err();
         assert!(err.to_string().contains("`consensus` (2)"), "{err}");
+        let bounded: RequestOptions = serde_json::from_str(r#"{"mass_candidates": 48}"#).unwrap();
+        assert_eq!(bounded.apply(&base).unwrap().mass_candidates, 48);
+        let err = RequestOptions {
+            scoring: Some(Scoring::Dot),
+            mass_candidates: Some(48),
+            ..Default::default()
+        }
+        .apply(&base)
+        .unwrap_err();
+        assert!(err.to_string().contains("`mass_candidates`"), "{err}");
         let err = serde_json::from_str::<RequestOptions>(r#"{"top_k": 3}"#).unwrap_err();
         assert!(err.to_string().contains("top_k"), "{err}");
     }

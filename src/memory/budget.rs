@@ -82,6 +82,11 @@ pub fn sequence_bytes_bound(
                     // twice its length.
                     + usize::from(config.scoring.uses_representatives())
                         * 2 * blocks * heads * model.k_head_dim * 4
+                    // f32 per-channel key ranges per block and KV head, with
+                    // `mass_candidates`; the vector may hold up to twice its
+                    // length.
+                    + usize::from(config.mass_candidates > 0)
+                        * 2 * blocks * model.num_kv_heads * 2 * model.k_head_dim * 4
                     // Each block's first position; the vector may hold up to
                     // twice its length.
                     + 2 * blocks * std::mem::size_of::<usize>()

@@ -524,6 +524,9 @@ impl LayerMemory {
                 heads,
             );
         }
+        if policy.mass_candidates > 0 {
+            self.retrieval.add_key_bounds(&k)?;
+        }
         self.blocks.push(&k, &v, storage)?;
         self.drop_recent(advance, heads);
         Ok(())
@@ -540,12 +543,14 @@ mod tests {
     use candle_core::Device;
 
     use super::*;
-    use crate::attention::reference::{assert_close, random, reference_attention, MemoryState};
+    use crate::attention::reference::{
+        assert_close, bounded_attention_mass_slow, random, reference_attention, MemoryState,
+    };
     use crate::attention::Q8Rows;
     use crate::attention::RopeTable;
     use crate::config::{BlockDType, Boundaries, QuestionRows, Scoring, Selection};
     use crate::retrieval::scores::attention_mass_scores;
-    use crate::retrieval::top_k;
+    use crate::retrieval::{top_k, BlockKeys};
 
     /// Step inputs with no question, prompt length or votes, scale 0.25.
     fn plain_args<'a>(rope: &'a RopeTable, masks: &'a MaskCache) -> StepArgs<'a> {
@@ -666,6 +671,97 @@ mod tests {
             assert_close(got, e, 1e-4);
             assert_eq!(top_k(got, 1), vec![planted], "KV head {g}: {got:?}");
             assert!(memory.retrieval.picks()[g].contains(&planted));
+        }
+    }
+
+    #[test]
+    fn bounded_attention_mass_reads_the_candidates_as_written_out_and_finds_the_planted_block() {
+        // 25 blocks; each KV head's queries point at a planted key in block
+        // 9. With `mass_candidates` 4, retrieval must score as the written-out
+        // reference does (candidates by the key-range bound, softmax over
+        // their keys only) and still rank block 9 first.
+        let (heads, kv_heads, d) = (4, 2, 16);
+        let config = Policy {
+            scoring: Scoring::AttentionMass,
+            selection: Selection::PerKvHead,
+            mass_candidates: 4,
+            ..selective_config(Positions::Fixed, 0)
+        };
+        config.validate().unwrap();
+        let rope = RopeTable::new(10000.0, d, 256, true, &Device::Cpu).unwrap();
+        let masks = MaskCache::default();
+        let args = plain_args(&rope, &masks);
+        let (total, planted) = (120, 9);
+        let token = config.n_init + planted * config.block_size + 1;
+        let k_all = keys_with_planted_token((1, kv_heads, total, d), token);
+        let mut memory = LayerMemory::default();
+        for p0 in (0..total).step_by(8) {
+            let at = |t: &Tensor| t.narrow(2, p0, 8).unwrap();
+            let q = random((1, heads, 8, d), 11 + p0 as u64, 1.0);
+            let v = random((1, kv_heads, 8, d), 13 + p0 as u64, 1.0);
+            memory
+                .append(&config, &args, &q, &at(&k_all), &v, |_| {})
+                .unwrap();
+            masks.clear();
+        }
+        let blocks = memory.block_count();
+        assert!(blocks > 20, "{blocks}");
+        let group = heads / kv_heads;
+        let planted_keys: Vec<Tensor> = (0..heads)
+            .map(|h| {
+                k_all
+                    .narrow(1, h / group, 1)
+                    .unwrap()
+                    .narrow(2, token, 1)
+                    .unwrap()
+            })
+            .collect();
+        let q_global = (Tensor::cat(&planted_keys, 1)
+            .unwrap()
+            .broadcast_as((1, heads, 8, d))
+            .unwrap()
+            + random((1, heads, 8, d), 15, 1.0))
+        .unwrap();
+        memory
+            .retrieval
+            .retrieve(
+                &config,
+                &memory.blocks,
+                &q_global,
+                (group, config.topk),
+                &[],
+            )
+            .unwrap();
+
+        let rows = q_global
+            .mean(2)
+            .unwrap()
+            .squeeze(0)
+            .unwrap()
+            .reshape((kv_heads, group, d))
+            .unwrap();
+        let stored = Tensor::cat(&BlockKeys::keys_f32(&memory.blocks, 0).unwrap(), 1)
+            .unwrap()
+            .unsqueeze(0)
+            .unwrap();
+        let (candidates, expected) =
+            bounded_attention_mass_slow(&stored, &rows, config.block_size, 4, 0.25);
+        let full =
+            attention_mass_scores(&memory.blocks, config.block_size, &rows, &[1.0], 0.25).unwrap();
+        for (g, got) in memory.retrieval.scores().iter().enumerate() {
+            assert_close(got, &expected[g], 1e-4);
+            assert_eq!(candidates[g].len(), 4);
+            assert!(
+                candidates[g].contains(&planted),
+                "KV head {g}: {candidates:?}"
+            );
+            assert_eq!(top_k(got, 1), vec![planted], "KV head {g}: {got:?}");
+            assert!(memory.retrieval.picks()[g].contains(&planted));
+            // The other blocks' keys were not read: they score 0, where full
+            // attention mass gives each some share.
+            let unread = (0..blocks).find(|b| !candidates[g].contains(b)).unwrap();
+            assert_eq!(got[unread], 0.0);
+            assert!(full[g][unread] > 0.0);
         }
     }
 
@@ -970,6 +1066,37 @@ mod tests {
                     assert_ne!(fixed.outputs, compared.outputs, "{name}: nothing changed");
                 }
             }
+        }
+    }
+
+    #[test]
+    fn bounded_attention_mass_retrieval_attends_as_the_written_out_reference() {
+        // `mass_candidates` 4 of up to 23 blocks per KV head: the attention
+        // over what it retrieves matches the reference, and the picks differ
+        // from those of unbounded attention mass somewhere.
+        for (selection, boundaries) in [
+            (Selection::PerKvHead, Boundaries::Fixed),
+            (Selection::Shared, Boundaries::Sentence),
+        ] {
+            let config = Policy {
+                scoring: Scoring::AttentionMass,
+                selection,
+                boundaries,
+                mass_candidates: 4,
+                ..selective_config(Positions::Fixed, 0)
+            };
+            config.validate().unwrap();
+            let bounded = compare_with_reference(&config);
+            assert!(bounded.selective, "{selection}: every block was retrieved");
+            assert!(bounded.worst <= 1e-4, "{selection}: {}", bounded.worst);
+            let unbounded = compare_with_reference(&Policy {
+                mass_candidates: 0,
+                ..config
+            });
+            assert_ne!(
+                bounded.outputs, unbounded.outputs,
+                "{selection}: nothing changed"
+            );
         }
     }
 

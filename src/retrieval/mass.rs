@@ -47,15 +47,41 @@ fn host_block_partials(
     scale: f32,
 ) -> Result<Option<Vec<f32>>> {
     let (_, _, d) = rows.dims3()?;
+    let Some(rows) = host_rows(slabs, rows)? else {
+        return Ok(None);
+    };
+    with_slab_views(slabs, d, |views| {
+        host_partials(views, block_size, &rows, d, scale)
+    })
+}
+
+/// `rows` on the host, when they and every slab lie in CPU memory and the
+/// kernel's key buffer holds a row.
+fn host_rows(slabs: &[KeySlab], rows: &Tensor) -> Result<Option<Vec<f32>>> {
+    let on_cpu = rows.device().is_cpu()
+        && slabs.iter().all(|slab| match slab {
+            KeySlab::Float(keys) => keys.device().is_cpu(),
+            KeySlab::Q8(rows) => rows.values.device().is_cpu() && rows.scales.device().is_cpu(),
+        });
+    if !on_cpu || rows.dim(2)? > MAX_HEAD_SIZE {
+        return Ok(None);
+    }
+    Ok(Some(rows.contiguous()?.flatten_all()?.to_vec1::<f32>()?))
+}
+
+/// Runs `f` on views of the slabs' keys where they lie, or returns `None`
+/// where the slabs are not CPU tensors of head size `d` laid out as the
+/// block store lays them out.
+fn with_slab_views<R>(
+    slabs: &[KeySlab],
+    d: usize,
+    f: impl FnOnce(&[SlabView<'_>]) -> R,
+) -> Result<Option<R>> {
     let tensors = |slab: &KeySlab| match slab {
         KeySlab::Float(keys) => vec![keys.clone()],
         KeySlab::Q8(rows) => vec![rows.values.clone(), rows.scales.clone()],
     };
     let all: Vec<Tensor> = slabs.iter().flat_map(tensors).collect();
-    let on_cpu = rows.device().is_cpu() && all.iter().all(|t| t.device().is_cpu());
-    if !on_cpu || d > MAX_HEAD_SIZE {
-        return Ok(None);
-    }
     let guards: Vec<_> = all.iter().map(Tensor::storage_and_layout).collect();
     let mut guard = guards.iter();
     let mut views = Vec::with_capacity(slabs.len());
@@ -96,10 +122,10 @@ fn host_block_partials(
             head_stride: stride[0],
             kv_heads,
             tokens,
+            d,
         });
     }
-    let rows = rows.contiguous()?.flatten_all()?.to_vec1::<f32>()?;
-    Ok(Some(host_partials(&views, block_size, &rows, d, scale)))
+    Ok(Some(f(&views)))
 }
 
 /// [`block_partials`] as tensor ops: the logits of each slab as one matrix
@@ -132,6 +158,115 @@ pub(crate) fn block_partials_by_tensors(
         }
     }
     Ok(partials)
+}
+
+/// Partials of chosen blocks only: for each KV head `g`, the blocks
+/// `candidates[g]` against that head's rows of `rows` (`(kv_heads, m, d)`
+/// f32). Returns per KV head `[m, s]` per candidate and row, laid out
+/// `[candidate][row][2]`. The blocks are whole blocks of `block_size` in
+/// `slabs` (block order, as [`block_partials`] reads them).
+pub(crate) fn candidate_partials(
+    slabs: &[KeySlab],
+    block_size: usize,
+    rows: &Tensor,
+    scale: f32,
+    candidates: &[Vec<usize>],
+) -> Result<Vec<Vec<f32>>> {
+    let (_, _, d) = rows.dims3()?;
+    if let Some(host) = host_rows(slabs, rows)? {
+        let done = with_slab_views(slabs, d, |views| {
+            host_candidate_partials(views, block_size, &host, d, scale, candidates)
+        })?;
+        if let Some(partials) = done {
+            return Ok(partials);
+        }
+    }
+    candidate_partials_by_tensors(slabs, block_size, rows, scale, candidates)
+}
+
+/// [`candidate_partials`] as tensor ops, one block at a time.
+pub(crate) fn candidate_partials_by_tensors(
+    slabs: &[KeySlab],
+    block_size: usize,
+    rows: &Tensor,
+    scale: f32,
+    candidates: &[Vec<usize>],
+) -> Result<Vec<Vec<f32>>> {
+    let firsts = first_blocks(slabs.iter().map(|s| s.dims3().map(|d| d.1)), block_size)?;
+    let mut out = Vec::with_capacity(candidates.len());
+    for (g, blocks) in candidates.iter().enumerate() {
+        let head_rows = rows.get(g)?;
+        let mut partials = Vec::with_capacity(blocks.len() * head_rows.dim(0)? * 2);
+        for &b in blocks {
+            let s = firsts.partition_point(|&first| first <= b) - 1;
+            let offset = (b - firsts[s]) * block_size;
+            let keys = match &slabs[s] {
+                KeySlab::Float(keys) => keys.get(g)?.narrow(0, offset, block_size)?,
+                KeySlab::Q8(q8) => q8.narrow(1, offset, block_size)?.dequantize()?.get(g)?,
+            };
+            let logits = head_rows
+                .matmul(&keys.to_dtype(candle_core::DType::F32)?.t()?)?
+                .to_vec2::<f32>()?;
+            for row in logits {
+                let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+                let sum: f32 = row.iter().map(|x| ((x - max) * scale).exp()).sum();
+                partials.extend([max, sum]);
+            }
+        }
+        out.push(partials);
+    }
+    Ok(out)
+}
+
+/// The first block of each slab, from the slabs' token counts.
+fn first_blocks(
+    tokens: impl Iterator<Item = Result<usize>>,
+    block_size: usize,
+) -> Result<Vec<usize>> {
+    let mut firsts = Vec::new();
+    let mut next = 0;
+    for t in tokens {
+        firsts.push(next);
+        next += t? / block_size;
+    }
+    Ok(firsts)
+}
+
+/// The CPU kernel of [`candidate_partials`]: one task per KV head and
+/// candidate block.
+fn host_candidate_partials(
+    views: &[SlabView<'_>],
+    block_size: usize,
+    rows: &[f32],
+    d: usize,
+    scale: f32,
+    candidates: &[Vec<usize>],
+) -> Vec<Vec<f32>> {
+    let kv_heads = candidates.len();
+    let m = rows.len() / (kv_heads.max(1) * d);
+    let firsts = first_blocks(views.iter().map(|v| Ok(v.tokens)), block_size)
+        .expect("token counts of views");
+    candidates
+        .iter()
+        .enumerate()
+        .map(|(g, blocks)| {
+            let head_rows = &rows[g * m * d..(g + 1) * m * d];
+            blocks
+                .par_iter()
+                .flat_map_iter(|&b| {
+                    let s = firsts.partition_point(|&first| first <= b) - 1;
+                    view_partials(
+                        &views[s],
+                        g,
+                        (b - firsts[s]) * block_size..(b - firsts[s] + 1) * block_size,
+                        block_size,
+                        head_rows,
+                        scale,
+                    )
+                })
+                .collect()
+        })
+        .collect()
 }
 
 /// Per KV head and block, the attention mass `rows` give the block: each
@@ -167,6 +302,34 @@ pub(crate) fn combine_partials(
     scores
 }
 
+/// Per KV head and block, the attention mass `rows` give the block when
+/// each row's softmax runs over the candidate blocks' keys only (from
+/// [`candidate_partials`]), weighted and summed as in [`combine_partials`];
+/// 0 for the blocks that are not candidates. `blocks` is the number of
+/// blocks held.
+pub(crate) fn combine_candidate_partials(
+    partials: &[Vec<f32>],
+    candidates: &[Vec<usize>],
+    (m, blocks): (usize, usize),
+    weights: &[f32],
+    scale: f32,
+) -> Vec<Vec<f32>> {
+    partials
+        .iter()
+        .zip(candidates)
+        .map(|(head_partials, head_candidates)| {
+            let mut scores = vec![0f32; blocks];
+            let [masses] =
+                <[Vec<f32>; 1]>::try_from(combine_partials(head_partials, (1, m), weights, scale))
+                    .expect("one KV head");
+            for (&b, mass) in head_candidates.iter().zip(masses) {
+                scores[b] = mass;
+            }
+            scores
+        })
+        .collect()
+}
+
 /// A slab's keys in their storage dtype.
 #[derive(Clone, Copy)]
 enum Keys<'a> {
@@ -194,6 +357,8 @@ struct SlabView<'a> {
     head_stride: usize,
     kv_heads: usize,
     tokens: usize,
+    /// Values per key row.
+    d: usize,
 }
 
 /// The CPU kernel: one task per slab and KV head, each reading its keys
@@ -215,47 +380,8 @@ fn host_partials(
         .par_iter()
         .map(|&(s, g)| {
             let view = &views[s];
-            let at = view.start + g * view.head_stride;
-            let len = view.tokens * d;
             let head_rows = &rows[g * m * d..(g + 1) * m * d];
-            let row_scales = view.row_scales.as_ref().map(|s| {
-                let at = s.start + g * s.head_stride;
-                &s.scales[at..at + view.tokens]
-            });
-            match view.keys {
-                Keys::F32(k) => head_partials(
-                    &k[at..at + len],
-                    row_scales,
-                    block_size,
-                    head_rows,
-                    d,
-                    scale,
-                ),
-                Keys::Bf16(k) => head_partials(
-                    &k[at..at + len],
-                    row_scales,
-                    block_size,
-                    head_rows,
-                    d,
-                    scale,
-                ),
-                Keys::F16(k) => head_partials(
-                    &k[at..at + len],
-                    row_scales,
-                    block_size,
-                    head_rows,
-                    d,
-                    scale,
-                ),
-                Keys::Q8(k) => head_partials(
-                    &k[at..at + len],
-                    row_scales,
-                    block_size,
-                    head_rows,
-                    d,
-                    scale,
-                ),
-            }
+            view_partials(view, g, 0..view.tokens, block_size, head_rows, scale)
         })
         .collect();
     let blocks: usize = views.iter().map(|v| v.tokens / block_size).sum();
@@ -273,6 +399,59 @@ fn host_partials(
         first_block += slab_blocks;
     }
     partials
+}
+
+/// One KV head's partials over the whole blocks of `tokens` (a range of a
+/// slab's tokens) against that head's rows.
+fn view_partials(
+    view: &SlabView<'_>,
+    g: usize,
+    tokens: std::ops::Range<usize>,
+    block_size: usize,
+    head_rows: &[f32],
+    scale: f32,
+) -> Vec<f32> {
+    let d = view.d;
+    let at = view.start + g * view.head_stride + tokens.start * d;
+    let len = tokens.len() * d;
+    let row_scales = view.row_scales.as_ref().map(|s| {
+        let at = s.start + g * s.head_stride + tokens.start;
+        &s.scales[at..at + tokens.len()]
+    });
+    match view.keys {
+        Keys::F32(k) => head_partials(
+            &k[at..at + len],
+            row_scales,
+            block_size,
+            head_rows,
+            d,
+            scale,
+        ),
+        Keys::Bf16(k) => head_partials(
+            &k[at..at + len],
+            row_scales,
+            block_size,
+            head_rows,
+            d,
+            scale,
+        ),
+        Keys::F16(k) => head_partials(
+            &k[at..at + len],
+            row_scales,
+            block_size,
+            head_rows,
+            d,
+            scale,
+        ),
+        Keys::Q8(k) => head_partials(
+            &k[at..at + len],
+            row_scales,
+            block_size,
+            head_rows,
+            d,
+            scale,
+        ),
+    }
 }
 
 /// A key value the kernel reads in its storage dtype.
@@ -408,6 +587,66 @@ mod tests {
             let reference = block_partials_by_tensors(&slabs, bs, &rows, 0.5).unwrap();
             assert_eq!(fast.len(), blocks * kv_heads * m * 2, "{dtype:?}");
             assert_close(&fast, &reference, tol);
+        }
+    }
+
+    #[test]
+    fn candidate_partials_of_the_cpu_kernel_and_the_tensor_ops_agree_in_every_storage_dtype() {
+        // 37 blocks in three slabs; each KV head reads other blocks, some in
+        // the part-filled last slab.
+        let (blocks, bs, kv_heads, d, m) = (37, 4, 2, 8, 3);
+        let keys = random((1, kv_heads, blocks * bs, d), 35, 1.5);
+        let rows = random((1, kv_heads, m, d), 36, 2.0).squeeze(0).unwrap();
+        let candidates = vec![vec![0, 5, 16, 33, 36], vec![2, 15, 31, 32]];
+        for (dtype, tol) in [
+            (Some(DType::F32), 1e-5),
+            (Some(DType::BF16), 1e-4),
+            (Some(DType::F16), 1e-4),
+            (None, 1e-4),
+        ] {
+            let slabs = slabs(&keys, bs, dtype);
+            let rows_host = host_rows(&slabs, &rows).unwrap().unwrap();
+            let fast = with_slab_views(&slabs, d, |views| {
+                host_candidate_partials(views, bs, &rows_host, d, 0.5, &candidates)
+            })
+            .unwrap()
+            .expect("the CPU kernel reads the store's slabs in place");
+            let reference =
+                candidate_partials_by_tensors(&slabs, bs, &rows, 0.5, &candidates).unwrap();
+            // The partials of the candidates are those of all blocks, picked.
+            let all = block_partials_by_tensors(&slabs, bs, &rows, 0.5).unwrap();
+            for g in 0..kv_heads {
+                assert_eq!(fast[g].len(), candidates[g].len() * m * 2, "{dtype:?}");
+                assert_close(&fast[g], &reference[g], tol);
+                let picked: Vec<f32> = candidates[g]
+                    .iter()
+                    .flat_map(|&b| {
+                        let at = (b * kv_heads + g) * m * 2;
+                        all[at..at + m * 2].to_vec()
+                    })
+                    .collect();
+                assert_close(&fast[g], &picked, tol);
+            }
+        }
+    }
+
+    #[test]
+    fn candidates_covering_every_block_score_as_all_blocks_do() {
+        let (blocks, bs, kv_heads, d, m) = (21, 3, 2, 4, 4);
+        let keys = random((1, kv_heads, blocks * bs, d), 37, 1.0);
+        let rows = random((1, kv_heads, m, d), 38, 2.0).squeeze(0).unwrap();
+        let slabs = slabs(&keys, bs, Some(DType::F32));
+        let every = vec![(0..blocks).collect::<Vec<_>>(); kv_heads];
+        let partials = candidate_partials(&slabs, bs, &rows, 0.5, &every).unwrap();
+        let got = combine_candidate_partials(&partials, &every, (m, blocks), &[1.0], 0.5);
+        let all = combine_partials(
+            &block_partials(&slabs, bs, &rows, 0.5).unwrap(),
+            (kv_heads, m),
+            &[1.0],
+            0.5,
+        );
+        for g in 0..kv_heads {
+            assert_close(&got[g], &all[g], 1e-5);
         }
     }
 

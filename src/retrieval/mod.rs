@@ -3,6 +3,7 @@
 //! `qllm` mode) by the rule `scoring` names, then the `topk` best are picked
 //! for all heads together or per KV head (`selection`).
 
+mod bounds;
 mod mass;
 pub mod question;
 pub mod representative;
@@ -14,11 +15,12 @@ use candle_core::{Device, Result, Tensor};
 
 use crate::attention::Q8Rows;
 use crate::config::{Policy, Scoring, Selection};
+use bounds::KeyBounds;
 use question::{QuestionMass, QuestionState};
 use representative::{head_means, most_attended_rows};
 use scores::{
-    attention_mass_scores, block_scores, head_softmax_block_scores, kv_head_block_scores, sum_rows,
-    token_max_scores,
+    attention_mass_candidate_scores, attention_mass_scores, block_scores,
+    head_softmax_block_scores, kv_head_block_scores, sum_rows, token_max_scores,
 };
 pub use select::{top_k, top_k_with_neighbours};
 pub use votes::LayerVotes;
@@ -107,6 +109,8 @@ impl BlockKeys for TestBlocks {
 pub struct Retrieval {
     /// One representative key per block, `heads * d` values each.
     representatives: Vec<f32>,
+    /// Per-channel key ranges of every block, with `mass_candidates`.
+    bounds: KeyBounds,
     pub(crate) question: QuestionState,
     /// Blocks retrieved at the latest execution block: one list, or one
     /// per KV head with `per_kv_head` selection.
@@ -183,6 +187,13 @@ impl Retrieval {
         self.representatives.extend_from_slice(&representative);
     }
 
+    /// Files a new block's per-channel key ranges (`(1, kv_heads,
+    /// block_size, d)` keys), which choose the blocks `attention_mass`
+    /// reads with `mass_candidates`.
+    pub fn add_key_bounds(&mut self, keys: &Tensor) -> Result<()> {
+        self.bounds.push(keys)
+    }
+
     /// Picks the blocks of `store` for the execution block whose queries at
     /// the memory distance are `q_global` (`(1, heads, e, d)` f32), for
     /// query heads in groups of `group` per KV head: `topk` blocks per list
@@ -219,7 +230,29 @@ impl Retrieval {
                 .mean(2)?
                 .squeeze(0)?
                 .reshape((kv_heads, group, d))?;
-            let mut scores = attention_mass_scores(store, policy.block_size, &q, &[1.0], scale)?;
+            // At least the blocks this retrieval picks.
+            let candidates = policy.mass_candidates.max(topk);
+            let mut scores = if policy.mass_candidates > 0 && store.blocks() > candidates {
+                if self.bounds.blocks() != store.blocks() {
+                    candle_core::bail!(
+                        "qllm: key ranges of {} blocks for {} blocks held",
+                        self.bounds.blocks(),
+                        store.blocks()
+                    );
+                }
+                let rows = q.flatten_all()?.to_vec1::<f32>()?;
+                let candidates = self.bounds.candidates(&rows, kv_heads, scale, candidates);
+                attention_mass_candidate_scores(
+                    store,
+                    policy.block_size,
+                    &q,
+                    &candidates,
+                    &[1.0],
+                    scale,
+                )?
+            } else {
+                attention_mass_scores(store, policy.block_size, &q, &[1.0], scale)?
+            };
             if question.is_some() {
                 self.add_question_mass(
                     policy,
@@ -320,9 +353,10 @@ impl Retrieval {
         Ok(())
     }
 
-    /// Bytes held: representatives and the question's rows and partials.
+    /// Bytes held: representatives, key ranges and the question's rows and
+    /// partials.
     pub fn bytes(&self) -> usize {
-        self.representatives.capacity() * 4 + self.question.bytes()
+        self.representatives.capacity() * 4 + self.bounds.bytes() + self.question.bytes()
     }
 }
 

@@ -125,6 +125,29 @@ pub fn attention_mass_scores(
     ))
 }
 
+/// [`attention_mass_scores`] with each KV head's rows reading only the keys
+/// of its `candidates` blocks: their softmax runs over those keys, and the
+/// other blocks score 0.
+pub fn attention_mass_candidate_scores(
+    store: &dyn BlockKeys,
+    block_size: usize,
+    q: &Tensor,
+    candidates: &[Vec<usize>],
+    weights: &[f32],
+    scale: f32,
+) -> Result<Vec<Vec<f32>>> {
+    let m = q.dim(1)?;
+    let partials =
+        super::mass::candidate_partials(&store.key_slabs(0)?, block_size, q, scale, candidates)?;
+    Ok(super::mass::combine_candidate_partials(
+        &partials,
+        candidates,
+        (m, store.blocks()),
+        weights,
+        scale,
+    ))
+}
+
 #[cfg(test)]
 mod tests {
     use crate::attention::reference::{assert_close, attention_mass_slow, random};

@@ -31,6 +31,7 @@ pub(crate) fn small_config(mode: Mode) -> Policy {
         positions: qllm::Positions::Fixed,
         scoring: qllm::Scoring::Dot,
         selection: qllm::Selection::Shared,
+        mass_candidates: 0,
         neighbours: 0,
         consensus: 0,
         question_topk: 0,
