@@ -222,8 +222,10 @@ pub fn attention_mass_slow(
 /// block's low or high end, whichever the row's sign favours); the rows'
 /// `exp(scale * (bound - best bound))` summed rank the blocks, the `count`
 /// best are the head's candidates, and each row's softmax runs over the
-/// candidates' keys only (weight 1). Returns the candidates (ascending) and
-/// the scores of every block (0 outside the candidates).
+/// candidates' keys only, scaled by the candidates' part of the row's
+/// `exp(scale * (bound - best bound))` over all blocks (weight 1). Returns
+/// the candidates (ascending) and the scores of every block (0 outside the
+/// candidates).
 pub fn bounded_attention_mass_slow(
     keys: &Tensor,
     rows: &Tensor,
@@ -250,19 +252,24 @@ pub fn bounded_attention_mass_slow(
                 .sum()
         };
         let mut rank = vec![0f32; blocks.len()];
+        let mut row_rates = Vec::new();
         for row in q {
             let bounds: Vec<f32> = blocks.iter().map(|b| bound(row, b)).collect();
             let best = bounds.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-            for (r, b) in rank.iter_mut().zip(&bounds) {
-                *r += ((b - best) * scale).exp();
+            let rates: Vec<f32> = bounds.iter().map(|b| ((b - best) * scale).exp()).collect();
+            for (r, rate) in rank.iter_mut().zip(&rates) {
+                *r += rate;
             }
+            row_rates.push(rates);
         }
         let mut order: Vec<usize> = (0..blocks.len()).collect();
         order.sort_by(|&a, &b| rank[b].total_cmp(&rank[a]).then(a.cmp(&b)));
         let mut candidates = order[..count.min(order.len())].to_vec();
         candidates.sort_unstable();
         let mut mass = vec![0f32; blocks.len()];
-        for row in q {
+        for (row, rates) in q.iter().zip(&row_rates) {
+            let share =
+                candidates.iter().map(|&b| rates[b]).sum::<f32>() / rates.iter().sum::<f32>();
             let logits: Vec<(usize, f32)> = candidates
                 .iter()
                 .flat_map(|&b| blocks[b].iter().map(move |key| (b, key)))
@@ -271,7 +278,7 @@ pub fn bounded_attention_mass_slow(
             let max = logits.iter().map(|l| l.1).fold(f32::NEG_INFINITY, f32::max);
             let sum: f32 = logits.iter().map(|l| (l.1 - max).exp()).sum();
             for (b, l) in logits {
-                mass[b] += (l - max).exp() / sum;
+                mass[b] += share * (l - max).exp() / sum;
             }
         }
         all_candidates.push(candidates);

@@ -11,6 +11,18 @@ use rayon::prelude::*;
 use super::scores::dot;
 use super::top_k;
 
+/// The blocks whose keys a retrieval reads.
+#[derive(Debug, Clone, PartialEq)]
+pub(crate) struct Candidates {
+    /// Per KV head, the blocks, ascending.
+    pub blocks: Vec<Vec<usize>>,
+    /// Per KV head and row, the share of the row's attention the candidates
+    /// hold by the bounds' estimate: their masses, read over their keys
+    /// alone, are scaled by it, so that candidates do not gain the share the
+    /// other blocks would have taken.
+    pub shares: Vec<Vec<f32>>,
+}
+
 /// Channel bounds of every block's keys, in block order.
 #[derive(Debug, Default, Clone)]
 pub(crate) struct KeyBounds {
@@ -44,38 +56,56 @@ impl KeyBounds {
 
     /// Per KV head, the `count` blocks (ascending) whose keys may take the
     /// most attention from that head's rows: `rows` is `(kv_heads, m, d)`
-    /// flattened. Each row ranks the blocks by `exp(scale * (bound -
-    /// best bound))`, its bound on a block's largest logit against the best
-    /// block's, and the rows' shares are summed, so that every row (a query
-    /// head) has one vote, as in `attention_mass`.
+    /// flattened. Each row rates the blocks by `exp(scale * (bound - best
+    /// bound))`, its bound on a block's largest logit against the best
+    /// block's, and the rows' rates are summed, so that every row (a query
+    /// head) has one vote, as in `attention_mass`. Also returns, per KV head
+    /// and row, the candidates' share of the row's rates: the estimate of
+    /// how much of the row's attention they hold.
     pub(crate) fn candidates(
         &self,
         rows: &[f32],
         kv_heads: usize,
         scale: f32,
         count: usize,
-    ) -> Vec<Vec<usize>> {
+    ) -> Candidates {
         let blocks = self.blocks();
         if blocks == 0 || kv_heads == 0 {
-            return vec![Vec::new(); kv_heads];
+            return Candidates {
+                blocks: vec![Vec::new(); kv_heads],
+                shares: vec![Vec::new(); kv_heads],
+            };
         }
         let d = self.width / (kv_heads * 2);
         let m = rows.len() / (kv_heads * d);
-        (0..kv_heads)
+        let (blocks, shares) = (0..kv_heads)
             .into_par_iter()
             .map(|g| {
-                let mut shares = vec![0f32; blocks];
-                let mut bound = vec![0f32; blocks];
-                for q in rows[g * m * d..(g + 1) * m * d].chunks_exact(d) {
-                    self.logit_bounds(g, q, &mut bound);
-                    let best = bound.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-                    for (share, x) in shares.iter_mut().zip(&bound) {
-                        *share += ((x - best) * scale).exp();
+                let mut rates = vec![vec![0f32; blocks]; m];
+                let mut total = vec![0f32; blocks];
+                for (q, rates) in rows[g * m * d..(g + 1) * m * d]
+                    .chunks_exact(d)
+                    .zip(&mut rates)
+                {
+                    self.logit_bounds(g, q, rates);
+                    let best = rates.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+                    for (rate, sum) in rates.iter_mut().zip(&mut total) {
+                        *rate = ((*rate - best) * scale).exp();
+                        *sum += *rate;
                     }
                 }
-                top_k(&shares, count)
+                let chosen = top_k(&total, count);
+                let shares = rates
+                    .iter()
+                    .map(|rates| {
+                        let all: f32 = rates.iter().sum();
+                        chosen.iter().map(|&b| rates[b]).sum::<f32>() / all
+                    })
+                    .collect::<Vec<f32>>();
+                (chosen, shares)
             })
-            .collect()
+            .unzip();
+        Candidates { blocks, shares }
     }
 
     /// Per block, the largest logit `q` can give a key of KV head `g` in
@@ -185,11 +215,11 @@ mod tests {
                 .unwrap();
         }
         let rows: Vec<f32> = (0..kv_heads * m).flat_map(|_| direction.clone()).collect();
-        let picked = bounds.candidates(&rows, kv_heads, 0.35, 1);
+        let picked = bounds.candidates(&rows, kv_heads, 0.35, 1).blocks;
         assert_eq!(picked[1], [5], "{picked:?}");
         assert_eq!(picked[0].len(), 1);
         assert_eq!(
-            bounds.candidates(&rows, kv_heads, 0.35, 20)[0],
+            bounds.candidates(&rows, kv_heads, 0.35, 20).blocks[0],
             (0..8).collect::<Vec<_>>()
         );
     }

@@ -13,6 +13,7 @@ use candle_core::{CpuStorage, Result, Storage, Tensor};
 use half::{bf16, f16};
 use rayon::prelude::*;
 
+use super::bounds::Candidates;
 use super::KeySlab;
 use crate::attention::q8::Q8_ZERO;
 use crate::attention::softmax::max_and_exp_sum;
@@ -304,24 +305,32 @@ pub(crate) fn combine_partials(
 
 /// Per KV head and block, the attention mass `rows` give the block when
 /// each row's softmax runs over the candidate blocks' keys only (from
-/// [`candidate_partials`]), weighted and summed as in [`combine_partials`];
-/// 0 for the blocks that are not candidates. `blocks` is the number of
-/// blocks held.
+/// [`candidate_partials`]), scaled by the row's `shares` (the candidates'
+/// estimated share of its attention), weighted and summed as in
+/// [`combine_partials`]; 0 for the blocks that are not candidates. `blocks`
+/// is the number of blocks held.
 pub(crate) fn combine_candidate_partials(
     partials: &[Vec<f32>],
-    candidates: &[Vec<usize>],
+    candidates: &Candidates,
     (m, blocks): (usize, usize),
     weights: &[f32],
     scale: f32,
 ) -> Vec<Vec<f32>> {
     partials
         .iter()
-        .zip(candidates)
-        .map(|(head_partials, head_candidates)| {
+        .zip(candidates.blocks.iter().zip(&candidates.shares))
+        .map(|(head_partials, (head_candidates, shares))| {
             let mut scores = vec![0f32; blocks];
-            let [masses] =
-                <[Vec<f32>; 1]>::try_from(combine_partials(head_partials, (1, m), weights, scale))
-                    .expect("one KV head");
+            let row_weights: Vec<f32> = (0..m)
+                .map(|r| weights[r % weights.len()] * shares[r])
+                .collect();
+            let [masses] = <[Vec<f32>; 1]>::try_from(combine_partials(
+                head_partials,
+                (1, m),
+                &row_weights,
+                scale,
+            ))
+            .expect("one KV head");
             for (&b, mass) in head_candidates.iter().zip(masses) {
                 scores[b] = mass;
             }
@@ -636,8 +645,11 @@ mod tests {
         let keys = random((1, kv_heads, blocks * bs, d), 37, 1.0);
         let rows = random((1, kv_heads, m, d), 38, 2.0).squeeze(0).unwrap();
         let slabs = slabs(&keys, bs, Some(DType::F32));
-        let every = vec![(0..blocks).collect::<Vec<_>>(); kv_heads];
-        let partials = candidate_partials(&slabs, bs, &rows, 0.5, &every).unwrap();
+        let every = Candidates {
+            blocks: vec![(0..blocks).collect::<Vec<_>>(); kv_heads],
+            shares: vec![vec![1.0; m]; kv_heads],
+        };
+        let partials = candidate_partials(&slabs, bs, &rows, 0.5, &every.blocks).unwrap();
         let got = combine_candidate_partials(&partials, &every, (m, blocks), &[1.0], 0.5);
         let all = combine_partials(
             &block_partials(&slabs, bs, &rows, 0.5).unwrap(),

@@ -3,6 +3,7 @@
 
 use candle_core::{Result, Tensor};
 
+use super::bounds::Candidates;
 use super::BlockKeys;
 
 /// Relevance of each block: the dot product of its representative (a row of
@@ -126,19 +127,24 @@ pub fn attention_mass_scores(
 }
 
 /// [`attention_mass_scores`] with each KV head's rows reading only the keys
-/// of its `candidates` blocks: their softmax runs over those keys, and the
-/// other blocks score 0.
-pub fn attention_mass_candidate_scores(
+/// of its `candidates` blocks: their softmax runs over those keys, scaled by
+/// the candidates' estimated share, and the other blocks score 0.
+pub(crate) fn attention_mass_candidate_scores(
     store: &dyn BlockKeys,
     block_size: usize,
     q: &Tensor,
-    candidates: &[Vec<usize>],
+    candidates: &Candidates,
     weights: &[f32],
     scale: f32,
 ) -> Result<Vec<Vec<f32>>> {
     let m = q.dim(1)?;
-    let partials =
-        super::mass::candidate_partials(&store.key_slabs(0)?, block_size, q, scale, candidates)?;
+    let partials = super::mass::candidate_partials(
+        &store.key_slabs(0)?,
+        block_size,
+        q,
+        scale,
+        &candidates.blocks,
+    )?;
     Ok(super::mass::combine_candidate_partials(
         &partials,
         candidates,
