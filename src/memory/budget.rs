@@ -169,5 +169,17 @@ pub(crate) mod tests {
             q8_growth <= 32 * 1024 * q8_per_token * 12 / 10,
             "{q8_growth}"
         );
+        // Key ranges: per block of 64 tokens and KV head, 2 x 64 f32.
+        let bounded = Policy {
+            mass_candidates: 64,
+            ..q8
+        };
+        let bounded_growth = sequence_bytes_bound(&bounded, &engine, &model, 64 * 1024)
+            - sequence_bytes_bound(&bounded, &engine, &model, 32 * 1024);
+        let ranges_per_token = 30 * 3 * 2 * 64 * 4 / 64;
+        assert!(
+            bounded_growth >= q8_growth + 32 * 1024 * ranges_per_token,
+            "{bounded_growth}"
+        );
     }
 }

@@ -1101,6 +1101,65 @@ mod tests {
     }
 
     #[test]
+    fn a_layers_bytes_stay_within_the_admission_bound() {
+        let (heads, kv_heads, d) = (4, 2, 16);
+        let rope = RopeTable::new(10000.0, d, 256, true, &Device::Cpu).unwrap();
+        let masks = MaskCache::default();
+        let args = plain_args(&rope, &masks);
+        let model = ModelShape {
+            max_seq_len: 256,
+            num_layers: 1,
+            num_attention_heads: heads,
+            num_kv_heads: kv_heads,
+            k_head_dim: d,
+            v_head_dim: d,
+            dtype: DType::F32,
+        };
+        let engine = crate::config::EngineSettings {
+            prefill_chunk_size: 8,
+            ..Default::default()
+        };
+        let base = selective_config(Positions::Fixed, 0);
+        for config in [
+            base,
+            Policy {
+                scoring: Scoring::AttentionMass,
+                mass_candidates: 4,
+                ..base
+            },
+            Policy {
+                block_dtype: BlockDType::Q8_0,
+                scoring: Scoring::AttentionMass,
+                mass_candidates: 4,
+                ..base
+            },
+        ] {
+            let mut memory = LayerMemory::default();
+            for p0 in (0..200).step_by(8) {
+                let x = |seed, h| random((1, h, 8, d), seed + p0 as u64, 1.0);
+                memory
+                    .append(
+                        &config,
+                        &args,
+                        &x(1, heads),
+                        &x(2, kv_heads),
+                        &x(3, kv_heads),
+                        |_| {},
+                    )
+                    .unwrap();
+                masks.clear();
+                let bound = sequence_bytes_bound(&config, &engine, &model, p0 + 8);
+                assert!(
+                    memory.bytes() <= bound,
+                    "{config:?} at {}: {} > {bound}",
+                    p0 + 8,
+                    memory.bytes()
+                );
+            }
+        }
+    }
+
+    #[test]
     fn only_the_scorings_that_read_representatives_keep_them() {
         let (heads, kv_heads, d) = (4, 2, 16);
         let rope = RopeTable::new(10000.0, d, 256, true, &Device::Cpu).unwrap();
