@@ -217,59 +217,61 @@ pub fn attention_mass_slow(
 }
 
 /// [`attention_mass_slow`] with `mass_candidates`, written out: per KV head
-/// `g` and row, a block's bound is the largest logit the row could give a
-/// key inside the box of the block's key channels (each channel at its
-/// block's low or high end, whichever the row's sign favours); the rows'
-/// `exp(scale * (bound - best bound))` summed rank the blocks, the `count`
-/// best are the head's candidates, and each row's softmax runs over the
-/// candidates' keys only, scaled by the candidates' part of the row's
-/// `exp(scale * (bound - best bound))` over all blocks (weight 1). Returns
-/// the candidates (ascending) and the scores of every block (0 outside the
-/// candidates).
-pub fn bounded_attention_mass_slow(
+/// `g` and row, a block's estimate is `row . mean + scale / 2 * sum_c row_c^2
+/// var_c` over its keys' per-channel mean and variance; each row splits one
+/// unit among the blocks in proportion to `exp(scale * estimate)`; the rows'
+/// splits summed, plus `prior[g]`, rank the blocks, and the `count` best are
+/// the head's candidates. Each row's softmax then runs over the candidates'
+/// keys only, scaled by the candidates' part of the row's split (weight 1).
+/// Returns the candidates (ascending) and the scores of every block (0
+/// outside the candidates).
+pub fn candidate_attention_mass_slow(
     keys: &Tensor,
     rows: &Tensor,
-    block_size: usize,
+    (block_size, scale): (usize, f32),
+    prior: Option<&[Vec<f32>]>,
     count: usize,
-    scale: f32,
 ) -> (Vec<Vec<usize>>, Vec<Vec<f32>>) {
     let k = keys.squeeze(0).unwrap().to_vec3::<f32>().unwrap();
     let q = rows.to_vec3::<f32>().unwrap();
     let mut all_candidates = Vec::new();
     let mut all_scores = Vec::new();
-    for (k, q) in k.iter().zip(&q) {
+    for (g, (k, q)) in k.iter().zip(&q).enumerate() {
         let blocks: Vec<&[Vec<f32>]> = k.chunks(block_size).collect();
-        let bound = |row: &[f32], block: &[Vec<f32>]| -> f32 {
+        #[allow(clippy::cast_precision_loss)]
+        let estimate = |row: &[f32], block: &[Vec<f32>]| -> f32 {
+            let n = block.len() as f32;
             (0..row.len())
                 .map(|c| {
-                    let low = block.iter().map(|key| key[c]).fold(f32::INFINITY, f32::min);
-                    let high = block
-                        .iter()
-                        .map(|key| key[c])
-                        .fold(f32::NEG_INFINITY, f32::max);
-                    (row[c] * low).max(row[c] * high)
+                    let mean = block.iter().map(|key| key[c]).sum::<f32>() / n;
+                    let var = block.iter().map(|key| (key[c] - mean).powi(2)).sum::<f32>() / n;
+                    row[c] * mean + 0.5 * scale * row[c] * row[c] * var
                 })
                 .sum()
         };
-        let mut rank = vec![0f32; blocks.len()];
-        let mut row_rates = Vec::new();
+        let mut rank = prior.map_or_else(|| vec![0f32; blocks.len()], |p| p[g].clone());
+        let mut splits = Vec::new();
         for row in q {
-            let bounds: Vec<f32> = blocks.iter().map(|b| bound(row, b)).collect();
-            let best = bounds.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-            let rates: Vec<f32> = bounds.iter().map(|b| ((b - best) * scale).exp()).collect();
-            for (r, rate) in rank.iter_mut().zip(&rates) {
-                *r += rate;
+            let estimates: Vec<f32> = blocks.iter().map(|b| estimate(row, b)).collect();
+            let best = estimates.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+            let rates: Vec<f32> = estimates
+                .iter()
+                .map(|e| ((e - best) * scale).exp())
+                .collect();
+            let sum: f32 = rates.iter().sum();
+            let split: Vec<f32> = rates.iter().map(|r| r / sum).collect();
+            for (r, part) in rank.iter_mut().zip(&split) {
+                *r += part;
             }
-            row_rates.push(rates);
+            splits.push(split);
         }
         let mut order: Vec<usize> = (0..blocks.len()).collect();
         order.sort_by(|&a, &b| rank[b].total_cmp(&rank[a]).then(a.cmp(&b)));
         let mut candidates = order[..count.min(order.len())].to_vec();
         candidates.sort_unstable();
         let mut mass = vec![0f32; blocks.len()];
-        for (row, rates) in q.iter().zip(&row_rates) {
-            let share =
-                candidates.iter().map(|&b| rates[b]).sum::<f32>() / rates.iter().sum::<f32>();
+        for (row, split) in q.iter().zip(&splits) {
+            let share: f32 = candidates.iter().map(|&b| split[b]).sum();
             let logits: Vec<(usize, f32)> = candidates
                 .iter()
                 .flat_map(|&b| blocks[b].iter().map(move |key| (b, key)))

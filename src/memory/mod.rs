@@ -525,7 +525,7 @@ impl LayerMemory {
             );
         }
         if policy.mass_candidates > 0 {
-            self.retrieval.add_key_bounds(&k)?;
+            self.retrieval.add_key_moments(&k)?;
         }
         self.blocks.push(&k, &v, storage)?;
         self.drop_recent(advance, heads);
@@ -544,7 +544,7 @@ mod tests {
 
     use super::*;
     use crate::attention::reference::{
-        assert_close, bounded_attention_mass_slow, random, reference_attention, MemoryState,
+        assert_close, candidate_attention_mass_slow, random, reference_attention, MemoryState,
     };
     use crate::attention::Q8Rows;
     use crate::attention::RopeTable;
@@ -678,8 +678,8 @@ mod tests {
     fn bounded_attention_mass_reads_the_candidates_as_written_out_and_finds_the_planted_block() {
         // 25 blocks; each KV head's queries point at a planted key in block
         // 9. With `mass_candidates` 4, retrieval must score as the written-out
-        // reference does (candidates by the key-range bound, softmax over
-        // their keys only) and still rank block 9 first.
+        // reference does (candidates by the key moments' estimate, softmax
+        // over their keys only) and still rank block 9 first.
         let (heads, kv_heads, d) = (4, 2, 16);
         let config = Policy {
             scoring: Scoring::AttentionMass,
@@ -745,7 +745,7 @@ mod tests {
             .unsqueeze(0)
             .unwrap();
         let (candidates, expected) =
-            bounded_attention_mass_slow(&stored, &rows, config.block_size, 4, 0.25);
+            candidate_attention_mass_slow(&stored, &rows, (config.block_size, 0.25), None, 4);
         let full =
             attention_mass_scores(&memory.blocks, config.block_size, &rows, &[1.0], 0.25).unwrap();
         for (g, got) in memory.retrieval.scores().iter().enumerate() {
@@ -762,6 +762,68 @@ mod tests {
             let unread = (0..blocks).find(|b| !candidates[g].contains(b)).unwrap();
             assert_eq!(got[unread], 0.0);
             assert!(full[g][unread] > 0.0);
+        }
+
+        // A question pointing at a key of block 20: its exact share is
+        // added, and joins the ranking that chooses the candidates, so the
+        // queries read block 20's keys too.
+        let other = config.n_init + 20 * config.block_size + 2;
+        let question: Vec<Tensor> = (0..heads)
+            .map(|h| {
+                (k_all
+                    .narrow(1, h / group, 1)
+                    .unwrap()
+                    .narrow(2, other, 1)
+                    .unwrap()
+                    * 8.0)
+                    .unwrap()
+            })
+            .collect();
+        let question = Tensor::cat(&question, 1).unwrap();
+        memory.set_question(question.flatten_all().unwrap().to_vec1::<f32>().unwrap());
+        memory
+            .retrieval
+            .retrieve(
+                &config,
+                &memory.blocks,
+                &q_global,
+                (group, config.topk),
+                &[],
+            )
+            .unwrap();
+        let question_rows = question
+            .squeeze(0)
+            .unwrap()
+            .reshape((kv_heads, group, d))
+            .unwrap();
+        let question_scores = attention_mass_scores(
+            &memory.blocks,
+            config.block_size,
+            &question_rows,
+            &[config.question_weight],
+            0.25,
+        )
+        .unwrap();
+        let (candidates, expected) = candidate_attention_mass_slow(
+            &stored,
+            &rows,
+            (config.block_size, 0.25),
+            Some(&question_scores),
+            4,
+        );
+        for (g, got) in memory.retrieval.scores().iter().enumerate() {
+            assert!(candidates[g].contains(&20), "KV head {g}: {candidates:?}");
+            assert!(
+                candidates[g].contains(&planted),
+                "KV head {g}: {candidates:?}"
+            );
+            let expected: Vec<f32> = expected[g]
+                .iter()
+                .zip(&question_scores[g])
+                .map(|(a, b)| a + b)
+                .collect();
+            assert_close(got, &expected, 1e-4);
+            assert!(got[20] > 0.0 && expected[20] > question_scores[g][20]);
         }
     }
 

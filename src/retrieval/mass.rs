@@ -13,7 +13,7 @@ use candle_core::{CpuStorage, Result, Storage, Tensor};
 use half::{bf16, f16};
 use rayon::prelude::*;
 
-use super::bounds::Candidates;
+use super::moments::Candidates;
 use super::KeySlab;
 use crate::attention::q8::Q8_ZERO;
 use crate::attention::softmax::max_and_exp_sum;

@@ -3,8 +3,8 @@
 //! `qllm` mode) by the rule `scoring` names, then the `topk` best are picked
 //! for all heads together or per KV head (`selection`).
 
-mod bounds;
 mod mass;
+mod moments;
 pub mod question;
 pub mod representative;
 pub mod scores;
@@ -15,7 +15,7 @@ use candle_core::{Device, Result, Tensor};
 
 use crate::attention::Q8Rows;
 use crate::config::{Policy, Scoring, Selection};
-use bounds::KeyBounds;
+use moments::KeyMoments;
 use question::{QuestionMass, QuestionState};
 use representative::{head_means, most_attended_rows};
 use scores::{
@@ -109,8 +109,8 @@ impl BlockKeys for TestBlocks {
 pub struct Retrieval {
     /// One representative key per block, `heads * d` values each.
     representatives: Vec<f32>,
-    /// Per-channel key ranges of every block, with `mass_candidates`.
-    bounds: KeyBounds,
+    /// Per-channel key moments of every block, with `mass_candidates`.
+    moments: KeyMoments,
     pub(crate) question: QuestionState,
     /// Blocks retrieved at the latest execution block: one list, or one
     /// per KV head with `per_kv_head` selection.
@@ -187,11 +187,11 @@ impl Retrieval {
         self.representatives.extend_from_slice(&representative);
     }
 
-    /// Files a new block's per-channel key ranges (`(1, kv_heads,
+    /// Files a new block's per-channel key moments (`(1, kv_heads,
     /// block_size, d)` keys), which choose the blocks `attention_mass`
     /// reads with `mass_candidates`.
-    pub fn add_key_bounds(&mut self, keys: &Tensor) -> Result<()> {
-        self.bounds.push(keys)
+    pub fn add_key_moments(&mut self, keys: &Tensor) -> Result<()> {
+        self.moments.push(keys)
     }
 
     /// Picks the blocks of `store` for the execution block whose queries at
@@ -230,18 +230,36 @@ impl Retrieval {
                 .mean(2)?
                 .squeeze(0)?
                 .reshape((kv_heads, group, d))?;
+            // The question's share is known for every block; it is added to
+            // the queries', and with `mass_candidates` it helps choose the
+            // blocks whose keys the queries read.
+            let question_scores = match question {
+                Some(_) => Some(self.question_mass(
+                    policy,
+                    store,
+                    (kv_heads, d, q_global.device()),
+                    scale,
+                    question_rows,
+                )?),
+                None => None,
+            };
             // At least the blocks this retrieval picks.
             let candidates = policy.mass_candidates.max(topk);
             let mut scores = if policy.mass_candidates > 0 && store.blocks() > candidates {
-                if self.bounds.blocks() != store.blocks() {
+                if self.moments.blocks() != store.blocks() {
                     candle_core::bail!(
-                        "qllm: key ranges of {} blocks for {} blocks held",
-                        self.bounds.blocks(),
+                        "qllm: key moments of {} blocks for {} blocks held",
+                        self.moments.blocks(),
                         store.blocks()
                     );
                 }
                 let rows = q.flatten_all()?.to_vec1::<f32>()?;
-                let candidates = self.bounds.candidates(&rows, kv_heads, scale, candidates);
+                let candidates = self.moments.candidates(
+                    &rows,
+                    (kv_heads, scale),
+                    question_scores.as_deref(),
+                    candidates,
+                );
                 attention_mass_candidate_scores(
                     store,
                     policy.block_size,
@@ -253,15 +271,8 @@ impl Retrieval {
             } else {
                 attention_mass_scores(store, policy.block_size, &q, &[1.0], scale)?
             };
-            if question.is_some() {
-                self.add_question_mass(
-                    policy,
-                    store,
-                    (kv_heads, d, q_global.device()),
-                    scale,
-                    question_rows,
-                    &mut scores,
-                )?;
+            for (head, question) in scores.iter_mut().zip(question_scores.iter().flatten()) {
+                head.iter_mut().zip(question).for_each(|(s, q)| *s += q);
             }
             self.scores = if per_head {
                 scores
@@ -326,20 +337,21 @@ impl Retrieval {
         Ok(())
     }
 
-    /// Adds the question rows' attention mass to `scores` (per KV head),
+    /// The question rows' attention mass per KV head and block,
     /// `question_weight` shared by the `rows` rows of each query head.
-    fn add_question_mass(
+    fn question_mass(
         &mut self,
         policy: &Policy,
         store: &dyn BlockKeys,
         (kv_heads, d, device): (usize, usize, &Device),
         scale: f32,
         rows: usize,
-        scores: &mut [Vec<f32>],
-    ) -> Result<()> {
-        let Some(question) = &self.question.rows else {
-            return Ok(());
-        };
+    ) -> Result<Vec<Vec<f32>>> {
+        let question = self
+            .question
+            .rows
+            .as_ref()
+            .expect("called with the question's rows set");
         if self.question.mass.is_none() {
             self.question.mass = Some(QuestionMass::new(question, kv_heads, d, device)?);
         }
@@ -347,16 +359,13 @@ impl Retrieval {
         mass.extend(store, policy.block_size, scale)?;
         #[allow(clippy::cast_precision_loss)] // at most `MAX_QUESTION_ROWS`
         let row_weight = policy.question_weight / rows as f32;
-        for (head, question) in scores.iter_mut().zip(mass.scores(row_weight, scale)?) {
-            head.iter_mut().zip(question).for_each(|(s, q)| *s += q);
-        }
-        Ok(())
+        mass.scores(row_weight, scale)
     }
 
-    /// Bytes held: representatives, key ranges and the question's rows and
+    /// Bytes held: representatives, key moments and the question's rows and
     /// partials.
     pub fn bytes(&self) -> usize {
-        self.representatives.capacity() * 4 + self.bounds.bytes() + self.question.bytes()
+        self.representatives.capacity() * 4 + self.moments.bytes() + self.question.bytes()
     }
 }
 

@@ -3,7 +3,7 @@
 
 use candle_core::{Result, Tensor};
 
-use super::bounds::Candidates;
+use super::moments::Candidates;
 use super::BlockKeys;
 
 /// Relevance of each block: the dot product of its representative (a row of
