@@ -389,10 +389,10 @@ pub struct Policy {
     pub selection: Selection,
     /// With `attention_mass` scoring: blocks per KV head (at least the
     /// retrieval's `topk`) whose keys the current queries are scored
-    /// against, chosen by a bound on their largest logit from each block's
-    /// per-channel key range (Quest); the rest get only the question's
-    /// share. 0: every block (each retrieval reads every stored key, so its
-    /// cost grows with the context).
+    /// against, chosen by the queries' share estimated from each block's
+    /// per-channel key moments plus the question's exact share; the rest get
+    /// only the question's share. 0: every block (each retrieval reads every
+    /// stored key, so its cost grows with the context).
     pub mass_candidates: usize,
     /// Blocks after each retrieved block attended with it (EM-LLM's
     /// contiguity), within the same `topk` budget: a fact cut by a block
