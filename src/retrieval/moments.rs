@@ -1,12 +1,12 @@
 //! Per block and KV head, the mean and variance of each key channel: enough
 //! to estimate the attention a query gives the block without reading its
 //! keys. If a block's keys were Gaussian with these moments (channels
-//! independent), `sum_t exp(s q.k_t)` would be about `block_size * exp(s q.mean
-//! + s^2/2 sum_c q_c^2 var_c)` (the log-normal moment), so blocks are rated by
-//! `q.mean + s/2 sum_c q_c^2 var_c`. With `mass_candidates`, the blocks whose
-//! estimate, plus the question's share, is best are the only ones whose
-//! keys `attention_mass` reads, and a retrieval's cost stops growing with
-//! the context.
+//! independent), `sum_t exp(s q.k_t)` would be about `block_size *
+//! exp(s q.mean + s^2/2 sum_c q_c^2 var_c)`, the log-normal moment, so
+//! blocks are rated by `q.mean + s/2 sum_c q_c^2 var_c`. With
+//! `mass_candidates`, the blocks whose estimate, plus the question's share,
+//! is best are the only ones whose keys `attention_mass` reads, and a
+//! retrieval's cost stops growing with the context.
 
 use candle_core::{DType, Result, Tensor};
 use rayon::prelude::*;
