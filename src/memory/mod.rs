@@ -707,31 +707,29 @@ mod tests {
         let blocks = memory.block_count();
         assert!(blocks > 20, "{blocks}");
         let group = heads / kv_heads;
-        let planted_keys: Vec<Tensor> = (0..heads)
-            .map(|h| {
-                k_all
-                    .narrow(1, h / group, 1)
-                    .unwrap()
-                    .narrow(2, token, 1)
-                    .unwrap()
-            })
-            .collect();
-        let q_global = (Tensor::cat(&planted_keys, 1)
-            .unwrap()
-            .broadcast_as((1, heads, 8, d))
-            .unwrap()
+        // Per query head, its KV head's key at `at`: `(1, heads, 1, d)`.
+        let key_per_head = |at: usize| {
+            let keys: Vec<Tensor> = (0..heads)
+                .map(|h| {
+                    k_all
+                        .narrow(1, h / group, 1)
+                        .unwrap()
+                        .narrow(2, at, 1)
+                        .unwrap()
+                })
+                .collect();
+            Tensor::cat(&keys, 1).unwrap()
+        };
+        let retrieve = |memory: &mut LayerMemory, q_global: &Tensor| {
+            memory
+                .retrieval
+                .retrieve(&config, &memory.blocks, q_global, (group, config.topk), &[])
+                .unwrap();
+        };
+        let q_global = (key_per_head(token).broadcast_as((1, heads, 8, d)).unwrap()
             + random((1, heads, 8, d), 15, 1.0))
         .unwrap();
-        memory
-            .retrieval
-            .retrieve(
-                &config,
-                &memory.blocks,
-                &q_global,
-                (group, config.topk),
-                &[],
-            )
-            .unwrap();
+        retrieve(&mut memory, &q_global);
 
         let rows = q_global
             .mean(2)
@@ -768,29 +766,9 @@ mod tests {
         // added, and joins the ranking that chooses the candidates, so the
         // queries read block 20's keys too.
         let other = config.n_init + 20 * config.block_size + 2;
-        let question: Vec<Tensor> = (0..heads)
-            .map(|h| {
-                (k_all
-                    .narrow(1, h / group, 1)
-                    .unwrap()
-                    .narrow(2, other, 1)
-                    .unwrap()
-                    * 8.0)
-                    .unwrap()
-            })
-            .collect();
-        let question = Tensor::cat(&question, 1).unwrap();
+        let question = (key_per_head(other) * 8.0).unwrap();
         memory.set_question(question.flatten_all().unwrap().to_vec1::<f32>().unwrap());
-        memory
-            .retrieval
-            .retrieve(
-                &config,
-                &memory.blocks,
-                &q_global,
-                (group, config.topk),
-                &[],
-            )
-            .unwrap();
+        retrieve(&mut memory, &q_global);
         let question_rows = question
             .squeeze(0)
             .unwrap()

@@ -193,7 +193,11 @@ pub(crate) fn candidate_partials_by_tensors(
     scale: f32,
     candidates: &[Vec<usize>],
 ) -> Result<Vec<Vec<f32>>> {
-    let firsts = first_blocks(slabs.iter().map(|s| s.dims3().map(|d| d.1)), block_size)?;
+    let tokens = slabs
+        .iter()
+        .map(|s| s.dims3().map(|d| d.1))
+        .collect::<Result<Vec<_>>>()?;
+    let firsts = first_blocks(tokens, block_size);
     let mut out = Vec::with_capacity(candidates.len());
     for (g, blocks) in candidates.iter().enumerate() {
         let head_rows = rows.get(g)?;
@@ -220,17 +224,15 @@ pub(crate) fn candidate_partials_by_tensors(
 }
 
 /// The first block of each slab, from the slabs' token counts.
-fn first_blocks(
-    tokens: impl Iterator<Item = Result<usize>>,
-    block_size: usize,
-) -> Result<Vec<usize>> {
-    let mut firsts = Vec::new();
-    let mut next = 0;
-    for t in tokens {
-        firsts.push(next);
-        next += t? / block_size;
-    }
-    Ok(firsts)
+fn first_blocks(tokens: impl IntoIterator<Item = usize>, block_size: usize) -> Vec<usize> {
+    tokens
+        .into_iter()
+        .scan(0, |next, t| {
+            let first = *next;
+            *next += t / block_size;
+            Some(first)
+        })
+        .collect()
 }
 
 /// The CPU kernel of [`candidate_partials`]: one task per KV head and
@@ -245,8 +247,7 @@ fn host_candidate_partials(
 ) -> Vec<Vec<f32>> {
     let kv_heads = candidates.len();
     let m = rows.len() / (kv_heads.max(1) * d);
-    let firsts = first_blocks(views.iter().map(|v| Ok(v.tokens)), block_size)
-        .expect("token counts of views");
+    let firsts = first_blocks(views.iter().map(|v| v.tokens), block_size);
     candidates
         .iter()
         .enumerate()
@@ -324,13 +325,9 @@ pub(crate) fn combine_candidate_partials(
             let row_weights: Vec<f32> = (0..m)
                 .map(|r| weights[r % weights.len()] * shares[r])
                 .collect();
-            let [masses] = <[Vec<f32>; 1]>::try_from(combine_partials(
-                head_partials,
-                (1, m),
-                &row_weights,
-                scale,
-            ))
-            .expect("one KV head");
+            let masses = combine_partials(head_partials, (1, m), &row_weights, scale)
+                .pop()
+                .expect("one KV head");
             for (&b, mass) in head_candidates.iter().zip(masses) {
                 scores[b] = mass;
             }
@@ -427,39 +424,24 @@ fn view_partials(
         let at = s.start + g * s.head_stride + tokens.start;
         &s.scales[at..at + tokens.len()]
     });
+    // One monomorphised kernel per storage dtype.
+    macro_rules! partials {
+        ($keys:expr) => {
+            head_partials(
+                &$keys[at..at + len],
+                row_scales,
+                block_size,
+                head_rows,
+                d,
+                scale,
+            )
+        };
+    }
     match view.keys {
-        Keys::F32(k) => head_partials(
-            &k[at..at + len],
-            row_scales,
-            block_size,
-            head_rows,
-            d,
-            scale,
-        ),
-        Keys::Bf16(k) => head_partials(
-            &k[at..at + len],
-            row_scales,
-            block_size,
-            head_rows,
-            d,
-            scale,
-        ),
-        Keys::F16(k) => head_partials(
-            &k[at..at + len],
-            row_scales,
-            block_size,
-            head_rows,
-            d,
-            scale,
-        ),
-        Keys::Q8(k) => head_partials(
-            &k[at..at + len],
-            row_scales,
-            block_size,
-            head_rows,
-            d,
-            scale,
-        ),
+        Keys::F32(k) => partials!(k),
+        Keys::Bf16(k) => partials!(k),
+        Keys::F16(k) => partials!(k),
+        Keys::Q8(k) => partials!(k),
     }
 }
 

@@ -144,14 +144,19 @@ mod tests {
     use super::*;
     use crate::attention::reference::{dot_slow, random};
 
-    #[test]
-    fn the_estimate_is_exact_for_a_block_of_equal_keys_and_tracks_spread_ones() {
-        let (kv_heads, bs, d, scale) = (2, 16, 8, 0.35);
-        let q = random((1, 1, 1, d), 50, 1.0)
+    /// `d` uniform values in `[-1, 1)` from `seed`.
+    fn vector(d: usize, seed: u64) -> Vec<f32> {
+        random((1, 1, 1, d), seed, 1.0)
             .flatten_all()
             .unwrap()
             .to_vec1::<f32>()
-            .unwrap();
+            .unwrap()
+    }
+
+    #[test]
+    fn the_estimate_is_exact_for_a_block_of_equal_keys_and_tracks_spread_ones() {
+        let (kv_heads, bs, d, scale) = (2, 16, 8, 0.35);
+        let q = vector(d, 50);
         // Block 0: sixteen copies of one key; block 1: keys spread around it.
         let key = random((1, kv_heads, 1, d), 51, 1.0);
         let same = key.broadcast_as((1, kv_heads, bs, d)).unwrap();
@@ -197,11 +202,7 @@ mod tests {
         // Eight blocks of small random keys; block 5 of KV head 1 holds keys
         // along its rows' query. The prior favours block 2 for every head.
         let (kv_heads, bs, d, m) = (2, 4, 8, 3);
-        let direction = random((1, 1, 1, d), 60, 1.0)
-            .flatten_all()
-            .unwrap()
-            .to_vec1::<f32>()
-            .unwrap();
+        let direction = vector(d, 60);
         let mut moments = KeyMoments::default();
         for b in 0..8 {
             let mut keys = random((1, kv_heads, bs, d), 61 + b, 0.1)
