@@ -235,12 +235,17 @@ fn fact_prompt(tokens: usize) -> eval::Sample {
 /// A prompt of the evaluation's `task` (seed 1, as `examples/eval`'s first
 /// sample), question last, with SmolLM2's tokenizer.
 fn eval_prompt(task: Task, tokens: usize, depth: f64) -> eval::Sample {
+    eval_prompt_placed(task, tokens, depth, Placement::Last)
+}
+
+/// As [`eval_prompt`], with the question placed by `placement`.
+fn eval_prompt_placed(task: Task, tokens: usize, depth: f64, placement: Placement) -> eval::Sample {
     let _lock = engine_lock();
     let mistralrs = runtime().block_on(load_gguf(&assets::smollm2(), ModelDType::F32));
     let tokenizer = EngineTokenizer::new(&mistralrs).unwrap();
     let corpus = Corpus::load(&assets::root().join("assets"), true, false, false)
         .expect("scripts/test.sh fetches the essays");
-    eval::generate(task, tokens, depth, 1, Placement::Last, &corpus, &tokenizer).unwrap()
+    eval::generate(task, tokens, depth, 1, placement, &corpus, &tokenizer).unwrap()
 }
 
 /// Asks `sample` through `/v1/completions` with the server's defaults and
@@ -284,6 +289,17 @@ fn serve_answers_a_fact_in_prose_beyond_the_window_with_the_defaults() {
 #[test]
 fn serve_finds_rulers_essay_needle_beyond_the_window_with_the_defaults() {
     assert_answered_beyond_the_window(&eval_prompt(Task::NiahSingle, 12_288, 0.5));
+}
+
+/// A count in prose half-way into 12K tokens, which the defaults miss with
+/// the question last ("100 goats" for 69), is answered with the question
+/// also before the document, the Q-LLM paper's layout (README, "Facts and
+/// essay needles from 2K to 64K").
+#[test]
+fn serve_answers_a_count_in_prose_beyond_the_window_with_the_question_first() {
+    let sample = eval_prompt_placed(Task::Fact, 12_288, 0.5, Placement::First);
+    assert_eq!(sample.answers, ["69"], "the grid's prompt");
+    assert_answered_beyond_the_window(&sample);
 }
 
 /// `"boundaries": "sentence"` through the server: the sentence ends come
