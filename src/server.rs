@@ -181,10 +181,11 @@ fn split_body<T: serde::de::DeserializeOwned>(
     Ok((request, options))
 }
 
-/// Registers the request with the hook and runs its probe.
+/// Registers the request with the hook, copies its question first (with
+/// `question_first`) and runs its probe.
 async fn prepare_request(
     state: &ServerState,
-    request: &Request,
+    request: &mut Request,
     options: &RequestOptions,
 ) -> std::result::Result<Prepared, HttpError> {
     let Request::Normal(normal) = request else {
@@ -313,12 +314,12 @@ async fn chat(State(state): State<ServerState>, body: Bytes) -> Response {
     let model_id = (oairequest.model != "default").then(|| oairequest.model.clone());
     let (tx, mut rx) = create_response_channel(None);
     let mistralrs = state.mistralrs.clone();
-    let (request, is_streaming) =
+    let (mut request, is_streaming) =
         match chat_completion::parse_request(oairequest, mistralrs.clone(), tx).await {
             Ok(x) => x,
             Err(e) => return chat_completion::handle_error(mistralrs, e.into()).into_response(),
         };
-    let prepared = match prepare_request(&state, &request, &options).await {
+    let prepared = match prepare_request(&state, &mut request, &options).await {
         Ok(p) => p,
         Err(e) => return e.into_response(),
     };
@@ -355,12 +356,12 @@ async fn completion(State(state): State<ServerState>, body: Bytes) -> Response {
     let model_id = (oairequest.model != "default").then(|| oairequest.model.clone());
     let (tx, mut rx) = create_response_channel(None);
     let mistralrs = state.mistralrs.clone();
-    let (request, is_streaming) =
+    let (mut request, is_streaming) =
         match completions::parse_request(oairequest, mistralrs.clone(), tx) {
             Ok(x) => x,
             Err(e) => return completions::handle_error(mistralrs, e.into()).into_response(),
         };
-    let prepared = match prepare_request(&state, &request, &options).await {
+    let prepared = match prepare_request(&state, &mut request, &options).await {
         Ok(p) => p,
         Err(e) => return e.into_response(),
     };

@@ -573,13 +573,19 @@ fn needle_summary(needle: Option<&NeedleReport>) -> String {
             let median = ranks
                 .get(ranks.len() / 2)
                 .map_or("-".to_string(), ToString::to_string);
+            let at_question = if n.question_before {
+                "question read before it".to_string()
+            } else {
+                format!(
+                    "retrieved by {}/{} layers at the question (median rank {median})",
+                    n.at_question, n.layers
+                )
+            };
             format!(
-                "needle in blocks {:?}{}: retrieved by {}/{} layers at the question (median \
-                 rank {median}), {}/{} at the answer's first token, {}/{} at decode",
+                "needle in blocks {:?}{}: {at_question}, {}/{} at the answer's first token, {}/{} \
+                 at decode",
                 n.blocks,
                 if n.cut { " (cut)" } else { "" },
-                n.at_question,
-                n.layers,
                 n.at_answer,
                 n.layers,
                 n.at_decode.first().copied().unwrap_or(0),

@@ -69,6 +69,8 @@ pub struct ConfigFile {
     pub block_dtype: Option<BlockDType>,
     /// See [`Policy::boundaries`].
     pub boundaries: Option<Boundaries>,
+    /// See [`Policy::question_first`].
+    pub question_first: Option<bool>,
     /// See [`MemoryCaps::max_memory`]: bytes, or a size such as `"8GiB"`.
     pub max_memory: Option<SizeValue>,
     /// See [`MemoryCaps::max_request_memory`]: bytes, or a size such as
@@ -126,6 +128,7 @@ impl ConfigFile {
             answer_topk: size("answer_topk", self.answer_topk, base.answer_topk, 0)?,
             block_dtype: self.block_dtype.unwrap_or(base.block_dtype),
             boundaries: self.boundaries.unwrap_or(base.boundaries),
+            question_first: self.question_first.unwrap_or(base.question_first),
         };
         let engine = EngineSettings {
             prefill_chunk_size: size(

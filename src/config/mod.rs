@@ -418,6 +418,13 @@ pub struct Policy {
     pub block_dtype: BlockDType,
     /// Where memory blocks begin: at fixed offsets or after sentence ends.
     pub boundaries: Boundaries,
+    /// In `qllm` mode, a question found after its document (or given in the
+    /// request's `question` field) is also copied before it, at the start
+    /// of the last user message or of the prompt: the layout of the Q-LLM
+    /// paper's prompts. The document is then read with the question among
+    /// the sinks. A request's prompt changes, so a kept prefix is reused
+    /// only by a request with the same question.
+    pub question_first: bool,
 }
 
 impl Policy {
@@ -478,6 +485,7 @@ impl Policy {
             answer_topk: 0,
             block_dtype: BlockDType::Model,
             boundaries: Boundaries::Fixed,
+            question_first: false,
         }
     }
 

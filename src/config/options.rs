@@ -49,6 +49,8 @@ pub struct RequestOptions {
     pub selection: Option<Selection>,
     /// Where memory blocks begin (`fixed`, `sentence`).
     pub boundaries: Option<Boundaries>,
+    /// Whether the question is also copied before the document.
+    pub question_first: Option<bool>,
     /// `false` reads the whole prompt even when it begins with a kept
     /// prefix, and keeps nothing of this request for later ones.
     pub reuse: Option<bool>,
@@ -96,6 +98,9 @@ impl RequestOptions {
         }
         if let Some(boundaries) = self.boundaries {
             config.boundaries = boundaries;
+        }
+        if let Some(first) = self.question_first {
+            config.question_first = first;
         }
         config.mass_candidates = size(
             "mass_candidates",

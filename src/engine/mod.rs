@@ -583,6 +583,7 @@ pub(crate) mod tests {
                 probe_for: None,
                 needle: None,
                 reuse: true,
+                question_copied: false,
             },
         );
         let err = admit(&hook, 7, 9).unwrap_err();

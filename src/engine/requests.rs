@@ -24,6 +24,9 @@ pub struct RequestPlan {
     /// Whether it may resume from a kept prefix, and its own state be kept
     /// for later requests.
     pub reuse: bool,
+    /// Whether its question was copied before its document
+    /// ([`Policy::question_first`]).
+    pub question_copied: bool,
 }
 
 /// The span of a prompt to trace.
@@ -50,6 +53,9 @@ pub struct RequestReport {
     /// How the question's vectors were obtained: `probe`, `in line`, or
     /// `none`.
     pub question_vectors: &'static str,
+    /// Whether the question was copied before the document
+    /// ([`Policy::question_first`]).
+    pub question_copied: bool,
     /// Tokens held in memory blocks (first layer).
     pub tokens_in_memory: usize,
     /// Memory blocks held (first layer).

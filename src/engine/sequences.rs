@@ -161,6 +161,7 @@ impl SeqState {
         let mut state = Self::new(Arc::new(plan.policy));
         state.question_tokens = plan.question;
         state.needle_asked = plan.needle;
+        state.report.question_copied = plan.question_copied;
         state.probe_for = plan.probe_for;
         state.reuse = plan.reuse && plan.probe_for.is_none();
         if plan.probe_for.is_none() {

@@ -182,7 +182,9 @@ impl NeedleTrace {
             }
             return;
         }
-        if positions.contains(&self.question_at) {
+        // A question read before the needle (copied first) cannot retrieve
+        // it: nothing is recorded there.
+        if positions.contains(&self.question_at) && self.question_at >= self.span.end {
             trace.at_question = Some(seen);
             trace.rank_at_question = rank;
         }
@@ -217,6 +219,7 @@ impl NeedleTrace {
             span: (self.span.start, self.span.end),
             blocks: self.blocks.clone(),
             cut: self.cut,
+            question_before: self.question_at < self.span.end,
             layers: self.layers.len(),
             at_question: count(&|l| l.at_question, Sight::Whole),
             at_question_partly: count(&|l| l.at_question, Sight::Part),
@@ -258,6 +261,11 @@ pub struct NeedleReport {
     /// lie in two blocks and still whole in one of them).
     #[serde(default)]
     pub cut: bool,
+    /// Whether the question whose span the sequence uses is read before the
+    /// needle (copied first, or asked first only); nothing is then counted
+    /// at the question.
+    #[serde(default)]
+    pub question_before: bool,
     /// Layers traced.
     pub layers: usize,
     /// Layers that attended the whole needle at the execution block reading
@@ -416,6 +424,24 @@ mod tests {
         // at the last, layer 2 never.
         let share = report.prefill_share.unwrap();
         assert!((share - 6.0 / 15.0).abs() < 1e-9, "{share}");
+        assert!(!report.question_before);
+    }
+
+    #[test]
+    fn a_question_read_before_the_needle_counts_nothing_there() {
+        // Question at 0..10, needle at 20..30, prompt of 100 tokens.
+        let mut trace = NeedleTrace::new(20..30, Some(10), 100, 8);
+        let all = fixed_starts(9);
+        trace.observe(0, &trace_read(&(0..16), &[], &[], &[]));
+        trace.observe(0, &trace_read(&(99..100), &[2, 3], &[], &all));
+        let report = trace.report();
+        assert!(report.question_before);
+        assert_eq!((report.at_question, report.at_question_partly), (0, 0));
+        assert_eq!(report.per_layer_at_question, "?");
+        assert_eq!(
+            (report.at_answer, report.per_layer_at_answer.as_str()),
+            (1, "+")
+        );
     }
 
     /// An execution block's read with fixed blocks of 8 beginning at

@@ -70,7 +70,7 @@ pub async fn complete(
         max_len: Some(max_new_tokens),
         ..SamplingParams::deterministic()
     };
-    let request = NormalRequest::new_simple(
+    let mut request = NormalRequest::new_simple(
         RequestMessage::Completion {
             text: prompt,
             echo_prompt: false,
@@ -84,7 +84,9 @@ pub async fn complete(
     );
     let request_id = request.id;
     let prepared = match qllm {
-        Some((hook, options)) => Some((hook, prepare(mistralrs, hook, &request, options).await?)),
+        Some((hook, options)) => {
+            Some((hook, prepare(mistralrs, hook, &mut request, options).await?))
+        }
         None => None,
     };
     mistralrs

@@ -6,7 +6,9 @@ use std::sync::Arc;
 
 use mistralrs_core::{MistralRs, NormalRequest, Request, RequestMessage, Response, SamplingParams};
 
-use super::text::{find_question, prompt_bytes, Question, QuestionSource};
+use super::text::{
+    copy_question_first, find_question, prompt_text, Question, QuestionCopy, QuestionSource,
+};
 use crate::client::tokenize_with;
 use crate::config::{Boundaries, Policy, RequestOptions};
 use crate::engine::{Needle, QllmHook, RequestPlan};
@@ -47,16 +49,20 @@ pub struct Prepared {
     pub question_tokens: usize,
     /// Whether a probe pass computed the question's vectors.
     pub probed: bool,
+    /// Whether the question was copied before the document
+    /// ([`Policy::question_first`]).
+    pub question_copied: bool,
 }
 
 /// Registers `request`'s settings with `hook` (from `options` over the
-/// hook's config), finds its question and, in `qllm` mode, runs the probe
-/// pass. Call before sending the request; keep the returned guard until its
-/// response is complete.
+/// hook's config), finds its question and, in `qllm` mode, copies it before
+/// the document (with `question_first`) and runs the probe pass. Call
+/// before sending the request; keep the returned guard until its response
+/// is complete.
 pub async fn prepare(
     mistralrs: &MistralRs,
     hook: &Arc<QllmHook>,
-    request: &NormalRequest,
+    request: &mut NormalRequest,
     options: &RequestOptions,
 ) -> Result<Prepared> {
     let policy = options.apply(hook.config())?;
@@ -72,7 +78,9 @@ pub async fn prepare(
         }),
         None => find_question(&request.messages),
     };
-    if let (Some(q), Some(prompt_bytes)) = (&question, prompt_bytes(&request.messages)) {
+    if let (Some(q), Some(prompt_bytes)) =
+        (&question, prompt_text(&request.messages).map(|t| t.len()))
+    {
         // Caught here, before the probe pass would run it through the model;
         // the hook compares tokens once the engine has tokenized the prompt.
         if q.text.len() > prompt_bytes {
@@ -98,11 +106,18 @@ pub async fn prepare(
     } else if policy.mode.uses_question() {
         tracing::info!("qllm: request {}: no question found", request.id);
     }
+    let mut needle_span = options.needle_span.clone();
+    let question_copied = match &question {
+        Some(q) if policy.question_first && policy.mode.uses_question() => {
+            copy_first(mistralrs, request, &q.text, needle_span.as_mut()).await?
+        }
+        _ => false,
+    };
     let guard = RequestGuard {
         hook: hook.clone(),
         request_id: request.id,
     };
-    let needle = match (&options.needle_span, &options.needle) {
+    let needle = match (&needle_span, &options.needle) {
         (Some(span), _) => Some(Needle::Span(span.clone())),
         (None, Some(text)) => Some(Needle::Tokens(tokenize_with(mistralrs, text, false).await?)),
         (None, None) => None,
@@ -113,6 +128,7 @@ pub async fn prepare(
         probe_for: None,
         needle,
         reuse: options.reuse.unwrap_or(true),
+        question_copied,
     };
     hook.register_request(request.id, plan.clone());
     let probed =
@@ -127,7 +143,37 @@ pub async fn prepare(
         question,
         question_tokens: question_tokens.len(),
         probed,
+        question_copied,
     })
+}
+
+/// Copies `question` before the document of `request`
+/// ([`copy_question_first`]); a traced `needle_span` moves with the tokens
+/// the copy adds. Whether it was copied.
+async fn copy_first(
+    mistralrs: &MistralRs,
+    request: &mut NormalRequest,
+    question: &str,
+    needle_span: Option<&mut std::ops::Range<usize>>,
+) -> Result<bool> {
+    let tokens_before = match (&needle_span, prompt_text(&request.messages)) {
+        (Some(_), Some(text)) => Some(tokenize_with(mistralrs, &text, false).await?.len()),
+        _ => None,
+    };
+    let copy = copy_question_first(&mut request.messages, question);
+    tracing::info!(
+        "qllm: request {}: question copied first: {copy:?}",
+        request.id
+    );
+    if copy != QuestionCopy::Copied {
+        return Ok(false);
+    }
+    if let (Some(span), Some(before)) = (needle_span, tokens_before) {
+        let text = prompt_text(&request.messages).expect("the copy went into text");
+        let added = tokenize_with(mistralrs, &text, false).await?.len() - before;
+        *span = span.start + added..span.end + added;
+    }
+    Ok(true)
 }
 
 /// The model's sentence-end tokens: each of [`SENTENCE_END_TEXTS`] that its
@@ -217,7 +263,7 @@ async fn probe(
 /// is found and probed as `serve` does it. `None` when no hook is installed.
 pub async fn prepare_installed(
     mistralrs: &MistralRs,
-    request: &NormalRequest,
+    request: &mut NormalRequest,
 ) -> Result<Option<Prepared>> {
     let Some(hook) = crate::installed() else {
         return Ok(None);

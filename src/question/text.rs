@@ -68,20 +68,86 @@ pub fn find_question(messages: &RequestMessage) -> Option<Question> {
     question_in_text(&text)
 }
 
-/// Bytes of text in a request's messages (the prompt without its template),
-/// if it is given as text.
+/// A question asked within a text's first this many bytes is taken as
+/// asked before its document: [`copy_question_first`] leaves it alone.
+pub const ASKED_FIRST_BYTES: usize = 2 * QUESTION_MAX_BYTES;
+
+/// What [`copy_question_first`] did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum QuestionCopy {
+    /// The question was put before the document.
+    Copied,
+    /// The text already asks it within its first [`ASKED_FIRST_BYTES`].
+    AlreadyFirst,
+    /// There is no text to put it in: a prompt given as tokens, or no user
+    /// message.
+    NoText,
+}
+
+/// Puts `question` before the document as a paragraph of its own: at the
+/// start of the last user message (chat) or of the prompt (completion), the
+/// text [`find_question`] reads.
 #[cfg(feature = "engine")]
-pub(crate) fn prompt_bytes(messages: &RequestMessage) -> Option<usize> {
+pub fn copy_question_first(messages: &mut RequestMessage, question: &str) -> QuestionCopy {
+    let asked_first = |text: &str| {
+        text.find(question)
+            .is_some_and(|at| at + question.len() <= ASKED_FIRST_BYTES)
+    };
+    let copy = format!("{question}\n\n");
+    match messages {
+        RequestMessage::Chat { messages, .. } | RequestMessage::MultimodalChat { messages, .. } => {
+            let Some(content) = messages
+                .iter_mut()
+                .rev()
+                .find(|m| {
+                    m.get("role")
+                        .and_then(|r| r.as_ref().left())
+                        .is_some_and(|r| r == "user")
+                })
+                .and_then(|m| m.get_mut("content"))
+            else {
+                return QuestionCopy::NoText;
+            };
+            if asked_first(&message_text(Some(content))) {
+                return QuestionCopy::AlreadyFirst;
+            }
+            match content {
+                either::Either::Left(text) => text.insert_str(0, &copy),
+                either::Either::Right(parts) => parts.insert(
+                    0,
+                    indexmap::IndexMap::from([
+                        ("type".to_string(), serde_json::Value::from("text")),
+                        ("text".to_string(), serde_json::Value::from(question)),
+                    ]),
+                ),
+            }
+        }
+        RequestMessage::Completion { text, .. } => {
+            if asked_first(text) {
+                return QuestionCopy::AlreadyFirst;
+            }
+            text.insert_str(0, &copy);
+        }
+        _ => return QuestionCopy::NoText,
+    }
+    QuestionCopy::Copied
+}
+
+/// The text of a request's messages (the prompt without its template),
+/// messages apart by a blank line, if it is given as text.
+#[cfg(feature = "engine")]
+pub(crate) fn prompt_text(messages: &RequestMessage) -> Option<String> {
     match messages {
         RequestMessage::Chat { messages, .. } | RequestMessage::MultimodalChat { messages, .. } => {
             Some(
                 messages
                     .iter()
-                    .map(|m| message_text(m.get("content")).len())
-                    .sum(),
+                    .map(|m| message_text(m.get("content")))
+                    .collect::<Vec<_>>()
+                    .join("\n\n"),
             )
         }
-        RequestMessage::Completion { text, .. } => Some(text.len()),
+        RequestMessage::Completion { text, .. } => Some(text.clone()),
         _ => None,
     }
 }
@@ -254,6 +320,113 @@ mod tests {
         assert_eq!(
             question(&m).unwrap().0,
             "What is the pass key? The pass key is"
+        );
+    }
+
+    fn user_text(messages: &RequestMessage, index: usize) -> String {
+        match messages {
+            RequestMessage::Chat { messages, .. } => message_text(messages[index].get("content")),
+            RequestMessage::Completion { text, .. } => text.clone(),
+            _ => unreachable!(),
+        }
+    }
+
+    #[test]
+    fn the_question_is_copied_to_the_start_of_the_last_user_message() {
+        let long_doc = DOC.repeat(20);
+        assert!(long_doc.len() > ASKED_FIRST_BYTES);
+        let asked = format!("{long_doc}\n\nWhat is the pass key?");
+        let mut m = chat(&[
+            ("system", "Be brief."),
+            ("user", &asked),
+            ("assistant", "12345."),
+            ("user", &asked),
+        ]);
+        assert_eq!(
+            copy_question_first(&mut m, "What is the pass key?"),
+            QuestionCopy::Copied
+        );
+        assert_eq!(
+            user_text(&m, 3),
+            format!("What is the pass key?\n\n{asked}")
+        );
+        // Earlier turns and the system prompt are not changed.
+        assert_eq!(user_text(&m, 1), asked);
+        assert_eq!(user_text(&m, 0), "Be brief.");
+        // The copy is now the first paragraph, and the last stays the question.
+        assert_eq!(
+            question(&m),
+            Some(("What is the pass key?".into(), QuestionSource::Last))
+        );
+        // Copied once only.
+        assert_eq!(
+            copy_question_first(&mut m, "What is the pass key?"),
+            QuestionCopy::AlreadyFirst
+        );
+    }
+
+    #[test]
+    fn a_question_asked_before_a_long_document_is_not_copied_again() {
+        let long_doc = "The grass is green. ".repeat(200);
+        let mut first = chat(&[(
+            "user",
+            &format!("Read this.\n\nWhat is the pass key?\n\n{long_doc}\n\nWhat is the pass key?"),
+        )]);
+        let before = user_text(&first, 0);
+        assert_eq!(
+            copy_question_first(&mut first, "What is the pass key?"),
+            QuestionCopy::AlreadyFirst
+        );
+        assert_eq!(user_text(&first, 0), before);
+        // Asked only after more than `ASKED_FIRST_BYTES` of document: copied.
+        let mut last = RequestMessage::Completion {
+            text: format!("{long_doc}\n\nWhat is the pass key? The pass key is"),
+            echo_prompt: false,
+            best_of: None,
+        };
+        assert!(long_doc.len() > ASKED_FIRST_BYTES);
+        assert_eq!(
+            copy_question_first(&mut last, "What is the pass key?"),
+            QuestionCopy::Copied
+        );
+        assert!(user_text(&last, 0).starts_with("What is the pass key?\n\nThe grass"));
+    }
+
+    #[test]
+    fn a_question_is_copied_into_multimodal_text_and_not_into_tokens() {
+        let mut m = RequestMessage::MultimodalChat {
+            messages: vec![IndexMap::from([
+                ("role".to_string(), either::Either::Left("user".to_string())),
+                (
+                    "content".to_string(),
+                    either::Either::Right(vec![IndexMap::from([
+                        ("type".to_string(), serde_json::Value::from("text")),
+                        ("text".to_string(), serde_json::Value::from(DOC)),
+                    ])]),
+                ),
+            ])],
+            images: vec![],
+            audios: vec![],
+            videos: vec![],
+            enable_thinking: None,
+            reasoning_effort: None,
+        };
+        assert_eq!(copy_question_first(&mut m, "Who?"), QuestionCopy::Copied);
+        let RequestMessage::MultimodalChat { messages, .. } = &m else {
+            unreachable!()
+        };
+        assert_eq!(
+            message_text(messages[0].get("content")),
+            format!("Who?\n\n{DOC}")
+        );
+        let mut tokens = RequestMessage::CompletionTokens(vec![1, 2, 3]);
+        assert_eq!(
+            copy_question_first(&mut tokens, "Who?"),
+            QuestionCopy::NoText
+        );
+        assert_eq!(
+            copy_question_first(&mut chat(&[("system", "Be brief.")]), "Who?"),
+            QuestionCopy::NoText
         );
     }
 }
