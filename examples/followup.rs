@@ -259,6 +259,9 @@ fn main() -> Result<()> {
             let options = RequestOptions {
                 question: Some(fact.question.clone()),
                 reuse: Some(reuse),
+                // A kept state is resumed by a prompt that begins as its own;
+                // a question copied first would begin each prompt with it.
+                question_first: Some(false),
                 ..RequestOptions::default()
             };
             let start = Instant::now();

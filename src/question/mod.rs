@@ -17,6 +17,13 @@
 //! vector. The real request retrieves with it from its first memory block
 //! on, unless its question lies within the first `n_init + n_local` tokens,
 //! where the hook captures it in line as the paper does.
+//!
+//! With `question_first` (the default), [`probe::prepare`] first copies a
+//! question asked after its document to the start of the prompt
+//! ([`text::copy_question_first`]): the document is then read with the
+//! question among the sinks, and the question's vectors come from that
+//! copy, in line. That rewrites the prompt; the paper's prompts are written
+//! that way, its method reads them as they are.
 
 #[cfg(feature = "engine")]
 pub mod probe;

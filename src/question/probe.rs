@@ -71,7 +71,7 @@ pub async fn prepare(
         tracing::info!("qllm: sentence-end tokens {tokens:?}");
         hook.set_sentence_end_tokens(tokens);
     }
-    let question = match &options.question {
+    let mut question = match &options.question {
         Some(text) => Some(Question {
             text: text.clone(),
             source: QuestionSource::Explicit,
@@ -91,6 +91,17 @@ pub async fn prepare(
             )));
         }
     }
+    let mut needle_span = options.needle_span.clone();
+    let mut question_copied = false;
+    if let Some(q) = &mut question {
+        if policy.question_first && policy.mode.uses_question() {
+            if let Some(asked) = copy_first(mistralrs, request, q, needle_span.as_mut()).await? {
+                // The copy is the question the hook looks up and reads in line.
+                q.text = asked;
+                question_copied = true;
+            }
+        }
+    }
     // Tokenized in every mode: where the question begins, the document
     // ends, and its state is kept for other questions (see `reuse`).
     let mut question_tokens = Vec::new();
@@ -106,13 +117,6 @@ pub async fn prepare(
     } else if policy.mode.uses_question() {
         tracing::info!("qllm: request {}: no question found", request.id);
     }
-    let mut needle_span = options.needle_span.clone();
-    let question_copied = match &question {
-        Some(q) if policy.question_first && policy.mode.uses_question() => {
-            copy_first(mistralrs, request, &q.text, needle_span.as_mut()).await?
-        }
-        _ => false,
-    };
     let guard = RequestGuard {
         hook: hook.clone(),
         request_id: request.id,
@@ -149,13 +153,13 @@ pub async fn prepare(
 
 /// Copies `question` before the document of `request`
 /// ([`copy_question_first`]); a traced `needle_span` moves with the tokens
-/// the copy adds. Whether it was copied.
+/// the copy adds. The text copied, if it was.
 async fn copy_first(
     mistralrs: &MistralRs,
     request: &mut NormalRequest,
-    question: &str,
+    question: &Question,
     needle_span: Option<&mut std::ops::Range<usize>>,
-) -> Result<bool> {
+) -> Result<Option<String>> {
     let tokens_before = match (&needle_span, prompt_text(&request.messages)) {
         (Some(_), Some(text)) => Some(tokenize_with(mistralrs, &text, false).await?.len()),
         _ => None,
@@ -165,15 +169,15 @@ async fn copy_first(
         "qllm: request {}: question copied first: {copy:?}",
         request.id
     );
-    if copy != QuestionCopy::Copied {
-        return Ok(false);
-    }
+    let QuestionCopy::Copied(asked) = copy else {
+        return Ok(None);
+    };
     if let (Some(span), Some(before)) = (needle_span, tokens_before) {
         let text = prompt_text(&request.messages).expect("the copy went into text");
         let added = tokenize_with(mistralrs, &text, false).await?.len() - before;
         *span = span.start + added..span.end + added;
     }
-    Ok(true)
+    Ok(Some(asked))
 }
 
 /// The model's sentence-end tokens: each of [`SENTENCE_END_TEXTS`] that its

@@ -17,6 +17,9 @@ pub enum QuestionSource {
     /// The first paragraph of the last user message, a question followed by
     /// a document.
     First,
+    /// The last user message (or the prompt) as a whole, cut to its last
+    /// sentences: it has one paragraph.
+    Only,
 }
 
 impl std::fmt::Display for QuestionSource {
@@ -25,6 +28,7 @@ impl std::fmt::Display for QuestionSource {
             QuestionSource::Explicit => "the request's `question` field",
             QuestionSource::Last => "the end of the last user message",
             QuestionSource::First => "the start of the last user message",
+            QuestionSource::Only => "the last user message, one paragraph",
         })
     }
 }
@@ -73,64 +77,119 @@ pub fn find_question(messages: &RequestMessage) -> Option<Question> {
 pub const ASKED_FIRST_BYTES: usize = 2 * QUESTION_MAX_BYTES;
 
 /// What [`copy_question_first`] did.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum QuestionCopy {
-    /// The question was put before the document.
-    Copied,
+    /// The question was put before the document: this text of it (up to
+    /// its last `?`, without an answer's start that may follow).
+    Copied(String),
     /// The text already asks it within its first [`ASKED_FIRST_BYTES`].
     AlreadyFirst,
     /// There is no text to put it in: a prompt given as tokens, or no user
     /// message.
     NoText,
+    /// The question is the whole of a one-paragraph message: no document
+    /// precedes it.
+    OneParagraph,
 }
 
 /// Puts `question` before the document as a paragraph of its own: at the
 /// start of the last user message (chat) or of the prompt (completion), the
-/// text [`find_question`] reads.
+/// text [`find_question`] reads. In a chat, each earlier user message that
+/// asks its own question after its text gets the same copy of that question,
+/// so that a conversation resent with its next turn begins as the prompt
+/// its previous turn was read as (and resumes from its kept state).
 #[cfg(feature = "engine")]
-pub fn copy_question_first(messages: &mut RequestMessage, question: &str) -> QuestionCopy {
-    let asked_first = |text: &str| {
-        text.find(question)
-            .is_some_and(|at| at + question.len() <= ASKED_FIRST_BYTES)
-    };
-    let copy = format!("{question}\n\n");
+pub fn copy_question_first(messages: &mut RequestMessage, question: &Question) -> QuestionCopy {
+    if question.source == QuestionSource::Only {
+        return QuestionCopy::OneParagraph;
+    }
+    let question = asked_part(&question.text);
     match messages {
         RequestMessage::Chat { messages, .. } | RequestMessage::MultimodalChat { messages, .. } => {
-            let Some(content) = messages
+            let mut users = messages
                 .iter_mut()
-                .rev()
-                .find(|m| {
+                .filter(|m| {
                     m.get("role")
                         .and_then(|r| r.as_ref().left())
                         .is_some_and(|r| r == "user")
                 })
-                .and_then(|m| m.get_mut("content"))
-            else {
+                .filter_map(|m| m.get_mut("content"))
+                .collect::<Vec<_>>();
+            let Some(last) = users.pop() else {
                 return QuestionCopy::NoText;
             };
-            if asked_first(&message_text(Some(content))) {
-                return QuestionCopy::AlreadyFirst;
+            for content in users {
+                let text = message_text(Some(content));
+                if let Some(own) = question_in_text(&text) {
+                    if own.source == QuestionSource::Last {
+                        copy_into_content(content, &text, asked_part(&own.text));
+                    }
+                }
             }
-            match content {
-                either::Either::Left(text) => text.insert_str(0, &copy),
-                either::Either::Right(parts) => parts.insert(
-                    0,
-                    indexmap::IndexMap::from([
-                        ("type".to_string(), serde_json::Value::from("text")),
-                        ("text".to_string(), serde_json::Value::from(question)),
-                    ]),
-                ),
-            }
+            let text = message_text(Some(last));
+            copy_into_content(last, &text, question)
         }
         RequestMessage::Completion { text, .. } => {
-            if asked_first(text) {
+            if asked_first(text, question) {
                 return QuestionCopy::AlreadyFirst;
             }
-            text.insert_str(0, &copy);
+            text.insert_str(0, &format!("{question}\n\n"));
+            QuestionCopy::Copied(question.to_string())
         }
-        _ => return QuestionCopy::NoText,
+        _ => QuestionCopy::NoText,
     }
-    QuestionCopy::Copied
+}
+
+#[cfg(feature = "engine")]
+/// The sentence of `question` that ends at its last `?` (from the line or
+/// sentence end before it): a prompt's last paragraph may hold an
+/// instruction before it and the start of its answer after it ("... is"),
+/// neither of which is the question to ask first.
+fn asked_part(question: &str) -> &str {
+    let Some(end) = question.rfind('?') else {
+        return question;
+    };
+    let head = &question[..end];
+    let start = head
+        .char_indices()
+        .zip(head.chars().skip(1).map(Some).chain([None]))
+        .filter(|&((_, c), next)| {
+            c == '\n' || (matches!(c, '.' | '?' | '!') && next.is_some_and(char::is_whitespace))
+        })
+        .map(|((i, c), _)| i + c.len_utf8())
+        .last()
+        .unwrap_or(0);
+    question[start..=end].trim()
+}
+
+/// Whether `text` asks `question` within its first [`ASKED_FIRST_BYTES`].
+#[cfg(feature = "engine")]
+fn asked_first(text: &str, question: &str) -> bool {
+    text.find(question)
+        .is_some_and(|at| at + question.len() <= ASKED_FIRST_BYTES)
+}
+
+/// [`copy_question_first`] on one message's `content`, whose text is `text`.
+#[cfg(feature = "engine")]
+fn copy_into_content(
+    content: &mut mistralrs_core::MessageContent,
+    text: &str,
+    question: &str,
+) -> QuestionCopy {
+    if asked_first(text, question) {
+        return QuestionCopy::AlreadyFirst;
+    }
+    match content {
+        either::Either::Left(text) => text.insert_str(0, &format!("{question}\n\n")),
+        either::Either::Right(parts) => parts.insert(
+            0,
+            indexmap::IndexMap::from([
+                ("type".to_string(), serde_json::Value::from("text")),
+                ("text".to_string(), serde_json::Value::from(question)),
+            ]),
+        ),
+    }
+    QuestionCopy::Copied(question.to_string())
 }
 
 /// The text of a request's messages (the prompt without its template),
@@ -175,7 +234,9 @@ pub fn question_in_text(text: &str) -> Option<Question> {
         .filter(|p| !p.is_empty())
         .collect();
     let (&first, &last) = (paragraphs.first()?, paragraphs.last()?);
-    let (text, source) = if last.contains('?') || paragraphs.len() == 1 {
+    let (text, source) = if paragraphs.len() == 1 {
+        (last, QuestionSource::Only)
+    } else if last.contains('?') {
         (last, QuestionSource::Last)
     } else if first.contains('?') && first.len() <= QUESTION_MAX_BYTES {
         (first, QuestionSource::First)
@@ -270,7 +331,7 @@ mod tests {
         ]);
         assert_eq!(
             question(&m),
-            Some(("And what is the pass key?".into(), QuestionSource::Last))
+            Some(("And what is the pass key?".into(), QuestionSource::Only))
         );
     }
 
@@ -301,7 +362,7 @@ mod tests {
             &format!("{filler}What is the pass key? Answer briefly."),
         )]);
         let (text, source) = question(&m).unwrap();
-        assert_eq!(source, QuestionSource::Last);
+        assert_eq!(source, QuestionSource::Only);
         assert!(text.len() <= QUESTION_MAX_BYTES, "{}", text.len());
         assert!(text.starts_with("The grass"), "{text}");
         assert!(
@@ -321,6 +382,42 @@ mod tests {
             question(&m).unwrap().0,
             "What is the pass key? The pass key is"
         );
+    }
+
+    fn asked_last(text: &str) -> Question {
+        Question {
+            text: text.into(),
+            source: QuestionSource::Last,
+        }
+    }
+
+    #[test]
+    fn the_part_copied_is_the_sentence_that_asks() {
+        for (paragraph, asked) in [
+            (
+                "Answer the question using the text above.\nQuestion: Who came in 1901?\nAnswer: In",
+                "Question: Who came in 1901?",
+            ),
+            ("Read it. What is 3.5 times two? It is", "What is 3.5 times two?"),
+            ("Is it? Or is it not?", "Or is it not?"),
+            ("Summarise the text.", "Summarise the text."),
+            ("Où est-il? Il est", "Où est-il?"),
+        ] {
+            assert_eq!(asked_part(paragraph), asked, "{paragraph:?}");
+        }
+    }
+
+    #[test]
+    fn a_one_paragraph_prompt_is_not_copied() {
+        let text = "The grass is green. ".repeat(100) + "What is the pass key?";
+        let mut m = chat(&[("user", &text)]);
+        let found = find_question(&m).unwrap();
+        assert_eq!(found.source, QuestionSource::Only);
+        assert_eq!(
+            copy_question_first(&mut m, &found),
+            QuestionCopy::OneParagraph
+        );
+        assert_eq!(user_text(&m, 0), text);
     }
 
     fn user_text(messages: &RequestMessage, index: usize) -> String {
@@ -343,16 +440,18 @@ mod tests {
             ("user", &asked),
         ]);
         assert_eq!(
-            copy_question_first(&mut m, "What is the pass key?"),
-            QuestionCopy::Copied
+            copy_question_first(&mut m, &asked_last("What is the pass key?")),
+            QuestionCopy::Copied("What is the pass key?".into())
         );
         assert_eq!(
             user_text(&m, 3),
             format!("What is the pass key?\n\n{asked}")
         );
-        // Earlier turns and the system prompt are not changed.
-        assert_eq!(user_text(&m, 1), asked);
+        // An earlier turn that asked after its text gets its own copy, as
+        // when it was the last; the system prompt and answers are unchanged.
+        assert_eq!(user_text(&m, 1), user_text(&m, 3));
         assert_eq!(user_text(&m, 0), "Be brief.");
+        assert_eq!(user_text(&m, 2), "12345.");
         // The copy is now the first paragraph, and the last stays the question.
         assert_eq!(
             question(&m),
@@ -360,7 +459,7 @@ mod tests {
         );
         // Copied once only.
         assert_eq!(
-            copy_question_first(&mut m, "What is the pass key?"),
+            copy_question_first(&mut m, &asked_last("What is the pass key?")),
             QuestionCopy::AlreadyFirst
         );
     }
@@ -374,20 +473,24 @@ mod tests {
         )]);
         let before = user_text(&first, 0);
         assert_eq!(
-            copy_question_first(&mut first, "What is the pass key?"),
+            copy_question_first(&mut first, &asked_last("What is the pass key?")),
             QuestionCopy::AlreadyFirst
         );
         assert_eq!(user_text(&first, 0), before);
         // Asked only after more than `ASKED_FIRST_BYTES` of document: copied.
+        // A completion prompt's last paragraph goes on with the answer's
+        // start: only the question up to its `?` is copied.
         let mut last = RequestMessage::Completion {
             text: format!("{long_doc}\n\nWhat is the pass key? The pass key is"),
             echo_prompt: false,
             best_of: None,
         };
         assert!(long_doc.len() > ASKED_FIRST_BYTES);
+        let found = find_question(&last).unwrap();
+        assert_eq!(found.text, "What is the pass key? The pass key is");
         assert_eq!(
-            copy_question_first(&mut last, "What is the pass key?"),
-            QuestionCopy::Copied
+            copy_question_first(&mut last, &found),
+            QuestionCopy::Copied("What is the pass key?".into())
         );
         assert!(user_text(&last, 0).starts_with("What is the pass key?\n\nThe grass"));
     }
@@ -411,7 +514,10 @@ mod tests {
             enable_thinking: None,
             reasoning_effort: None,
         };
-        assert_eq!(copy_question_first(&mut m, "Who?"), QuestionCopy::Copied);
+        assert_eq!(
+            copy_question_first(&mut m, &asked_last("Who?")),
+            QuestionCopy::Copied("Who?".into())
+        );
         let RequestMessage::MultimodalChat { messages, .. } = &m else {
             unreachable!()
         };
@@ -421,11 +527,11 @@ mod tests {
         );
         let mut tokens = RequestMessage::CompletionTokens(vec![1, 2, 3]);
         assert_eq!(
-            copy_question_first(&mut tokens, "Who?"),
+            copy_question_first(&mut tokens, &asked_last("Who?")),
             QuestionCopy::NoText
         );
         assert_eq!(
-            copy_question_first(&mut chat(&[("system", "Be brief.")]), "Who?"),
+            copy_question_first(&mut chat(&[("system", "Be brief.")]), &asked_last("Who?")),
             QuestionCopy::NoText
         );
     }

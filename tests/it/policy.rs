@@ -38,6 +38,7 @@ pub(crate) fn small_config(mode: Mode) -> Policy {
         answer_topk: 0,
         block_dtype: BlockDType::Model,
         boundaries: qllm::Boundaries::Fixed,
+        question_first: false,
     }
 }
 

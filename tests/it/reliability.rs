@@ -532,22 +532,29 @@ fn a_needle_passage_is_traced_per_layer() {
 
 /// With the question both before and after the document (the paper's
 /// layout), the early copy is the one used: read before any retrieval and
-/// captured in line, as the paper does; asked only last, the last copy,
-/// from the probe.
+/// captured in line, as the paper does. Asked only last, the default copies
+/// it before the document and reads that copy in line; with
+/// `question_first` off, the last copy is used, from the probe.
 #[test]
 fn a_question_asked_first_and_last_is_read_in_line_from_its_first_copy() {
     let tiny = serve_tiny(&[], &[]);
     let question = "the lazy dog jumps over the fox?";
-    for (text, span_before, vectors) in [
+    let asked_last = format!("{}\n\n{question}", prompt(900));
+    for (text, extension, span_before, vectors, copied) in [
         (
             format!("{question}\n\n{}\n\n{question}", prompt(900)),
+            json!({}),
             20,
             "in line",
+            false,
         ),
+        (asked_last.clone(), json!({}), 20, "in line", true),
         (
-            format!("{}\n\n{question}", prompt(900)),
+            asked_last,
+            json!({"question_first": false}),
             usize::MAX,
             "probe",
+            false,
         ),
     ] {
         let body = json!({
@@ -555,11 +562,13 @@ fn a_question_asked_first_and_last_is_read_in_line_from_its_first_copy() {
             "prompt": text,
             "max_tokens": 2,
             "temperature": 0,
+            "qllm": extension,
         });
         let (status, reply) = complete(tiny.port, &body);
         assert_eq!(status, 200, "{reply}");
         let report = json_of(&reply)["qllm"].clone();
         assert_eq!(report["question_vectors"], vectors, "{report}");
+        assert_eq!(report["question_copied"], copied, "{report}");
         let start = report["question_span"][0].as_u64().unwrap() as usize;
         if span_before == usize::MAX {
             assert!(start > 800, "{report}");
