@@ -87,9 +87,9 @@ pub enum QuestionCopy {
     /// There is no text to put it in: a prompt given as tokens, or no user
     /// message.
     NoText,
-    /// The question is the whole of a one-paragraph message: no document
-    /// precedes it.
-    OneParagraph,
+    /// What was found is no question asked after a text: the tail of a
+    /// one-paragraph message without a `?`, or a question asked first.
+    NoQuestion,
 }
 
 /// Puts `question` before the document as a paragraph of its own: at the
@@ -100,9 +100,7 @@ pub enum QuestionCopy {
 /// its previous turn was read as (and resumes from its kept state).
 #[cfg(feature = "engine")]
 pub fn copy_question_first(messages: &mut RequestMessage, question: &Question) -> QuestionCopy {
-    if question.source == QuestionSource::Only {
-        return QuestionCopy::OneParagraph;
-    }
+    let asks = asks_after_its_text(question);
     let question = asked_part(&question.text);
     match messages {
         RequestMessage::Chat { messages, .. } | RequestMessage::MultimodalChat { messages, .. } => {
@@ -120,16 +118,20 @@ pub fn copy_question_first(messages: &mut RequestMessage, question: &Question) -
             };
             for content in users {
                 let text = message_text(Some(content));
-                if let Some(own) = question_in_text(&text) {
-                    if own.source == QuestionSource::Last {
-                        copy_into_content(content, &text, asked_part(&own.text));
-                    }
+                if let Some(own) = question_in_text(&text).filter(asks_after_its_text) {
+                    copy_into_content(content, &text, asked_part(&own.text));
                 }
+            }
+            if !asks {
+                return QuestionCopy::NoQuestion;
             }
             let text = message_text(Some(last));
             copy_into_content(last, &text, question)
         }
         RequestMessage::Completion { text, .. } => {
+            if !asks {
+                return QuestionCopy::NoQuestion;
+            }
             if asked_first(text, question) {
                 return QuestionCopy::AlreadyFirst;
             }
@@ -137,6 +139,18 @@ pub fn copy_question_first(messages: &mut RequestMessage, question: &Question) -
             QuestionCopy::Copied(question.to_string())
         }
         _ => QuestionCopy::NoText,
+    }
+}
+
+/// Whether `question` is one to copy before its text: given in the
+/// request, the final paragraph of its message, or (in a message of one
+/// paragraph) a sentence that asks (`?`), not a tail of the text.
+#[cfg(feature = "engine")]
+fn asks_after_its_text(question: &Question) -> bool {
+    match question.source {
+        QuestionSource::Explicit | QuestionSource::Last => true,
+        QuestionSource::Only => question.text.contains('?'),
+        QuestionSource::First => false,
     }
 }
 
@@ -408,16 +422,26 @@ mod tests {
     }
 
     #[test]
-    fn a_one_paragraph_prompt_is_not_copied() {
-        let text = "The grass is green. ".repeat(100) + "What is the pass key?";
+    fn a_one_paragraph_prompt_is_copied_only_when_it_asks() {
+        let text = "The grass is green. ".repeat(100) + "The pass key is";
         let mut m = chat(&[("user", &text)]);
         let found = find_question(&m).unwrap();
         assert_eq!(found.source, QuestionSource::Only);
         assert_eq!(
             copy_question_first(&mut m, &found),
-            QuestionCopy::OneParagraph
+            QuestionCopy::NoQuestion
         );
         assert_eq!(user_text(&m, 0), text);
+        // A long paragraph that ends by asking: its asking sentence is copied.
+        let asks = "The grass is green. ".repeat(100) + "What is the pass key? It is";
+        let mut m = chat(&[("user", &asks)]);
+        let found = find_question(&m).unwrap();
+        assert_eq!(found.source, QuestionSource::Only);
+        assert_eq!(
+            copy_question_first(&mut m, &found),
+            QuestionCopy::Copied("What is the pass key?".into())
+        );
+        assert_eq!(user_text(&m, 0), format!("What is the pass key?\n\n{asks}"));
     }
 
     fn user_text(messages: &RequestMessage, index: usize) -> String {
@@ -462,6 +486,29 @@ mod tests {
             copy_question_first(&mut m, &asked_last("What is the pass key?")),
             QuestionCopy::AlreadyFirst
         );
+    }
+
+    #[test]
+    fn earlier_turns_are_copied_when_the_last_asks_alone() {
+        let long_doc = DOC.repeat(20);
+        let asked = format!("{long_doc}\n\nWhat is the pass key?");
+        let follow_up = "And the city? Name it.";
+        let mut m = chat(&[
+            ("user", &asked),
+            ("assistant", "12345."),
+            ("user", follow_up),
+        ]);
+        let found = find_question(&m).unwrap();
+        assert_eq!(
+            copy_question_first(&mut m, &found),
+            QuestionCopy::AlreadyFirst
+        );
+        // The first turn reads as it did when it was the last.
+        assert_eq!(
+            user_text(&m, 0),
+            format!("What is the pass key?\n\n{asked}")
+        );
+        assert_eq!(user_text(&m, 2), follow_up);
     }
 
     #[test]

@@ -52,12 +52,17 @@ fn run_with_qllm_answers_a_one_shot_prompt() {
         stdout.contains("Q-LLM attention hook installed"),
         "stdout: {stdout}"
     );
-    // The prompt's question is found and probed, as `serve` does it.
+    // The prompt's question is found and probed, as `serve` does it: the
+    // one-paragraph message as a whole; short, it is not copied first.
     let found = stdout
         .lines()
-        .find(|l| l.contains("question from the end of the last user message"));
+        .find(|l| l.contains("question from the last user message, one paragraph"));
     assert!(
         found.is_some_and(|l| l.contains(&format!("{PARIS_QUESTION:?}"))),
+        "stdout: {stdout}"
+    );
+    assert!(
+        stdout.contains("question copied first: AlreadyFirst"),
         "stdout: {stdout}"
     );
 }
