@@ -36,13 +36,24 @@ pub fn find_span(tokens: &[u32], question: &[u32], which: Occurrence) -> Option<
     if let Some(at) = find(question) {
         return Some(at..at + question.len());
     }
-    if question.len() > 2 {
-        let inner = &question[1..question.len() - 1];
-        if let Some(at) = find(inner) {
-            return Some(at.saturating_sub(1)..(at + inner.len() + 1).min(tokens.len()));
-        }
+    find_loose(tokens, question, which)
+}
+
+/// `question`'s inner tokens in `tokens` at the `which` occurrence, widened
+/// by one token on each side: a copy whose first or last token merged with
+/// its neighbour (`?` and the blank line after it are one token in some
+/// vocabularies).
+fn find_loose(tokens: &[u32], question: &[u32], which: Occurrence) -> Option<Range<usize>> {
+    if question.len() <= 2 {
+        return None;
     }
-    None
+    let inner = &question[1..question.len() - 1];
+    let mut windows = tokens.windows(inner.len());
+    let at = match which {
+        Occurrence::First => windows.position(|w| w == inner),
+        Occurrence::Last => windows.rposition(|w| w == inner),
+    }?;
+    Some(at.saturating_sub(1)..(at + inner.len() + 1).min(tokens.len()))
 }
 
 /// The question span a sequence with `policy` uses, and whether it was cut.
@@ -62,8 +73,17 @@ pub struct QuestionSpan {
 /// vector is read from the local window.
 pub fn resolve(tokens: &[u32], question: &[u32], policy: &Policy) -> Option<QuestionSpan> {
     let read_in_time = read_in_time(policy);
+    // An early copy may match only loosely (its edges merged with the text
+    // around it) while a later one matches whole: the early one still wins.
     let span = find_span(tokens, question, Occurrence::First)
         .filter(|early| early.end <= read_in_time)
+        .or_else(|| {
+            // A few inner tokens could match anywhere: only longer questions.
+            (question.len() >= LOOSE_EARLY_MIN_TOKENS)
+                .then(|| find_loose(tokens, question, Occurrence::First))
+                .flatten()
+                .filter(|early| early.end <= read_in_time)
+        })
         .or_else(|| find_question_span(tokens, question))?;
     let start = span.start.max(span.end.saturating_sub(policy.n_local));
     Some(QuestionSpan {
@@ -71,6 +91,10 @@ pub fn resolve(tokens: &[u32], question: &[u32], policy: &Policy) -> Option<Ques
         span: start..span.end,
     })
 }
+
+/// Fewest tokens a question needs for an early copy matched by its inner
+/// tokens only to be taken over a later copy that matches whole.
+const LOOSE_EARLY_MIN_TOKENS: usize = 6;
 
 /// Tokens read before the first memory block can be retrieved: a question
 /// that ends within them is captured in line.
@@ -124,5 +148,23 @@ mod tests {
         let cut = resolve(&long, &[1, 2, 3, 4, 5, 6], &policy).unwrap();
         assert_eq!(cut, QuestionSpan { span: 3..7, cut: 2 });
         assert_eq!(resolve(&long, &[42, 43], &policy), None);
+        // The early copy's last token merged with the blank line after it
+        // (99), the late one whole: the early copy, widened, is read.
+        let question = [1, 2, 3, 4, 5, 6];
+        let policy = Policy {
+            n_local: 8,
+            exc_block_size: 8,
+            ..policy
+        };
+        let mut merged = vec![9, 1, 2, 3, 4, 5, 99];
+        merged.extend([7; 20]);
+        merged.extend(question);
+        assert_eq!(resolve(&merged, &question, &policy).unwrap().span, 1..7);
+        // A short question is not matched loosely early: the whole, late.
+        let mut short = vec![9, 1, 2, 99];
+        short.extend([7; 20]);
+        short.extend([1, 2, 3]);
+        let span = resolve(&short, &[1, 2, 3], &policy).unwrap();
+        assert_eq!(span.span, short.len() - 3..short.len());
     }
 }
