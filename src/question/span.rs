@@ -73,17 +73,11 @@ pub struct QuestionSpan {
 /// vector is read from the local window.
 pub fn resolve(tokens: &[u32], question: &[u32], policy: &Policy) -> Option<QuestionSpan> {
     let read_in_time = read_in_time(policy);
-    // An early copy may match only loosely (its edges merged with the text
-    // around it) while a later one matches whole: the early one still wins.
+    // An early copy may have an edge token merged with the text beside it
+    // while a later one matches whole: the early one still wins.
     let span = find_span(tokens, question, Occurrence::First)
         .filter(|early| early.end <= read_in_time)
-        .or_else(|| {
-            // A few inner tokens could match anywhere: only longer questions.
-            (question.len() >= LOOSE_EARLY_MIN_TOKENS)
-                .then(|| find_loose(tokens, question, Occurrence::First))
-                .flatten()
-                .filter(|early| early.end <= read_in_time)
-        })
+        .or_else(|| find_edge_merged(tokens, question).filter(|early| early.end <= read_in_time))
         .or_else(|| find_question_span(tokens, question))?;
     let start = span.start.max(span.end.saturating_sub(policy.n_local));
     Some(QuestionSpan {
@@ -92,9 +86,23 @@ pub fn resolve(tokens: &[u32], question: &[u32], policy: &Policy) -> Option<Ques
     })
 }
 
-/// Fewest tokens a question needs for an early copy matched by its inner
-/// tokens only to be taken over a later copy that matches whole.
-const LOOSE_EARLY_MIN_TOKENS: usize = 6;
+/// Fewest tokens a question needs for an early copy that matches all but
+/// one edge token to be taken over a later copy that matches whole.
+const EDGE_MERGED_MIN_TOKENS: usize = 6;
+
+/// The first occurrence of `question` with exactly its first or its last
+/// token changed (merged with the text beside it), for questions of at
+/// least [`EDGE_MERGED_MIN_TOKENS`]: fewer could match other text.
+fn find_edge_merged(tokens: &[u32], question: &[u32]) -> Option<Range<usize>> {
+    let n = question.len();
+    if n < EDGE_MERGED_MIN_TOKENS || n > tokens.len() {
+        return None;
+    }
+    let at = tokens
+        .windows(n)
+        .position(|w| w[..n - 1] == question[..n - 1] || w[1..] == question[1..])?;
+    Some(at..at + n)
+}
 
 /// Tokens read before the first memory block can be retrieved: a question
 /// that ends within them is captured in line.
@@ -160,7 +168,13 @@ mod tests {
         merged.extend([7; 20]);
         merged.extend(question);
         assert_eq!(resolve(&merged, &question, &policy).unwrap().span, 1..7);
-        // A short question is not matched loosely early: the whole, late.
+        // Both edges changed (the pass key's needle holds the question's
+        // inner tokens), or a short question: the whole, late.
+        let mut both = vec![9, 98, 2, 3, 4, 5, 99];
+        both.extend([7; 20]);
+        both.extend(question);
+        let span = resolve(&both, &question, &policy).unwrap();
+        assert_eq!(span.span, both.len() - 6..both.len());
         let mut short = vec![9, 1, 2, 99];
         short.extend([7; 20]);
         short.extend([1, 2, 3]);
