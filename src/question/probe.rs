@@ -264,7 +264,8 @@ async fn probe(
 
 /// [`prepare`] with the server's settings, for callers that send requests
 /// to the engine themselves (the CLI's `run`, Rust programs): the question
-/// is found and probed as `serve` does it. `None` when no hook is installed.
+/// is found, copied first and probed as `serve` does it. `None` when no
+/// hook is installed.
 pub async fn prepare_installed(
     mistralrs: &MistralRs,
     request: &mut NormalRequest,
