@@ -132,11 +132,7 @@ pub fn copy_question_first(messages: &mut RequestMessage, question: &Question) -
             if !asks {
                 return QuestionCopy::NoQuestion;
             }
-            if asked_first(text, question) {
-                return QuestionCopy::AlreadyFirst;
-            }
-            text.insert_str(0, &format!("{question}\n\n"));
-            QuestionCopy::Copied(question.to_string())
+            copy_into_text(text, question)
         }
         _ => QuestionCopy::NoText,
     }
@@ -154,11 +150,11 @@ fn asks_after_its_text(question: &Question) -> bool {
     }
 }
 
-#[cfg(feature = "engine")]
 /// The sentence of `question` that ends at its last `?` (from the line or
 /// sentence end before it): a prompt's last paragraph may hold an
 /// instruction before it and the start of its answer after it ("... is"),
 /// neither of which is the question to ask first.
+#[cfg(feature = "engine")]
 fn asked_part(question: &str) -> &str {
     let Some(end) = question.rfind('?') else {
         return question;
@@ -183,6 +179,16 @@ fn asked_first(text: &str, question: &str) -> bool {
         .is_some_and(|at| at + question.len() <= ASKED_FIRST_BYTES)
 }
 
+/// [`copy_question_first`] on one plain text.
+#[cfg(feature = "engine")]
+fn copy_into_text(text: &mut String, question: &str) -> QuestionCopy {
+    if asked_first(text, question) {
+        return QuestionCopy::AlreadyFirst;
+    }
+    text.insert_str(0, &format!("{question}\n\n"));
+    QuestionCopy::Copied(question.to_string())
+}
+
 /// [`copy_question_first`] on one message's `content`, whose text is `text`.
 #[cfg(feature = "engine")]
 fn copy_into_content(
@@ -190,20 +196,22 @@ fn copy_into_content(
     text: &str,
     question: &str,
 ) -> QuestionCopy {
-    if asked_first(text, question) {
-        return QuestionCopy::AlreadyFirst;
-    }
     match content {
-        either::Either::Left(text) => text.insert_str(0, &format!("{question}\n\n")),
-        either::Either::Right(parts) => parts.insert(
-            0,
-            indexmap::IndexMap::from([
-                ("type".to_string(), serde_json::Value::from("text")),
-                ("text".to_string(), serde_json::Value::from(question)),
-            ]),
-        ),
+        either::Either::Left(own) => copy_into_text(own, question),
+        either::Either::Right(parts) => {
+            if asked_first(text, question) {
+                return QuestionCopy::AlreadyFirst;
+            }
+            parts.insert(
+                0,
+                indexmap::IndexMap::from([
+                    ("type".to_string(), serde_json::Value::from("text")),
+                    ("text".to_string(), serde_json::Value::from(question)),
+                ]),
+            );
+            QuestionCopy::Copied(question.to_string())
+        }
     }
-    QuestionCopy::Copied(question.to_string())
 }
 
 /// The text of a request's messages (the prompt without its template),
