@@ -17,8 +17,6 @@
 //! of candle's quantized dot products.
 
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::Arc;
 
 use anyhow::{bail, Context, Result};
 use mistralrs_core::{MistralRs, ModelDType, ModelSelected, TokenSource};
@@ -203,18 +201,6 @@ async fn main() -> Result<()> {
         hook.set_question(Some(tokenize(&mistralrs, passkey::QUESTION).await?));
         hook.set_sentence_end_tokens(qllm::question::probe::sentence_end_tokens(&mistralrs).await?);
     }
-    // The hook's own bytes, sampled while requests run, to tell its memory
-    // from the rest of the process's.
-    let peak_hook_bytes = Arc::new(AtomicUsize::new(0));
-    if let Some(hook) = hook.clone() {
-        let peak = peak_hook_bytes.clone();
-        tokio::spawn(async move {
-            loop {
-                peak.fetch_max(hook.memory_stats().bytes, Ordering::Relaxed);
-                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-            }
-        });
-    }
     println!("mode\ttokens\tdepth\tneedle_token\tkey\tfound\tprefill_tok_s\tdecode_tok_s\tanswer");
     let mut found = 0;
     let mut cells = 0;
@@ -250,9 +236,11 @@ async fn main() -> Result<()> {
     if let Some(mib) = peak_rss_mib() {
         println!("peak_rss_mib\t{mib:.0}");
     }
-    if hook.is_some() {
+    if let Some(hook) = &hook {
+        // The hook's own high-water mark, to tell its memory from the rest
+        // of the process's.
         #[allow(clippy::cast_precision_loss)]
-        let mib = peak_hook_bytes.load(Ordering::Relaxed) as f64 / f64::from(1 << 20);
+        let mib = hook.memory_stats().peak_bytes as f64 / f64::from(1 << 20);
         println!("peak_hook_mib\t{mib:.0}");
     }
     Ok(())

@@ -119,6 +119,8 @@ pub struct Stats {
     pub bytes: usize,
     /// Bytes counted against `max_memory` (reservations included).
     pub charged_bytes: usize,
+    /// Most bytes of state held at once since the server started.
+    pub peak_bytes: usize,
     /// Requests with settings, probe vectors or a report still kept.
     pub tracked_requests: usize,
     /// The server's cap on all state, if any.
@@ -143,6 +145,7 @@ async fn stats(State(state): State<ServerState>) -> Json<Stats> {
         sequences: memory.sequences,
         bytes: memory.bytes,
         charged_bytes: memory.charged_bytes,
+        peak_bytes: memory.peak_bytes,
         tracked_requests: state.hook.tracked_requests(),
         max_memory: config.caps.max_memory,
         max_request_memory: config.caps.max_request_memory,

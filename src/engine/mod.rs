@@ -10,6 +10,7 @@ mod sequences;
 pub mod trace;
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use candle_core::{Result, Tensor};
@@ -44,6 +45,9 @@ pub struct MemoryStats {
     /// Bytes counted against `max_memory`: per sequence, the larger of its
     /// reservation and what it holds.
     pub charged_bytes: usize,
+    /// Most `bytes` held at the end of any forward pass since the hook was
+    /// made (all sequences together): the hook's high-water mark.
+    pub peak_bytes: usize,
 }
 
 /// The attention hook: owns every sequence's KV and computes attention
@@ -64,6 +68,8 @@ pub struct QllmHook {
     /// States kept for follow-up requests (locked after `seqs` where both
     /// are held).
     kept: Mutex<KeptPrefixes>,
+    /// [`MemoryStats::peak_bytes`].
+    peak_bytes: AtomicUsize,
 }
 
 impl QllmHook {
@@ -80,6 +86,7 @@ impl QllmHook {
             causal_masks: CausalMasks::default(),
             memory_masks: MaskCache::default(),
             kept: Mutex::default(),
+            peak_bytes: AtomicUsize::new(0),
         }
     }
 
@@ -179,6 +186,7 @@ impl QllmHook {
             sequences: seqs.len(),
             bytes: seqs.values().map(SeqState::bytes).sum(),
             charged_bytes: seqs.values().map(SeqState::charged_bytes).sum(),
+            peak_bytes: self.peak_bytes.load(Ordering::Relaxed),
         }
     }
 
@@ -398,6 +406,11 @@ impl AttentionHook for QllmHook {
             }
             rows.push(out);
         }
+        if ctx.layer_idx + 1 == ctx.num_layers {
+            // States only grow within a pass, so its end is where they peak.
+            let held = seqs.values().map(SeqState::bytes).sum();
+            self.peak_bytes.fetch_max(held, Ordering::Relaxed);
+        }
         if rows.len() == 1 {
             return Ok(rows.pop().expect("one row"));
         }
@@ -519,7 +532,11 @@ pub(crate) mod tests {
         admit(&hook, 5, 4 * 1024).unwrap();
         // Once the first ends, it does.
         hook.end_sequence(30);
-        assert_eq!(hook.memory_stats(), MemoryStats::default());
+        let stats = hook.memory_stats();
+        assert_eq!(
+            (stats.sequences, stats.bytes, stats.charged_bytes),
+            (0, 0, 0)
+        );
         admit(&hook, 6, 16 * 1024).unwrap();
     }
 

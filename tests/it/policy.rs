@@ -185,6 +185,35 @@ fn block_count_follows_the_invariant_at_every_length() {
 }
 
 #[test]
+fn the_memory_high_water_mark_follows_the_largest_state_and_outlives_it() {
+    let feed = Feed::new(small_config(Mode::Qllm), 300);
+    assert_eq!(feed.hook.memory_stats().peak_bytes, 0);
+    // Storage grows geometrically, so a chunk may fit in what is held.
+    let mut held = Vec::new();
+    for at in (0..300).step_by(60) {
+        feed.step(
+            true,
+            &noise(HEADS, 60, at),
+            &noise(KV_HEADS, 60, at + 1),
+            &noise(KV_HEADS, 60, at + 2),
+        );
+        let stats = feed.hook.memory_stats();
+        assert!(
+            stats.bytes >= held.last().copied().unwrap_or(1),
+            "{stats:?}"
+        );
+        assert_eq!(stats.peak_bytes, stats.bytes);
+        held.push(stats.bytes);
+    }
+    let last = *held.last().unwrap();
+    assert!(last > held[0], "{held:?}");
+    feed.hook.end_sequence(feed.seq_id);
+    let ended = feed.hook.memory_stats();
+    assert_eq!((ended.sequences, ended.bytes), (0, 0));
+    assert_eq!(ended.peak_bytes, last);
+}
+
+#[test]
 fn streaming_keeps_sinks_and_window_only() {
     let config = small_config(Mode::Streaming);
     let feed = Feed::new(config, 300);

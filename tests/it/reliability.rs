@@ -345,6 +345,8 @@ fn state_is_freed_after_finished_stopped_cancelled_and_refused_requests() {
         );
         if i == 0 {
             resident_after_first = stats["resident_bytes"].as_u64().unwrap();
+            // The first request's state, freed, is still the high-water mark.
+            assert!(stats["peak_bytes"].as_u64().unwrap() > 0, "{stats}");
         }
     }
     let stats = settled(port);
