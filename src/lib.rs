@@ -44,7 +44,8 @@ pub mod server;
 
 pub use config::{
     BlockDType, BlockStorage, Boundaries, ConfigFile, EngineSettings, MemoryCaps, Mode, Policy,
-    Positions, Preset, QllmConfig, QuestionRows, RequestOptions, Scoring, Selection,
+    Positions, Preset, QllmConfig, QuestionRows, QuestionVectors, RequestOptions, Scoring,
+    Selection,
 };
 pub use error::{Error, Result};
 pub use memory::LayerStats;

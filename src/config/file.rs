@@ -8,7 +8,7 @@ use serde::Deserialize;
 use super::size::SizeValue;
 use super::{
     BlockDType, Boundaries, EngineSettings, MemoryCaps, Mode, Policy, Positions, Preset,
-    QllmConfig, QuestionRows, Scoring, Selection, DEFAULT_PREFIX_CACHE_MEMORY,
+    QllmConfig, QuestionRows, QuestionVectors, Scoring, Selection, DEFAULT_PREFIX_CACHE_MEMORY,
 };
 use crate::error::{Error, Result};
 
@@ -71,6 +71,8 @@ pub struct ConfigFile {
     pub boundaries: Option<Boundaries>,
     /// See [`Policy::question_first`].
     pub question_first: Option<bool>,
+    /// See [`Policy::question_vectors`].
+    pub question_vectors: Option<QuestionVectors>,
     /// See [`MemoryCaps::max_memory`]: bytes, or a size such as `"8GiB"`.
     pub max_memory: Option<SizeValue>,
     /// See [`MemoryCaps::max_request_memory`]: bytes, or a size such as
@@ -129,6 +131,7 @@ impl ConfigFile {
             block_dtype: self.block_dtype.unwrap_or(base.block_dtype),
             boundaries: self.boundaries.unwrap_or(base.boundaries),
             question_first: self.question_first.unwrap_or(base.question_first),
+            question_vectors: self.question_vectors.unwrap_or(base.question_vectors),
         };
         let engine = EngineSettings {
             prefill_chunk_size: size(
@@ -492,5 +495,17 @@ mod tests {
         assert!(parse("question_rows = \"all\"")
             .unwrap_err()
             .contains("all"));
+    }
+
+    #[test]
+    fn question_vectors_are_in_line_unless_the_probe_is_asked_for() {
+        assert_eq!(
+            parse("").unwrap().policy.question_vectors,
+            QuestionVectors::InLine
+        );
+        let config = parse("question_vectors = \"probe\"").unwrap();
+        assert_eq!(config.policy.question_vectors, QuestionVectors::Probe);
+        let err = parse("question_vectors = \"both\"").unwrap_err();
+        assert!(err.contains("both") && err.contains("in_line"), "{err}");
     }
 }

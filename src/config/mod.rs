@@ -218,6 +218,38 @@ impl std::fmt::Display for QuestionRows {
     }
 }
 
+/// Where the question's vectors come from when the question is read before
+/// any memory block could be retrieved (asked first, or copied first).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Deserialize, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum QuestionVectors {
+    /// The paper's: captured from the question's own queries as the prompt
+    /// passes, read in the context before it.
+    #[default]
+    InLine,
+    /// The probe pass's vectors (the question read alone) whenever the
+    /// request had one, wherever the question lies: with the question
+    /// copied first, this keeps the copy's effect on how the document is
+    /// read and takes away the vectors it gives.
+    Probe,
+}
+
+impl FromStr for QuestionVectors {
+    type Err = String;
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        from_config_str(s)
+    }
+}
+
+impl std::fmt::Display for QuestionVectors {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            QuestionVectors::InLine => "in_line",
+            QuestionVectors::Probe => "probe",
+        })
+    }
+}
+
 /// Where memory tokens sit for RoPE.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Deserialize, Serialize)]
 #[serde(rename_all = "lowercase")]
@@ -425,6 +457,9 @@ pub struct Policy {
     /// the sinks. A request's prompt changes, so a kept prefix is reused
     /// only by a request with the same question.
     pub question_first: bool,
+    /// Where the question's vectors come from when it is read before any
+    /// retrieval.
+    pub question_vectors: QuestionVectors,
 }
 
 impl Policy {
@@ -490,6 +525,7 @@ impl Policy {
             // `niah_single` cells at 12K and 16K tokens; read where it is
             // asked, last, 7 of 12 (README).
             question_first: true,
+            question_vectors: QuestionVectors::InLine,
         }
     }
 

@@ -4,7 +4,7 @@ use serde::Deserialize;
 
 use super::{
     question_weight, size, Boundaries, Mode, Policy, Positions, Preset, QllmConfig, QuestionRows,
-    Scoring, Selection,
+    QuestionVectors, Scoring, Selection,
 };
 use crate::error::{Error, Result};
 
@@ -51,6 +51,8 @@ pub struct RequestOptions {
     pub boundaries: Option<Boundaries>,
     /// Whether the question is also copied before the document.
     pub question_first: Option<bool>,
+    /// Where the question's vectors come from (`in_line`, `probe`).
+    pub question_vectors: Option<QuestionVectors>,
     /// `false` reads the whole prompt even when it begins with a kept
     /// prefix, and keeps nothing of this request for later ones.
     pub reuse: Option<bool>,
@@ -101,6 +103,9 @@ impl RequestOptions {
         }
         if let Some(first) = self.question_first {
             config.question_first = first;
+        }
+        if let Some(vectors) = self.question_vectors {
+            config.question_vectors = vectors;
         }
         config.mass_candidates = size(
             "mass_candidates",

@@ -14,7 +14,7 @@ use super::prefixes::Snapshot;
 use super::requests::{Needle, ProbedVectors, RequestPlan, RequestReport};
 use super::trace::NeedleTrace;
 use crate::attention::{causal_attention, positions, rotate_f32, CausalMasks, MaskCache};
-use crate::config::{Boundaries, Mode, Policy};
+use crate::config::{Boundaries, Mode, Policy, QuestionVectors};
 use crate::memory::{KvBuffer, LayerMemory, LayerStats, StepArgs};
 use crate::question::span::{find_question_span, read_in_time, resolve};
 use crate::retrieval::LayerVotes;
@@ -315,7 +315,8 @@ impl SeqState {
 
     /// Decides, once per prompt, the question's span and where its vectors
     /// come from: read in line when the question comes before any block
-    /// could be retrieved, else from the probe pass when there was one.
+    /// could be retrieved (unless `question_vectors = "probe"`), else from
+    /// the probe pass when there was one.
     fn settle_question(&mut self, seq: &StepSequence<'_>, question: Option<&[u32]>) {
         let id = seq.seq_id;
         self.question = match question {
@@ -363,7 +364,8 @@ impl SeqState {
             .question
             .as_ref()
             .is_some_and(|span| span.end <= read_in_time(&self.policy));
-        if (self.probe_for.is_some() || in_time) && self.probed.take().is_some() {
+        let keep_probed = self.policy.question_vectors == QuestionVectors::Probe;
+        if (self.probe_for.is_some() || (in_time && !keep_probed)) && self.probed.take().is_some() {
             tracing::info!(
                 "qllm: sequence {id}: question read before any retrieval; captured in line"
             );

@@ -39,6 +39,7 @@ pub(crate) fn small_config(mode: Mode) -> Policy {
         block_dtype: BlockDType::Model,
         boundaries: qllm::Boundaries::Fixed,
         question_first: false,
+        question_vectors: qllm::QuestionVectors::InLine,
     }
 }
 

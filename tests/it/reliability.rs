@@ -551,6 +551,14 @@ fn a_question_asked_first_and_last_is_read_in_line_from_its_first_copy() {
             false,
         ),
         (asked_last.clone(), json!({}), 20, "in line", true),
+        // The ablation: copied first, but retrieval keeps the probe's vectors.
+        (
+            asked_last.clone(),
+            json!({"question_vectors": "probe"}),
+            20,
+            "probe",
+            true,
+        ),
         (
             asked_last,
             json!({"question_first": false}),
