@@ -6,7 +6,7 @@ use candle_core::DType;
 
 use super::block_store::SLAB_BLOCKS;
 use super::kv_buffer::grown_capacity;
-use crate::config::{Boundaries, EngineSettings, Mode, Policy};
+use crate::config::{Boundaries, EngineSettings, Mode, Policy, Positions};
 
 /// The shape of a loaded model, as far as the hook's memory depends on it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -62,7 +62,17 @@ pub fn sequence_bytes_bound(
                 + config.exc_block_size.max(engine.prefill_chunk_size)
                 + config.block_size)
                 .min(tokens);
+            // The window's keys kept rotated, f32, with fixed positions.
+            let rotated = if config.positions == Positions::Fixed {
+                kv_capacity(config.positions_needed().min(tokens))
+                    * model.num_kv_heads
+                    * model.k_head_dim
+                    * 4
+            } else {
+                0
+            };
             let window = (kv_capacity(init) + kv_capacity(recent)) * kv_token(model.dtype)
+                + rotated
                 // f32 attention received per recent token and query head.
                 + 2 * recent * heads * 4;
             if config.mode == Mode::Streaming {

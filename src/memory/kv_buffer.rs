@@ -11,16 +11,16 @@ pub(crate) fn grown_capacity(needed: usize) -> usize {
     (2 * needed).next_multiple_of(GROW_TOKENS)
 }
 
-/// Keys and values of one layer of one sequence: `(1, kv_heads, capacity, d)`
-/// buffers of which positions `start..start + len` are live.
+/// Rows of one layer of one sequence: a `(1, heads, capacity, d)` buffer of
+/// which positions `start..start + len` are live.
 #[derive(Debug, Default)]
-pub struct KvBuffer {
-    buffers: Option<(Tensor, Tensor)>,
+pub struct RowBuffer {
+    buffer: Option<Tensor>,
     start: usize,
     len: usize,
 }
 
-impl KvBuffer {
+impl RowBuffer {
     /// Number of tokens stored.
     pub fn len(&self) -> usize {
         self.len
@@ -31,38 +31,27 @@ impl KvBuffer {
         self.len == 0
     }
 
-    /// Forgets everything, keeping nothing allocated.
-    pub fn clear(&mut self) {
-        *self = Self::default();
-    }
-
-    /// Appends `k`, `v` (`(1, kv_heads, t, d)`). When the buffers are full the
-    /// live tokens move into fresh buffers of at least twice their count, so
+    /// Appends `rows` (`(1, heads, t, d)`). When the buffer is full the live
+    /// tokens move into a fresh buffer of at least twice their count, so
     /// appends and [`Self::drop_front`] cost amortised O(t).
-    pub fn append(&mut self, k: &Tensor, v: &Tensor) -> Result<()> {
-        let added = k.dim(2)?;
-        let needed = self.len + added;
-        let capacity = self.buffers.as_ref().map_or(0, |(k, _)| k.dims()[2]);
+    pub fn append(&mut self, rows: &Tensor) -> Result<()> {
+        let needed = self.len + rows.dim(2)?;
+        let capacity = self.buffer.as_ref().map_or(0, |b| b.dims()[2]);
         if self.start + needed > capacity {
-            let new_capacity = grown_capacity(needed);
-            let move_live = |old: Option<&Tensor>, like: &Tensor| -> Result<Tensor> {
-                let (b, h, _, d) = like.dims4()?;
-                let fresh = Tensor::zeros((b, h, new_capacity, d), like.dtype(), like.device())?;
-                if let Some(old) = old.filter(|_| self.len > 0) {
-                    fresh.slice_set(&old.narrow(2, self.start, self.len)?.contiguous()?, 2, 0)?;
-                }
-                Ok(fresh)
-            };
-            let old = self.buffers.as_ref();
-            self.buffers = Some((
-                move_live(old.map(|b| &b.0), k)?,
-                move_live(old.map(|b| &b.1), v)?,
-            ));
+            let (b, h, _, d) = rows.dims4()?;
+            let fresh = Tensor::zeros(
+                (b, h, grown_capacity(needed), d),
+                rows.dtype(),
+                rows.device(),
+            )?;
+            if let Some(old) = self.buffer.as_ref().filter(|_| self.len > 0) {
+                fresh.slice_set(&old.narrow(2, self.start, self.len)?.contiguous()?, 2, 0)?;
+            }
+            self.buffer = Some(fresh);
             self.start = 0;
         }
-        let (kb, vb) = self.buffers.as_ref().expect("allocated above");
-        kb.slice_set(&k.contiguous()?, 2, self.start + self.len)?;
-        vb.slice_set(&v.contiguous()?, 2, self.start + self.len)?;
+        let buffer = self.buffer.as_ref().expect("allocated above");
+        buffer.slice_set(&rows.contiguous()?, 2, self.start + self.len)?;
         self.len = needed;
         Ok(())
     }
@@ -74,55 +63,118 @@ impl KvBuffer {
         self.len -= n;
     }
 
-    /// Views of tokens `from..from + n` (relative to the oldest live token),
-    /// `(1, kv_heads, n, d)` each.
-    pub fn range(&self, from: usize, n: usize) -> Result<(Tensor, Tensor)> {
-        match &self.buffers {
-            Some((k, v)) if from + n <= self.len => Ok((
-                k.narrow(2, self.start + from, n)?,
-                v.narrow(2, self.start + from, n)?,
-            )),
+    /// A view of tokens `from..from + n` (relative to the oldest live
+    /// token), `(1, heads, n, d)`.
+    pub fn range(&self, from: usize, n: usize) -> Result<Tensor> {
+        match &self.buffer {
+            Some(buffer) if from + n <= self.len => buffer.narrow(2, self.start + from, n),
             _ => candle_core::bail!(
-                "KvBuffer::range({from}, {n}) out of bounds: {} tokens stored",
+                "range({from}, {n}) out of bounds: {} tokens stored",
                 self.len
             ),
         }
     }
 
-    /// Views of all stored keys and values, `(1, kv_heads, len, d)`.
-    pub fn get(&self) -> Result<Option<(Tensor, Tensor)>> {
-        if self.len == 0 {
-            return Ok(None);
-        }
-        self.range(0, self.len).map(Some)
-    }
-
-    /// A copy of the live tokens in buffers of their own and of their size
+    /// A copy of the live tokens in a buffer of its own and of their size
     /// (a kept copy may never grow; one that does moves once, as any full
     /// buffer does), so that appends to either leave the other as it was.
     pub fn fork(&self) -> Result<Self> {
+        if self.len == 0 {
+            return Ok(Self::default());
+        }
         // A fresh buffer for the live rows: `Tensor::copy` of a view copies
         // its whole storage.
-        let own = |view: Tensor| -> Result<Tensor> {
-            let fresh = Tensor::zeros(view.shape(), view.dtype(), view.device())?;
-            fresh.slice_set(&view.contiguous()?, 2, 0)?;
-            Ok(fresh)
-        };
-        Ok(match self.get()? {
-            Some((k, v)) => Self {
-                buffers: Some((own(k)?, own(v)?)),
-                start: 0,
-                len: self.len,
-            },
-            None => Self::default(),
+        let view = self.range(0, self.len)?;
+        let fresh = Tensor::zeros(view.shape(), view.dtype(), view.device())?;
+        fresh.slice_set(&view.contiguous()?, 2, 0)?;
+        Ok(Self {
+            buffer: Some(fresh),
+            start: 0,
+            len: self.len,
+        })
+    }
+
+    /// Bytes held by the buffer (capacity, not length).
+    pub fn bytes(&self) -> usize {
+        self.buffer
+            .as_ref()
+            .map_or(0, |b| b.elem_count() * b.dtype().size_in_bytes())
+    }
+}
+
+/// Keys and values of one layer of one sequence, token for token.
+#[derive(Debug, Default)]
+pub struct KvBuffer {
+    keys: RowBuffer,
+    values: RowBuffer,
+}
+
+impl KvBuffer {
+    /// Number of tokens stored.
+    pub fn len(&self) -> usize {
+        self.keys.len()
+    }
+
+    /// Whether nothing is stored.
+    pub fn is_empty(&self) -> bool {
+        self.keys.is_empty()
+    }
+
+    /// Forgets everything, keeping nothing allocated.
+    pub fn clear(&mut self) {
+        *self = Self::default();
+    }
+
+    /// Appends `k`, `v` (`(1, kv_heads, t, d)`), amortised O(t) (see
+    /// [`RowBuffer::append`]).
+    pub fn append(&mut self, k: &Tensor, v: &Tensor) -> Result<()> {
+        if k.dim(2)? != v.dim(2)? {
+            candle_core::bail!(
+                "KvBuffer::append: {} keys but {} values",
+                k.dim(2)?,
+                v.dim(2)?
+            );
+        }
+        self.keys.append(k)?;
+        self.values.append(v)
+    }
+
+    /// Forgets the oldest `n` tokens.
+    pub fn drop_front(&mut self, n: usize) {
+        self.keys.drop_front(n);
+        self.values.drop_front(n);
+    }
+
+    /// Views of tokens `from..from + n` (relative to the oldest live token),
+    /// `(1, kv_heads, n, d)` each.
+    pub fn range(&self, from: usize, n: usize) -> Result<(Tensor, Tensor)> {
+        let keys = self
+            .keys
+            .range(from, n)
+            .map_err(|e| candle_core::Error::Msg(format!("KvBuffer::{e}")))?;
+        Ok((keys, self.values.range(from, n)?))
+    }
+
+    /// Views of all stored keys and values, `(1, kv_heads, len, d)`.
+    pub fn get(&self) -> Result<Option<(Tensor, Tensor)>> {
+        if self.is_empty() {
+            return Ok(None);
+        }
+        self.range(0, self.len()).map(Some)
+    }
+
+    /// A copy of the live tokens in buffers of their own (see
+    /// [`RowBuffer::fork`]).
+    pub fn fork(&self) -> Result<Self> {
+        Ok(Self {
+            keys: self.keys.fork()?,
+            values: self.values.fork()?,
         })
     }
 
     /// Bytes held by the buffers (capacity, not length).
     pub fn bytes(&self) -> usize {
-        self.buffers.as_ref().map_or(0, |(k, v)| {
-            (k.elem_count() + v.elem_count()) * k.dtype().size_in_bytes()
-        })
+        self.keys.bytes() + self.values.bytes()
     }
 }
 

@@ -25,6 +25,7 @@ pub mod boundaries;
 pub mod budget;
 pub mod kv_buffer;
 pub mod ledger;
+pub mod window;
 
 use std::cell::RefCell;
 use std::ops::Range;
@@ -36,6 +37,7 @@ pub use boundaries::{block_advance, SENTENCE_END_TEXTS};
 pub use budget::{sequence_bytes_bound, ModelShape};
 pub use kv_buffer::KvBuffer;
 pub use ledger::{Eviction, Ledger, ReadPlan};
+pub use window::RotatedWindow;
 
 use crate::attention::mask::MaskGeometry;
 use crate::attention::{
@@ -74,6 +76,8 @@ pub struct LayerMemory {
     ledger: Ledger,
     init: KvBuffer,
     recent: KvBuffer,
+    /// The window's keys, rotated once (`positions = "fixed"`).
+    window: RotatedWindow,
     /// Local attention received by each recent token, `heads` per token.
     local_score: Vec<f32>,
     blocks: BlockStore,
@@ -191,6 +195,8 @@ impl LayerMemory {
             ledger: self.ledger,
             init: self.init.fork()?,
             recent: self.recent.fork()?,
+            // Rotated again on the next read.
+            window: RotatedWindow::default(),
             local_score: self.local_score.clone(),
             blocks: self.blocks.fork()?,
             block_starts: self.block_starts.clone(),
@@ -213,6 +219,7 @@ impl LayerMemory {
     pub fn bytes(&self) -> usize {
         self.init.bytes()
             + self.recent.bytes()
+            + self.window.bytes()
             + self.blocks.bytes()
             + self.local_score.capacity() * 4
             + self.block_starts.capacity() * std::mem::size_of::<usize>()
@@ -368,19 +375,28 @@ impl LayerMemory {
         // Ordered: memory keys at `0..n_global`, the window right after them.
         // Interpolated: the same, or, where the table leaves less room beside
         // the window, memory keys evenly over `0..room`.
+        // Fixed keeps the window's keys rotated from one execution block to
+        // the next (`RotatedWindow`): only relative positions matter there.
         let room = args.rope.max_positions().saturating_sub(local_len);
         let squeeze = policy.positions == Positions::Interpolated && n_global > room;
-        let window_base = match policy.positions {
-            Positions::Fixed => 0,
-            Positions::Ordered => n_global,
-            Positions::Interpolated => n_global.min(room),
+        let (k_local, window_base) = match policy.positions {
+            Positions::Fixed => {
+                let (keys, base) = self.window.keys(
+                    args.rope,
+                    &k_local,
+                    plan.local.clone(),
+                    e,
+                    policy.positions_needed(),
+                )?;
+                (keys, plan.local.start - base)
+            }
+            Positions::Ordered | Positions::Interpolated => {
+                let base = if squeeze { room } else { n_global };
+                let at = positions(base..base + local_len, device)?;
+                (rotate_f32(args.rope, &k_local, &at)?, base)
+            }
         };
-        let k_local = rotate_f32(
-            args.rope,
-            &k_local,
-            &positions(window_base..window_base + local_len, device)?,
-        )?
-        .squeeze(0)?;
+        let k_local = k_local.squeeze(0)?;
         let query_at = plan.queries.start - plan.local.start;
         let q_local = rotate_f32(
             args.rope,
@@ -544,7 +560,8 @@ mod tests {
 
     use super::*;
     use crate::attention::reference::{
-        assert_close, candidate_attention_mass_slow, random, reference_attention, MemoryState,
+        assert_close, candidate_attention_mass_slow, random, reference_attention,
+        tensor_max_abs_diff, MemoryState,
     };
     use crate::attention::Q8Rows;
     use crate::attention::RopeTable;
@@ -1234,6 +1251,57 @@ mod tests {
         for scoring in [Scoring::AttentionMass, Scoring::TokenMax] {
             assert_eq!(run(scoring), (blocks, 0), "{scoring}");
         }
+    }
+
+    #[test]
+    fn a_window_rotated_once_per_execution_block_attends_as_one_rotated_every_token() {
+        // A prompt of 160 tokens, then 60 decode steps. Each step also runs on
+        // a fork taken just before it, which rotates its whole window afresh
+        // (as every step did before the window was kept rotated): the same
+        // outputs within 1e-5, while the original rotated only the new key in
+        // most steps.
+        let (heads, kv_heads, d) = (4, 2, 16);
+        let rope = RopeTable::new(10000.0, d, 256, true, &Device::Cpu).unwrap();
+        let masks = MaskCache::default();
+        let args = plain_args(&rope, &masks);
+        let config = Policy {
+            exc_block_size: 16,
+            ..selective_config(Positions::Fixed, 0)
+        };
+        config.validate().unwrap();
+        let step = |memory: &mut LayerMemory, at: usize, n: usize| {
+            let x = |seed: u64, h| random((1, h, n, d), seed + 100 * at as u64, 1.0);
+            let out = memory
+                .append(
+                    &config,
+                    &args,
+                    &x(1, heads),
+                    &x(2, kv_heads),
+                    &x(3, kv_heads),
+                    |_| {},
+                )
+                .unwrap();
+            masks.clear();
+            out
+        };
+        let mut memory = LayerMemory::default();
+        for at in (0..160).step_by(16) {
+            step(&mut memory, at, 16);
+        }
+        assert!(memory.block_count() > 20, "{}", memory.block_count());
+        let mut went_on = 0;
+        for at in 160..220 {
+            let mut afresh = memory.fork().unwrap();
+            let base = memory.window.base();
+            let kept = step(&mut memory, at, 1);
+            went_on += usize::from(memory.window.base() == base);
+            let diff = tensor_max_abs_diff(&kept, &step(&mut afresh, at, 1));
+            assert!(diff < 1e-5, "step {at}: {diff}");
+        }
+        assert!(
+            went_on >= 45,
+            "{went_on} of 60 steps kept the rotated window"
+        );
     }
 
     #[test]
