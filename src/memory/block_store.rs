@@ -174,58 +174,127 @@ impl BlockStore {
     /// length. The blocks are gathered in their storage dtype and converted
     /// once.
     pub fn gather(&self, picks: &[Vec<usize>]) -> Result<(Tensor, Tensor)> {
-        let count = picks.first().map_or(0, Vec::len);
-        if count == 0 || picks.iter().any(|p| p.len() != count) {
-            candle_core::bail!("BlockStore::gather: KV heads picked unequal block counts");
+        if picks.first().is_none_or(Vec::is_empty) {
+            candle_core::bail!("BlockStore::gather: no blocks picked");
         }
-        if let Some(&b) = picks.iter().flatten().find(|&&b| b >= self.len) {
-            candle_core::bail!("BlockStore::gather: block {b} of {} held", self.len);
-        }
-        match self.gather_on_host(picks)? {
-            Some(gathered) => Ok(gathered),
-            None => self.gather_by_tensors(picks),
-        }
+        Ok((
+            self.gather_around(picks, Half::Keys, &[], &[])?,
+            self.gather_around(picks, Half::Values, &[], &[])?,
+        ))
     }
 
-    /// [`BlockStore::gather`] on the CPU: each picked block's rows copied
-    /// (and converted) straight into the result, one pass; `None` off the
-    /// CPU.
-    fn gather_on_host(&self, picks: &[Vec<usize>]) -> Result<Option<(Tensor, Tensor)>> {
-        let (keys, _) = self.slabs[0].tensors();
-        if !keys.device().is_cpu() {
+    /// The keys (or values) of the blocks `picks` names (as for
+    /// [`Self::gather`]; none if empty) with the rows of `before` ahead of
+    /// them and of `after` behind them, per KV head, in one f32 tensor
+    /// `(1, kv_heads, n, d)`. `before` and `after` are `(1, kv_heads, t, d)`
+    /// tensors or views. On the CPU every row is copied (and converted) once,
+    /// straight into the result; elsewhere by tensor ops.
+    pub fn gather_around(
+        &self,
+        picks: &[Vec<usize>],
+        half: Half,
+        before: &[&Tensor],
+        after: &[&Tensor],
+    ) -> Result<Tensor> {
+        let count = picks.first().map_or(0, Vec::len);
+        if picks.iter().any(|p| p.len() != count) {
+            candle_core::bail!("BlockStore::gather_around: KV heads picked unequal block counts");
+        }
+        if let Some(&b) = picks.iter().flatten().find(|&&b| b >= self.len) {
+            candle_core::bail!("BlockStore::gather_around: block {b} of {} held", self.len);
+        }
+        let picks = if count == 0 { &[][..] } else { picks };
+        if let Some(gathered) = self.gather_around_on_host(picks, half, before, after)? {
+            return Ok(gathered);
+        }
+        let mut parts = before
+            .iter()
+            .map(|t| t.to_dtype(DType::F32))
+            .collect::<Result<Vec<_>>>()?;
+        if !picks.is_empty() {
+            let (k, v) = self.gather_by_tensors(picks)?;
+            parts.push(match half {
+                Half::Keys => k,
+                Half::Values => v,
+            });
+        }
+        for t in after {
+            parts.push(t.to_dtype(DType::F32)?);
+        }
+        Tensor::cat(&parts, 2)
+    }
+
+    /// [`Self::gather_around`] on the CPU; `None` where a part is not on
+    /// the CPU or not in a layout the pass reads.
+    fn gather_around_on_host(
+        &self,
+        picks: &[Vec<usize>],
+        half: Half,
+        before: &[&Tensor],
+        after: &[&Tensor],
+    ) -> Result<Option<Tensor>> {
+        let Some(like) = before
+            .first()
+            .or(after.first())
+            .copied()
+            .or(self.slabs.first().map(|slab| slab.tensors().0))
+        else {
+            candle_core::bail!("BlockStore::gather_around: nothing to gather");
+        };
+        let (_, kv_heads, _, d) = like.dims4()?;
+        if !like.device().is_cpu() {
             return Ok(None);
         }
-        let (_, kv_heads, capacity, d) = keys.dims4()?;
-        let block_size = capacity / SLAB_BLOCKS;
         let per_head: Vec<&[usize]> = match picks {
+            [] => vec![&[]; kv_heads],
             [shared] => vec![shared.as_slice(); kv_heads],
             per_head if per_head.len() == kv_heads => per_head.iter().map(Vec::as_slice).collect(),
             _ => candle_core::bail!(
-                "BlockStore::gather: {} pick lists for {kv_heads} KV heads",
+                "BlockStore::gather_around: {} pick lists for {kv_heads} KV heads",
                 picks.len()
             ),
         };
-        let len = kv_heads * per_head[0].len() * block_size * d;
-        let (mut out_k, mut out_v) = (Vec::with_capacity(len), Vec::with_capacity(len));
+        let block_size = match self.slabs.first() {
+            Some(slab) => slab.tokens()? / SLAB_BLOCKS,
+            None => 0,
+        };
+        let around: usize = before
+            .iter()
+            .chain(after)
+            .map(|t| t.dim(2))
+            .sum::<Result<usize>>()?;
+        let tokens = around + per_head[0].len() * block_size;
+        let mut out = Vec::with_capacity(kv_heads * tokens * d);
         for (h, list) in per_head.iter().enumerate() {
+            for t in before {
+                if !append_head_rows(t, h, &mut out)? {
+                    return Ok(None);
+                }
+            }
             for &b in *list {
                 let slab = &self.slabs[b / SLAB_BLOCKS];
-                // Row of the slab where this head's block begins.
+                let capacity = slab.tokens()?;
                 let row = h * capacity + (b % SLAB_BLOCKS) * block_size;
                 let (k, v) = slab.tensors();
-                let scales = slab.scales();
-                if !(append_rows(k, scales.map(|s| s.0), row, block_size, &mut out_k)?
-                    && append_rows(v, scales.map(|s| s.1), row, block_size, &mut out_v)?)
-                {
+                let (rows, scales) = match half {
+                    Half::Keys => (k, slab.scales().map(|s| s.0)),
+                    Half::Values => (v, slab.scales().map(|s| s.1)),
+                };
+                if !append_rows(rows, scales, row, block_size, &mut out)? {
+                    return Ok(None);
+                }
+            }
+            for t in after {
+                if !append_head_rows(t, h, &mut out)? {
                     return Ok(None);
                 }
             }
         }
-        let shape = (1, kv_heads, per_head[0].len() * block_size, d);
-        Ok(Some((
-            Tensor::from_vec(out_k, shape, keys.device())?,
-            Tensor::from_vec(out_v, shape, keys.device())?,
-        )))
+        Ok(Some(Tensor::from_vec(
+            out,
+            (1, kv_heads, tokens, d),
+            like.device(),
+        )?))
     }
 
     /// [`BlockStore::gather`] as tensor ops (any device, and the CPU pass's
@@ -320,6 +389,41 @@ impl BlockStore {
     }
 }
 
+/// Which half of the KV a gather reads.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Half {
+    /// The keys.
+    Keys,
+    /// The values.
+    Values,
+}
+
+/// Appends the rows of KV head `h` of a `(1, kv_heads, t, d)` tensor or
+/// view whose rows lie contiguous within each head (a buffer narrowed along
+/// its tokens) to `out` in f32. False where the pass cannot read it.
+fn append_head_rows(rows: &Tensor, h: usize, out: &mut Vec<f32>) -> Result<bool> {
+    let (_, _, t, d) = rows.dims4()?;
+    let (storage, layout) = rows.storage_and_layout();
+    let stride = layout.stride();
+    if t > 0 && (stride[3] != 1 || (t > 1 && stride[2] != d)) {
+        return Ok(false);
+    }
+    let first = layout.start_offset() + h * stride[1];
+    Ok(extend_f32(&storage, first..first + t * d, out))
+}
+
+/// Appends `range` of a float CPU storage to `out` in f32. False for other
+/// storages.
+fn extend_f32(storage: &Storage, range: std::ops::Range<usize>, out: &mut Vec<f32>) -> bool {
+    match storage {
+        Storage::Cpu(CpuStorage::F32(x)) => out.extend_from_slice(&x[range]),
+        Storage::Cpu(CpuStorage::BF16(x)) => out.extend(x[range].iter().map(|v| v.to_f32())),
+        Storage::Cpu(CpuStorage::F16(x)) => out.extend(x[range].iter().map(|v| v.to_f32())),
+        _ => return false,
+    }
+    true
+}
+
 /// Appends rows `row..row + rows` of a contiguous slab tensor (rows of its
 /// last dimension) to `out` in f32, scaling 8-bit rows by `scales`. False
 /// where the storage is not one the CPU pass reads.
@@ -336,12 +440,10 @@ fn append_rows(
         return Ok(false);
     }
     let range = layout.start_offset() + row * d..layout.start_offset() + (row + rows) * d;
+    if scales.is_none() {
+        return Ok(extend_f32(&storage, range, out));
+    }
     match (&*storage, scales) {
-        (Storage::Cpu(CpuStorage::F32(x)), None) => out.extend_from_slice(&x[range]),
-        (Storage::Cpu(CpuStorage::BF16(x)), None) => {
-            out.extend(x[range].iter().map(|v| v.to_f32()))
-        }
-        (Storage::Cpu(CpuStorage::F16(x)), None) => out.extend(x[range].iter().map(|v| v.to_f32())),
         (Storage::Cpu(CpuStorage::U8(bytes)), Some(scales)) => {
             let (scale_storage, scale_layout) = scales.storage_and_layout();
             let Storage::Cpu(CpuStorage::F32(scales)) = &*scale_storage else {
@@ -412,11 +514,38 @@ mod tests {
                     );
                 }
             }
-            // The CPU pass against the tensor ops.
+            // The CPU pass against the tensor ops, with rows around the
+            // blocks from views of wider buffers (sinks before, the oldest
+            // recent tokens and the window after), and with no block.
             let (slow_k, slow_v) = store.gather_by_tensors(&picks).unwrap();
-            let (fast_k, fast_v) = store.gather_on_host(&picks).unwrap().expect("on the CPU");
-            assert_eq!(tensor_max_abs_diff(&fast_k, &slow_k), 0.0, "{storage:?}");
-            assert_eq!(tensor_max_abs_diff(&fast_v, &slow_v), 0.0, "{storage:?}");
+            let buffer = random((1, 2, 40, 8), 43, 1.0);
+            let sinks = buffer.narrow(2, 3, 5).unwrap();
+            let older = buffer.narrow(2, 20, 1).unwrap();
+            let window = buffer
+                .narrow(2, 21, 9)
+                .unwrap()
+                .to_dtype(DType::BF16)
+                .unwrap();
+            let f32 = |t: &Tensor| t.to_dtype(DType::F32).unwrap();
+            for (half, slow) in [(Half::Keys, &slow_k), (Half::Values, &slow_v)] {
+                let fast = store
+                    .gather_around_on_host(&picks, half, &[&sinks], &[&older, &window])
+                    .unwrap()
+                    .expect("on the CPU");
+                let want = Tensor::cat(
+                    &[sinks.clone(), slow.clone(), older.clone(), f32(&window)],
+                    2,
+                )
+                .unwrap();
+                assert_eq!(fast.dims(), &[1, 2, 5 + 12 + 1 + 9, 8]);
+                assert_eq!(tensor_max_abs_diff(&fast, &want), 0.0, "{storage:?}");
+                let no_blocks = store
+                    .gather_around_on_host(&[], half, &[&sinks], &[&older])
+                    .unwrap()
+                    .expect("on the CPU");
+                let want = Tensor::cat(&[sinks.clone(), older.clone()], 2).unwrap();
+                assert_eq!(tensor_max_abs_diff(&no_blocks, &want), 0.0);
+            }
             let (shared_k, _) = store.gather(&[vec![17, 3]]).unwrap();
             let want =
                 Tensor::cat(&[store.get(17).unwrap().0, store.get(3).unwrap().0], 2).unwrap();

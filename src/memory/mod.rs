@@ -32,7 +32,7 @@ use std::ops::Range;
 
 use candle_core::{DType, Result, Tensor};
 
-pub use block_store::BlockStore;
+pub use block_store::{BlockStore, Half};
 pub use boundaries::{block_advance, SENTENCE_END_TEXTS};
 pub use budget::{sequence_bytes_bound, ModelShape};
 pub use kv_buffer::KvBuffer;
@@ -344,29 +344,17 @@ impl LayerMemory {
             .range(plan.local.start - recent_start, local_len)?;
 
         // Keys past the window of some query: sinks, retrieved blocks and the
-        // oldest recent tokens, in that (the original) order. Gathered in
-        // f32: blocks may be stored in another dtype than the model computes
-        // in.
+        // oldest recent tokens, in that (the original) order, gathered in
+        // f32 (blocks may be stored in another dtype than the model computes
+        // in) in one pass; the values then go on with the window's.
         let global_recent = plan.global_recent.len();
-        let mut global_k = Vec::new();
-        let mut global_v = Vec::new();
-        let mut gather = |k: &Tensor, v: &Tensor| -> Result<()> {
-            global_k.push(k.to_dtype(DType::F32)?);
-            global_v.push(v.to_dtype(DType::F32)?);
-            Ok(())
+        let init = self.init.get()?;
+        let older = if global_recent > 0 {
+            Some(self.recent.range(0, global_recent)?)
+        } else {
+            None
         };
-        if let Some((k, v)) = self.init.get()? {
-            gather(&k, &v)?;
-        }
         let per_head_count = retrieved.first().map_or(0, Vec::len);
-        if per_head_count > 0 {
-            let (k, v) = self.blocks.gather(retrieved)?;
-            gather(&k, &v)?;
-        }
-        if global_recent > 0 {
-            let (k, v) = self.recent.range(0, global_recent)?;
-            gather(&k, &v)?;
-        }
         let n_global = self.init.len() + per_head_count * policy.block_size + global_recent;
 
         // Positions. Fixed (the paper's): the window at `0..local_len`,
@@ -425,9 +413,21 @@ impl LayerMemory {
         } else {
             None
         };
-        let v_local = v_local.to_dtype(DType::F32)?;
         let (k_global, values) = if n_global > 0 {
-            let mut k_global = Tensor::cat(&global_k, 2)?;
+            let keys_before: Vec<&Tensor> = init.iter().map(|(k, _)| k).collect();
+            let values_before: Vec<&Tensor> = init.iter().map(|(_, v)| v).collect();
+            let keys_after: Vec<&Tensor> = older.iter().map(|(k, _)| k).collect();
+            let values_after: Vec<&Tensor> =
+                older.iter().map(|(_, v)| v).chain([&v_local]).collect();
+            let mut k_global =
+                self.blocks
+                    .gather_around(retrieved, Half::Keys, &keys_before, &keys_after)?;
+            let values = self.blocks.gather_around(
+                retrieved,
+                Half::Values,
+                &values_before,
+                &values_after,
+            )?;
             if squeeze {
                 #[allow(clippy::cast_precision_loss)] // positions of a RoPE table
                 let step = room as f32 / n_global as f32;
@@ -437,10 +437,9 @@ impl LayerMemory {
             } else if policy.positions != Positions::Fixed {
                 k_global = rotate_f32(args.rope, &k_global, &positions(0..n_global, device)?)?;
             }
-            global_v.push(v_local);
-            (Some(k_global.squeeze(0)?), Tensor::cat(&global_v, 2)?)
+            (Some(k_global.squeeze(0)?), values)
         } else {
-            (None, v_local)
+            (None, v_local.to_dtype(DType::F32)?)
         };
         // Memory keys first, then the window: the mask's column order.
         let mut parts = Vec::with_capacity(2);
