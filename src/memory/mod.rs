@@ -357,14 +357,14 @@ impl LayerMemory {
         let per_head_count = retrieved.first().map_or(0, Vec::len);
         let n_global = self.init.len() + per_head_count * policy.block_size + global_recent;
 
-        // Positions. Fixed (the paper's): the window at `0..local_len`,
-        // queries at their place in it; memory keys unrotated and queries at
-        // `n_local - 1`, so every memory token sits at that distance.
-        // Ordered: memory keys at `0..n_global`, the window right after them.
-        // Interpolated: the same, or, where the table leaves less room beside
-        // the window, memory keys evenly over `0..room`.
-        // Fixed keeps the window's keys rotated from one execution block to
-        // the next (`RotatedWindow`): only relative positions matter there.
+        // Positions (`window_base`: where the window's first key sits).
+        // Fixed (the paper's): window token `t` at `t - base`, kept rotated
+        // from one decode step to the next (`RotatedWindow`; only distances
+        // matter there), queries at their place in it; memory keys unrotated
+        // and queries at `n_local - 1`, so every memory token sits at that
+        // distance. Ordered: memory keys at `0..n_global`, the window right
+        // after them. Interpolated: the same, or, where the table leaves less
+        // room beside the window, memory keys evenly over `0..room`.
         let room = args.rope.max_positions().saturating_sub(local_len);
         let squeeze = policy.positions == Positions::Interpolated && n_global > room;
         let (k_local, window_base) = match policy.positions {
