@@ -4,7 +4,9 @@
 //! size 64), f32 activations, random keys, the `1k` preset, a question of
 //! one row per head (the question vector) or, with `question_rows =
 //! "tokens"`, 16; memory blocks in the model's dtype, bf16 or 8-bit rows
-//! (`block_dtype`). Each cell: the median decode step, the median prefill
+//! (`block_dtype`); decode steps read 64 candidate blocks with attention
+//! mass (`answer_mass_candidates`) unless a row says otherwise. Each cell:
+//! the median decode step, the median prefill
 //! execution block (512 tokens) over the last quarter of the prompt, and
 //! the memory's bytes per token at the longest length.
 //!
@@ -59,7 +61,8 @@ fn measure(config: &Policy, tokens: usize, steps: usize) -> Cell {
         rope: &rope,
         softmax_scale: 0.125,
         question: None,
-        prompt_len: 0,
+        // Steps past the prompt are decode steps (`answer_mass_candidates`).
+        prompt_len: tokens,
         masks: &masks,
         votes: None,
         sentence_ends: &[],
@@ -107,33 +110,42 @@ fn main() {
     use QuestionRows::{Mean, Tokens};
     use Scoring::{AttentionMass, Dot, TokenMax};
     use Selection::{PerKvHead, Shared};
-    // Name, scoring, selection, question rows, block dtype, `mass_candidates`.
+    // Name, scoring, selection, question rows, block dtype, `mass_candidates`
+    // and `answer_mass_candidates` (the default's 64 unless named).
     let settings = [
-        ("dot, shared (paper)", Dot, Shared, Mean, Model, 0),
+        ("dot, shared (paper)", Dot, Shared, Mean, Model, (0, 64)),
         (
             "dot, shared (paper), q8_0 blocks",
             Dot,
             Shared,
             Mean,
             Q8_0,
-            0,
+            (0, 64),
         ),
-        ("dot, per_kv_head", Dot, PerKvHead, Mean, Model, 0),
+        ("dot, per_kv_head", Dot, PerKvHead, Mean, Model, (0, 64)),
         (
             "attention_mass, shared",
             AttentionMass,
             Shared,
             Mean,
             Model,
-            0,
+            (0, 64),
         ),
         (
-            "attention_mass, per_kv_head",
+            "attention_mass, per_kv_head (default)",
             AttentionMass,
             PerKvHead,
             Mean,
             Model,
-            0,
+            (0, 64),
+        ),
+        (
+            "attention_mass, per_kv_head, every key at decode",
+            AttentionMass,
+            PerKvHead,
+            Mean,
+            Model,
+            (0, 0),
         ),
         (
             "attention_mass, per_kv_head, mass_candidates 32",
@@ -141,7 +153,7 @@ fn main() {
             PerKvHead,
             Mean,
             Model,
-            32,
+            (32, 32),
         ),
         (
             "attention_mass, per_kv_head, mass_candidates 64",
@@ -149,7 +161,7 @@ fn main() {
             PerKvHead,
             Mean,
             Model,
-            64,
+            (64, 64),
         ),
         (
             "attention_mass, per_kv_head, bf16 blocks",
@@ -157,7 +169,7 @@ fn main() {
             PerKvHead,
             Mean,
             Bf16,
-            0,
+            (0, 64),
         ),
         (
             "attention_mass, per_kv_head, q8_0 blocks",
@@ -165,7 +177,7 @@ fn main() {
             PerKvHead,
             Mean,
             Q8_0,
-            0,
+            (0, 64),
         ),
         (
             "attention_mass, per_kv_head, q8_0 blocks, mass_candidates 64",
@@ -173,7 +185,7 @@ fn main() {
             PerKvHead,
             Mean,
             Q8_0,
-            64,
+            (64, 64),
         ),
         (
             "attention_mass, per_kv_head, question_rows tokens",
@@ -181,9 +193,9 @@ fn main() {
             PerKvHead,
             Tokens,
             Model,
-            0,
+            (0, 64),
         ),
-        ("token_max, shared", TokenMax, Shared, Mean, Model, 0),
+        ("token_max, shared", TokenMax, Shared, Mean, Model, (0, 64)),
     ];
     // `cargo bench` passes `--bench` to a harness-less bench: skip flags.
     let mut args = std::env::args().skip(1).filter(|a| !a.starts_with("--"));
@@ -205,7 +217,15 @@ fn main() {
         header.join(", ")
     );
     println!("|---|---|---|---|");
-    for (name, scoring, selection, question_rows, block_dtype, mass_candidates) in settings {
+    for (
+        name,
+        scoring,
+        selection,
+        question_rows,
+        block_dtype,
+        (mass_candidates, answer_mass_candidates),
+    ) in settings
+    {
         if only
             .as_ref()
             .is_some_and(|only| !name.contains(only.as_str()))
@@ -218,6 +238,7 @@ fn main() {
             question_rows,
             block_dtype,
             mass_candidates,
+            answer_mass_candidates,
             ..Policy::default()
         };
         let cells: Vec<(usize, Cell)> = lengths

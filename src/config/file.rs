@@ -7,8 +7,9 @@ use serde::Deserialize;
 
 use super::size::SizeValue;
 use super::{
-    BlockDType, Boundaries, EngineSettings, MemoryCaps, Mode, Policy, Positions, Preset,
-    QllmConfig, QuestionRows, QuestionVectors, Scoring, Selection, DEFAULT_PREFIX_CACHE_MEMORY,
+    check_answer_mass_candidates, BlockDType, Boundaries, EngineSettings, MemoryCaps, Mode, Policy,
+    Positions, Preset, QllmConfig, QuestionRows, QuestionVectors, Scoring, Selection,
+    DEFAULT_PREFIX_CACHE_MEMORY,
 };
 use crate::error::{Error, Result};
 
@@ -53,6 +54,8 @@ pub struct ConfigFile {
     pub selection: Option<Selection>,
     /// See [`Policy::mass_candidates`].
     pub mass_candidates: Option<i64>,
+    /// See [`Policy::answer_mass_candidates`].
+    pub answer_mass_candidates: Option<i64>,
     /// See [`Policy::neighbours`].
     pub neighbours: Option<i64>,
     /// See [`Policy::consensus`].
@@ -124,6 +127,12 @@ impl ConfigFile {
                 base.mass_candidates,
                 0,
             )?,
+            answer_mass_candidates: size(
+                "answer_mass_candidates",
+                self.answer_mass_candidates,
+                base.answer_mass_candidates,
+                0,
+            )?,
             neighbours: size("neighbours", self.neighbours, base.neighbours, 0)?,
             consensus: size("consensus", self.consensus, base.consensus, 0)?,
             question_topk: size("question_topk", self.question_topk, base.question_topk, 0)?,
@@ -133,6 +142,7 @@ impl ConfigFile {
             question_first: self.question_first.unwrap_or(base.question_first),
             question_vectors: self.question_vectors.unwrap_or(base.question_vectors),
         };
+        check_answer_mass_candidates(self.answer_mass_candidates, &policy)?;
         let engine = EngineSettings {
             prefill_chunk_size: size(
                 "prefill_chunk_size",
@@ -230,7 +240,7 @@ mod tests {
     use candle_core::DType;
 
     use super::*;
-    use crate::config::BlockStorage;
+    use crate::config::{BlockStorage, Read};
 
     fn parse(text: &str) -> std::result::Result<QllmConfig, String> {
         let file: ConfigFile = toml::from_str(text).map_err(|e| e.to_string())?;
@@ -417,6 +427,39 @@ mod tests {
                 .mass_candidates,
             64
         );
+    }
+
+    #[test]
+    fn decode_steps_read_candidate_blocks_only_with_attention_mass() {
+        let default = parse("").unwrap().policy;
+        assert_eq!(default.mass_candidates_for(Read::Prompt), 0);
+        assert_eq!(default.mass_candidates_for(Read::Question), 0);
+        assert_eq!(default.mass_candidates_for(Read::Answer), 64);
+        assert!(default.keeps_key_moments());
+        let exact = parse("answer_mass_candidates = 0").unwrap().policy;
+        assert_eq!(exact.mass_candidates_for(Read::Answer), 0);
+        assert!(!exact.keeps_key_moments());
+        let both = parse("mass_candidates = 32").unwrap().policy;
+        assert_eq!(
+            (
+                both.mass_candidates_for(Read::Prompt),
+                both.mass_candidates_for(Read::Answer)
+            ),
+            (32, 64)
+        );
+        // The paper's scoring reads no keys: the default is inert there,
+        // and a value given for it is refused rather than ignored.
+        let dot = parse("scoring = \"dot\"").unwrap().policy;
+        assert!(!dot.keeps_key_moments());
+        let err = parse("scoring = \"dot\"\nanswer_mass_candidates = 32").unwrap_err();
+        assert!(
+            err.contains("`answer_mass_candidates`")
+                && err.contains("needs `scoring = \"attention_mass\"`"),
+            "{err}"
+        );
+        assert!(parse("scoring = \"dot\"\nanswer_mass_candidates = 0").is_ok());
+        let err = parse("answer_mass_candidates = -4").unwrap_err();
+        assert!(err.contains("`answer_mass_candidates`"), "{err}");
     }
 
     #[test]

@@ -34,6 +34,9 @@ pub struct RequestOptions {
     pub positions: Option<Positions>,
     /// Blocks per KV head whose keys `attention_mass` reads (0: all).
     pub mass_candidates: Option<i64>,
+    /// Blocks per KV head whose keys `attention_mass` reads at a decode step
+    /// (0: `mass_candidates`).
+    pub answer_mass_candidates: Option<i64>,
     /// Neighbour blocks attended with each retrieved block.
     pub neighbours: Option<i64>,
     /// Blocks of `topk` taken from those the other layers retrieved most.
@@ -113,6 +116,13 @@ impl RequestOptions {
             config.mass_candidates,
             0,
         )?;
+        config.answer_mass_candidates = size(
+            "answer_mass_candidates",
+            self.answer_mass_candidates,
+            config.answer_mass_candidates,
+            0,
+        )?;
+        super::check_answer_mass_candidates(self.answer_mass_candidates, &config)?;
         config.neighbours = size("neighbours", self.neighbours, config.neighbours, 0)?;
         config.consensus = size("consensus", self.consensus, config.consensus, 0)?;
         config.question_topk = size("question_topk", self.question_topk, config.question_topk, 0)?;
@@ -208,6 +218,26 @@ mod tests {
         .apply(&base)
         .unwrap_err();
         assert!(err.to_string().contains("`mass_candidates`"), "{err}");
+        let decode: RequestOptions =
+            serde_json::from_str(r#"{"answer_mass_candidates": 0}"#).unwrap();
+        assert_eq!(decode.apply(&base).unwrap().answer_mass_candidates, 0);
+        // The paper's scoring from a request keeps the default's value inert;
+        // a value given with it is refused.
+        let dot = RequestOptions {
+            scoring: Some(Scoring::Dot),
+            ..Default::default()
+        };
+        assert!(!dot.apply(&base).unwrap().keeps_key_moments());
+        let err = RequestOptions {
+            answer_mass_candidates: Some(16),
+            ..dot
+        }
+        .apply(&base)
+        .unwrap_err();
+        assert!(
+            err.to_string().contains("`answer_mass_candidates`"),
+            "{err}"
+        );
         let err = serde_json::from_str::<RequestOptions>(r#"{"top_k": 3}"#).unwrap_err();
         assert!(err.to_string().contains("top_k"), "{err}");
     }

@@ -92,10 +92,10 @@ pub fn sequence_bytes_bound(
                     // twice its length.
                     + usize::from(config.scoring.uses_representatives())
                         * 2 * blocks * heads * model.k_head_dim * 4
-                    // f32 per-channel key ranges per block and KV head, with
-                    // `mass_candidates`; the vector may hold up to twice its
-                    // length.
-                    + usize::from(config.mass_candidates > 0)
+                    // f32 per-channel key moments per block and KV head, when
+                    // some retrieval reads only candidate blocks; the vector
+                    // may hold up to twice its length.
+                    + usize::from(config.keeps_key_moments())
                         * 2 * blocks * model.num_kv_heads * 2 * model.k_head_dim * 4
                     // Each block's first position; the vector may hold up to
                     // twice its length.
@@ -167,8 +167,10 @@ pub(crate) mod tests {
             "{sentence_growth}"
         );
         // 8-bit blocks: 64 bytes and a 4-byte scale per row of 64 values.
+        // Without key moments (below).
         let q8 = Policy {
             block_dtype: crate::config::BlockDType::Q8_0,
+            answer_mass_candidates: 0,
             ..config
         };
         let q8_growth = sequence_bytes_bound(&q8, &engine, &model, 64 * 1024)
@@ -179,7 +181,7 @@ pub(crate) mod tests {
             q8_growth <= 32 * 1024 * q8_per_token * 12 / 10,
             "{q8_growth}"
         );
-        // Key ranges: per block of 64 tokens and KV head, 2 x 64 f32.
+        // Key moments: per block of 64 tokens and KV head, 2 x 64 f32.
         let bounded = Policy {
             mass_candidates: 64,
             ..q8
@@ -190,6 +192,15 @@ pub(crate) mod tests {
         assert!(
             bounded_growth >= q8_growth + 32 * 1024 * ranges_per_token,
             "{bounded_growth}"
+        );
+        // The default's decode steps read candidates: the same moments.
+        let decode_bounded = Policy {
+            answer_mass_candidates: 64,
+            ..q8
+        };
+        assert_eq!(
+            sequence_bytes_bound(&decode_bounded, &engine, &model, 64 * 1024),
+            sequence_bytes_bound(&bounded, &engine, &model, 64 * 1024)
         );
     }
 }

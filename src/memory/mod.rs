@@ -328,9 +328,8 @@ impl LayerMemory {
         } else {
             Read::Prompt
         };
-        let topk = policy.topk_for(read);
         self.retrieval
-            .retrieve(policy, &self.blocks, &q_global, (group, topk), &voted)?;
+            .retrieve(policy, &self.blocks, &q_global, (group, read), &voted)?;
         if let Some((layer, votes)) = votes {
             votes
                 .borrow_mut()
@@ -539,7 +538,7 @@ impl LayerMemory {
                 heads,
             );
         }
-        if policy.mass_candidates > 0 {
+        if policy.keeps_key_moments() {
             self.retrieval.add_key_moments(&k)?;
         }
         self.blocks.push(&k, &v, storage)?;
@@ -654,7 +653,7 @@ mod tests {
                 &config,
                 &memory.blocks,
                 &q_global,
-                (heads / kv_heads, config.topk),
+                (heads / kv_heads, Read::Prompt),
                 &[],
             )
             .unwrap();
@@ -739,7 +738,13 @@ mod tests {
         let retrieve = |memory: &mut LayerMemory, q_global: &Tensor| {
             memory
                 .retrieval
-                .retrieve(&config, &memory.blocks, q_global, (group, config.topk), &[])
+                .retrieve(
+                    &config,
+                    &memory.blocks,
+                    q_global,
+                    (group, Read::Prompt),
+                    &[],
+                )
                 .unwrap();
         };
         let q_global = (key_per_head(token).broadcast_as((1, heads, 8, d)).unwrap()
@@ -776,6 +781,23 @@ mod tests {
             let unread = (0..blocks).find(|b| !candidates[g].contains(b)).unwrap();
             assert_eq!(got[unread], 0.0);
             assert!(full[g][unread] > 0.0);
+        }
+
+        // `answer_mass_candidates` alone bounds a decode step's reads and
+        // leaves the prompt's exact.
+        let decode_only = Policy {
+            mass_candidates: 0,
+            answer_mass_candidates: 4,
+            ..config
+        };
+        for (read, expected) in [(Read::Answer, &expected), (Read::Prompt, &full)] {
+            memory
+                .retrieval
+                .retrieve(&decode_only, &memory.blocks, &q_global, (group, read), &[])
+                .unwrap();
+            for (got, e) in memory.retrieval.scores().iter().zip(expected) {
+                assert_close(got, e, 1e-4);
+            }
         }
 
         // A question pointing at a key of block 20: its exact share is
@@ -1157,6 +1179,33 @@ mod tests {
     }
 
     #[test]
+    fn decode_steps_with_candidate_blocks_attend_as_the_reference_and_leave_the_prompt_exact() {
+        // `answer_mass_candidates` 2 of up to 25 blocks: every step attends
+        // as the written-out reference over its picks, the prompt's tokens
+        // (to 120, its last) exactly as with unbounded attention mass, and
+        // the decode steps not always so.
+        let config = Policy {
+            scoring: Scoring::AttentionMass,
+            selection: Selection::PerKvHead,
+            question_topk: 2,
+            mass_candidates: 0,
+            answer_mass_candidates: 2,
+            ..selective_config(Positions::Fixed, 0)
+        };
+        config.validate().unwrap();
+        let bounded = compare_with_reference(&config);
+        assert!(bounded.selective, "every block was retrieved");
+        assert!(bounded.worst <= 1e-4, "{}", bounded.worst);
+        let exact = compare_with_reference(&Policy {
+            answer_mass_candidates: 0,
+            ..config
+        });
+        let prompt = 121 * 4 * 16;
+        assert_eq!(bounded.outputs[..prompt], exact.outputs[..prompt]);
+        assert_ne!(bounded.outputs[prompt..], exact.outputs[prompt..]);
+    }
+
+    #[test]
     fn a_layers_bytes_stay_within_the_admission_bound() {
         let (heads, kv_heads, d) = (4, 2, 16);
         let rope = RopeTable::new(10000.0, d, 256, true, &Device::Cpu).unwrap();
@@ -1187,6 +1236,11 @@ mod tests {
                 block_dtype: BlockDType::Q8_0,
                 scoring: Scoring::AttentionMass,
                 mass_candidates: 4,
+                ..base
+            },
+            Policy {
+                scoring: Scoring::AttentionMass,
+                answer_mass_candidates: 4,
                 ..base
             },
         ] {
@@ -1222,8 +1276,10 @@ mod tests {
         let masks = MaskCache::default();
         let args = plain_args(&rope, &masks);
         let run = |scoring| {
+            // Without candidate reads, which keep key moments.
             let config = Policy {
                 scoring,
+                answer_mass_candidates: 0,
                 ..selective_config(Positions::Fixed, 0)
             };
             let mut memory = LayerMemory::default();

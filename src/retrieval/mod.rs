@@ -14,7 +14,7 @@ pub mod votes;
 use candle_core::{Device, Result, Tensor};
 
 use crate::attention::Q8Rows;
-use crate::config::{Policy, Scoring, Selection};
+use crate::config::{Policy, Read, Scoring, Selection};
 use moments::KeyMoments;
 use question::{QuestionMass, QuestionState};
 use representative::{head_means, most_attended_rows};
@@ -196,18 +196,19 @@ impl Retrieval {
 
     /// Picks the blocks of `store` for the execution block whose queries at
     /// the memory distance are `q_global` (`(1, heads, e, d)` f32), for
-    /// query heads in groups of `group` per KV head: `topk` blocks per list
-    /// (the policy's, or its `question_topk`). `voted` ranks the blocks the
-    /// other layers retrieved (most votes first); the first `consensus` of
-    /// them join every list.
+    /// query heads in groups of `group` per KV head: the policy's `topk`
+    /// for `read` per list, its keys read from the policy's mass candidates
+    /// for `read`. `voted` ranks the blocks the other layers retrieved (most
+    /// votes first); the first `consensus` of them join every list.
     pub fn retrieve(
         &mut self,
         policy: &Policy,
         store: &dyn BlockKeys,
         q_global: &Tensor,
-        (group, topk): (usize, usize),
+        (group, read): (usize, Read),
         voted: &[usize],
     ) -> Result<()> {
+        let topk = policy.topk_for(read);
         self.retrieved.clear();
         self.own.clear();
         self.scores.clear();
@@ -243,9 +244,10 @@ impl Retrieval {
                 )?),
                 None => None,
             };
+            let bound = policy.mass_candidates_for(read);
             // At least the blocks this retrieval picks.
-            let candidates = policy.mass_candidates.max(topk);
-            let mut scores = if policy.mass_candidates > 0 && store.blocks() > candidates {
+            let candidates = bound.max(topk);
+            let mut scores = if bound > 0 && store.blocks() > candidates {
                 if self.moments.blocks() != store.blocks() {
                     candle_core::bail!(
                         "qllm: key moments of {} blocks for {} blocks held",
