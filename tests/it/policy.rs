@@ -32,6 +32,7 @@ pub(crate) fn small_config(mode: Mode) -> Policy {
         scoring: qllm::Scoring::Dot,
         selection: qllm::Selection::Shared,
         mass_candidates: 0,
+        answer_mass_candidates: 0,
         neighbours: 0,
         consensus: 0,
         question_topk: 0,
