@@ -4,8 +4,8 @@
 //! size 64), f32 activations, random keys, the `1k` preset, a question of
 //! one row per head (the question vector) or, with `question_rows =
 //! "tokens"`, 16; memory blocks in the model's dtype, bf16 or 8-bit rows
-//! (`block_dtype`); decode steps read 64 candidate blocks with attention
-//! mass (`answer_mass_candidates`) unless a row says otherwise. Each cell:
+//! (`block_dtype`), and with `mass_candidates` or `answer_mass_candidates`
+//! (decode steps only) where a row names them. Each cell:
 //! the median decode step, the median prefill
 //! execution block (512 tokens) over the last quarter of the prompt, and
 //! the memory's bytes per token at the longest length.
@@ -111,25 +111,25 @@ fn main() {
     use Scoring::{AttentionMass, Dot, TokenMax};
     use Selection::{PerKvHead, Shared};
     // Name, scoring, selection, question rows, block dtype, `mass_candidates`
-    // and `answer_mass_candidates` (the default's 64 unless named).
+    // and `answer_mass_candidates`.
     let settings = [
-        ("dot, shared (paper)", Dot, Shared, Mean, Model, (0, 64)),
+        ("dot, shared (paper)", Dot, Shared, Mean, Model, (0, 0)),
         (
             "dot, shared (paper), q8_0 blocks",
             Dot,
             Shared,
             Mean,
             Q8_0,
-            (0, 64),
+            (0, 0),
         ),
-        ("dot, per_kv_head", Dot, PerKvHead, Mean, Model, (0, 64)),
+        ("dot, per_kv_head", Dot, PerKvHead, Mean, Model, (0, 0)),
         (
             "attention_mass, shared",
             AttentionMass,
             Shared,
             Mean,
             Model,
-            (0, 64),
+            (0, 0),
         ),
         (
             "attention_mass, per_kv_head (default)",
@@ -137,15 +137,15 @@ fn main() {
             PerKvHead,
             Mean,
             Model,
-            (0, 64),
+            (0, 0),
         ),
         (
-            "attention_mass, per_kv_head, every key at decode",
+            "attention_mass, per_kv_head, answer_mass_candidates 64",
             AttentionMass,
             PerKvHead,
             Mean,
             Model,
-            (0, 0),
+            (0, 64),
         ),
         (
             "attention_mass, per_kv_head, mass_candidates 32",
@@ -153,7 +153,7 @@ fn main() {
             PerKvHead,
             Mean,
             Model,
-            (32, 32),
+            (32, 0),
         ),
         (
             "attention_mass, per_kv_head, mass_candidates 64",
@@ -161,7 +161,7 @@ fn main() {
             PerKvHead,
             Mean,
             Model,
-            (64, 64),
+            (64, 0),
         ),
         (
             "attention_mass, per_kv_head, bf16 blocks",
@@ -169,7 +169,7 @@ fn main() {
             PerKvHead,
             Mean,
             Bf16,
-            (0, 64),
+            (0, 0),
         ),
         (
             "attention_mass, per_kv_head, q8_0 blocks",
@@ -177,7 +177,7 @@ fn main() {
             PerKvHead,
             Mean,
             Q8_0,
-            (0, 64),
+            (0, 0),
         ),
         (
             "attention_mass, per_kv_head, q8_0 blocks, mass_candidates 64",
@@ -185,7 +185,7 @@ fn main() {
             PerKvHead,
             Mean,
             Q8_0,
-            (64, 64),
+            (64, 0),
         ),
         (
             "attention_mass, per_kv_head, question_rows tokens",
@@ -193,9 +193,9 @@ fn main() {
             PerKvHead,
             Tokens,
             Model,
-            (0, 64),
+            (0, 0),
         ),
-        ("token_max, shared", TokenMax, Shared, Mean, Model, (0, 64)),
+        ("token_max, shared", TokenMax, Shared, Mean, Model, (0, 0)),
     ];
     // `cargo bench` passes `--bench` to a harness-less bench: skip flags.
     let mut args = std::env::args().skip(1).filter(|a| !a.starts_with("--"));

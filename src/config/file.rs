@@ -7,9 +7,8 @@ use serde::Deserialize;
 
 use super::size::SizeValue;
 use super::{
-    check_answer_mass_candidates, BlockDType, Boundaries, EngineSettings, MemoryCaps, Mode, Policy,
-    Positions, Preset, QllmConfig, QuestionRows, QuestionVectors, Scoring, Selection,
-    DEFAULT_PREFIX_CACHE_MEMORY,
+    BlockDType, Boundaries, EngineSettings, MemoryCaps, Mode, Policy, Positions, Preset,
+    QllmConfig, QuestionRows, QuestionVectors, Scoring, Selection, DEFAULT_PREFIX_CACHE_MEMORY,
 };
 use crate::error::{Error, Result};
 
@@ -142,7 +141,6 @@ impl ConfigFile {
             question_first: self.question_first.unwrap_or(base.question_first),
             question_vectors: self.question_vectors.unwrap_or(base.question_vectors),
         };
-        check_answer_mass_candidates(self.answer_mass_candidates, &policy)?;
         let engine = EngineSettings {
             prefill_chunk_size: size(
                 "prefill_chunk_size",
@@ -431,15 +429,17 @@ mod tests {
 
     #[test]
     fn decode_steps_read_candidate_blocks_only_with_attention_mass() {
-        let default = parse("").unwrap().policy;
-        assert_eq!(default.mass_candidates_for(Read::Prompt), 0);
-        assert_eq!(default.mass_candidates_for(Read::Question), 0);
-        assert_eq!(default.mass_candidates_for(Read::Answer), 64);
-        assert!(default.keeps_key_moments());
-        let exact = parse("answer_mass_candidates = 0").unwrap().policy;
+        let exact = parse("").unwrap().policy;
         assert_eq!(exact.mass_candidates_for(Read::Answer), 0);
         assert!(!exact.keeps_key_moments());
-        let both = parse("mass_candidates = 32").unwrap().policy;
+        let decode = parse("answer_mass_candidates = 64").unwrap().policy;
+        assert_eq!(decode.mass_candidates_for(Read::Prompt), 0);
+        assert_eq!(decode.mass_candidates_for(Read::Question), 0);
+        assert_eq!(decode.mass_candidates_for(Read::Answer), 64);
+        assert!(decode.keeps_key_moments());
+        let both = parse("mass_candidates = 32\nanswer_mass_candidates = 64")
+            .unwrap()
+            .policy;
         assert_eq!(
             (
                 both.mass_candidates_for(Read::Prompt),
@@ -447,10 +447,8 @@ mod tests {
             ),
             (32, 64)
         );
-        // The paper's scoring reads no keys: the default is inert there,
-        // and a value given for it is refused rather than ignored.
-        let dot = parse("scoring = \"dot\"").unwrap().policy;
-        assert!(!dot.keeps_key_moments());
+        // The paper's scoring reads no keys: a value given for it is
+        // refused rather than ignored.
         let err = parse("scoring = \"dot\"\nanswer_mass_candidates = 32").unwrap_err();
         assert!(
             err.contains("`answer_mass_candidates`")

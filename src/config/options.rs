@@ -122,7 +122,6 @@ impl RequestOptions {
             config.answer_mass_candidates,
             0,
         )?;
-        super::check_answer_mass_candidates(self.answer_mass_candidates, &config)?;
         config.neighbours = size("neighbours", self.neighbours, config.neighbours, 0)?;
         config.consensus = size("consensus", self.consensus, config.consensus, 0)?;
         config.question_topk = size("question_topk", self.question_topk, config.question_topk, 0)?;
@@ -219,15 +218,12 @@ mod tests {
         .unwrap_err();
         assert!(err.to_string().contains("`mass_candidates`"), "{err}");
         let decode: RequestOptions =
-            serde_json::from_str(r#"{"answer_mass_candidates": 0}"#).unwrap();
-        assert_eq!(decode.apply(&base).unwrap().answer_mass_candidates, 0);
-        // The paper's scoring from a request keeps the default's value inert;
-        // a value given with it is refused.
+            serde_json::from_str(r#"{"answer_mass_candidates": 64}"#).unwrap();
+        assert_eq!(decode.apply(&base).unwrap().answer_mass_candidates, 64);
         let dot = RequestOptions {
             scoring: Some(Scoring::Dot),
             ..Default::default()
         };
-        assert!(!dot.apply(&base).unwrap().keeps_key_moments());
         let err = RequestOptions {
             answer_mass_candidates: Some(16),
             ..dot

@@ -167,10 +167,8 @@ pub(crate) mod tests {
             "{sentence_growth}"
         );
         // 8-bit blocks: 64 bytes and a 4-byte scale per row of 64 values.
-        // Without key moments (below).
         let q8 = Policy {
             block_dtype: crate::config::BlockDType::Q8_0,
-            answer_mass_candidates: 0,
             ..config
         };
         let q8_growth = sequence_bytes_bound(&q8, &engine, &model, 64 * 1024)
@@ -193,7 +191,7 @@ pub(crate) mod tests {
             bounded_growth >= q8_growth + 32 * 1024 * ranges_per_token,
             "{bounded_growth}"
         );
-        // The default's decode steps read candidates: the same moments.
+        // Decode steps alone reading candidates keep the same moments.
         let decode_bounded = Policy {
             answer_mass_candidates: 64,
             ..q8

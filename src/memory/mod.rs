@@ -1276,10 +1276,8 @@ mod tests {
         let masks = MaskCache::default();
         let args = plain_args(&rope, &masks);
         let run = |scoring| {
-            // Without candidate reads, which keep key moments.
             let config = Policy {
                 scoring,
-                answer_mass_candidates: 0,
                 ..selective_config(Positions::Fixed, 0)
             };
             let mut memory = LayerMemory::default();
