@@ -426,11 +426,11 @@ pub struct Policy {
     /// only the question's share. 0: every block (each retrieval reads every
     /// stored key, so its cost grows with the context).
     pub mass_candidates: usize,
-    /// With `attention_mass` scoring: `mass_candidates` for each decode step
-    /// (0: `mass_candidates`). A decode step has one query, so reading every stored
-    /// key per step and layer is what full attention costs; a prompt's
-    /// execution block shares one retrieval among up to `exc_block_size`
-    /// queries, so its exact scan is amortised.
+    /// With `attention_mass` scoring: `mass_candidates` for each decode
+    /// step (0: `mass_candidates`). A decode step has one query, so reading
+    /// every stored key per step and layer is what full attention costs; a
+    /// prompt's execution block shares one retrieval among up to
+    /// `exc_block_size` queries, so its exact scan is amortised.
     pub answer_mass_candidates: usize,
     /// Blocks after each retrieved block attended with it (EM-LLM's
     /// contiguity), within the same `topk` budget: a fact cut by a block
