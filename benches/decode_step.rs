@@ -5,10 +5,10 @@
 //! one row per head (the question vector) or, with `question_rows =
 //! "tokens"`, 16; memory blocks in the model's dtype, bf16 or 8-bit rows
 //! (`block_dtype`), and with `mass_candidates` or `answer_mass_candidates`
-//! (decode steps only) where a row names them. Each cell:
-//! the median decode step, the median prefill
-//! execution block (512 tokens) over the last quarter of the prompt, and
-//! the memory's bytes per token at the longest length.
+//! (decode steps only) where a row names them. Each cell: the median decode
+//! step, the median prefill execution block (512 tokens) over the last
+//! quarter of the prompt, and the memory's bytes per token at the longest
+//! length.
 //!
 //! `cargo bench --bench decode_step` prints medians of 30 decode steps per cell;
 //! `cargo bench --bench decode_step -- NAME [TOKENS [STEPS]]` runs only the

@@ -1200,6 +1200,7 @@ mod tests {
             answer_mass_candidates: 0,
             ..config
         });
+        // The prompt's 121 tokens' outputs: 4 heads of 16 values each.
         let prompt = 121 * 4 * 16;
         assert_eq!(bounded.outputs[..prompt], exact.outputs[..prompt]);
         assert_ne!(bounded.outputs[prompt..], exact.outputs[prompt..]);
