@@ -220,8 +220,9 @@ pub fn attention_mass_slow(
 /// `g` and row, a block's estimate is `row . mean + scale / 2 * sum_c row_c^2
 /// var_c` over its keys' per-channel mean and variance; each row splits one
 /// unit among the blocks in proportion to `exp(scale * estimate)`; the rows'
-/// splits summed, plus `prior[g]`, rank the blocks, and the `count` best are
-/// the head's candidates. Each row's softmax then runs over the candidates'
+/// splits summed, plus `prior[g]`, rank the blocks, and the `count` best,
+/// with the blocks of `pinned[g]` (or `pinned[0]` for every head), are the
+/// head's candidates. Each row's softmax then runs over the candidates'
 /// keys only, scaled by the candidates' part of the row's split (weight 1).
 /// Returns the candidates (ascending) and the scores of every block (0
 /// outside the candidates).
@@ -229,7 +230,7 @@ pub fn candidate_attention_mass_slow(
     keys: &Tensor,
     rows: &Tensor,
     (block_size, scale): (usize, f32),
-    prior: Option<&[Vec<f32>]>,
+    (prior, pinned): (Option<&[Vec<f32>]>, &[Vec<usize>]),
     count: usize,
 ) -> (Vec<Vec<usize>>, Vec<Vec<f32>>) {
     let k = keys.squeeze(0).unwrap().to_vec3::<f32>().unwrap();
@@ -268,6 +269,13 @@ pub fn candidate_attention_mass_slow(
         let mut order: Vec<usize> = (0..blocks.len()).collect();
         order.sort_by(|&a, &b| rank[b].total_cmp(&rank[a]).then(a.cmp(&b)));
         let mut candidates = order[..count.min(order.len())].to_vec();
+        if let Some(pins) = pinned.get(g).or(pinned.first()) {
+            for &b in pins {
+                if b < blocks.len() && !candidates.contains(&b) {
+                    candidates.push(b);
+                }
+            }
+        }
         candidates.sort_unstable();
         let mut mass = vec![0f32; blocks.len()];
         for (row, split) in q.iter().zip(&splits) {

@@ -764,7 +764,13 @@ mod tests {
             .unsqueeze(0)
             .unwrap();
         let (candidates, expected) =
-            candidate_attention_mass_slow(&stored, &rows, (config.block_size, 0.25), None, 4);
+            candidate_attention_mass_slow(
+                &stored,
+                &rows,
+                (config.block_size, 0.25),
+                (None, &[]),
+                4,
+            );
         let full =
             attention_mass_scores(&memory.blocks, config.block_size, &rows, &[1.0], 0.25).unwrap();
         for (g, got) in memory.retrieval.scores().iter().enumerate() {
@@ -784,20 +790,57 @@ mod tests {
         }
 
         // `answer_mass_candidates` alone bounds a decode step's reads and
-        // leaves the prompt's exact.
+        // leaves the prompt's exact; a decode step also reads the blocks the
+        // previous retrieval picked.
         let decode_only = Policy {
             mass_candidates: 0,
             answer_mass_candidates: 4,
             ..config
         };
-        for (read, expected) in [(Read::Answer, &expected), (Read::Prompt, &full)] {
+        let read_as = |memory: &mut LayerMemory, q: &Tensor, read| {
             memory
                 .retrieval
-                .retrieve(&decode_only, &memory.blocks, &q_global, (group, read), &[])
+                .retrieve(&decode_only, &memory.blocks, q, (group, read), &[])
                 .unwrap();
-            for (got, e) in memory.retrieval.scores().iter().zip(expected) {
-                assert_close(got, e, 1e-4);
-            }
+        };
+        read_as(&mut memory, &q_global, Read::Prompt);
+        for (got, e) in memory.retrieval.scores().iter().zip(&full) {
+            assert_close(got, e, 1e-4);
+        }
+        let previous = memory.retrieval.picks().to_vec();
+        assert!(previous.iter().all(|picks| picks.contains(&planted)));
+        // A decode query unrelated to the planted key: by the estimate alone
+        // some head would not read block 9; the pin makes every head read it.
+        let q_step = random((1, heads, 1, d), 17, 1.0);
+        read_as(&mut memory, &q_step, Read::Answer);
+        let step_rows = q_step.squeeze(0).unwrap().reshape((kv_heads, group, d)).unwrap();
+        let (unpinned, _) = candidate_attention_mass_slow(
+            &stored,
+            &step_rows,
+            (config.block_size, 0.25),
+            (None, &[]),
+            4,
+        );
+        assert!(
+            unpinned.iter().any(|c| !c.contains(&planted)),
+            "{unpinned:?}"
+        );
+        let (pinned, expected_step) = candidate_attention_mass_slow(
+            &stored,
+            &step_rows,
+            (config.block_size, 0.25),
+            (None, &previous),
+            4,
+        );
+        for (g, got) in memory.retrieval.scores().iter().enumerate() {
+            assert_close(got, &expected_step[g], 1e-4);
+            assert!(pinned[g].contains(&planted), "{pinned:?}");
+            assert!(got[planted] > 0.0, "KV head {g}: {got:?}");
+        }
+        // A prompt read after it pins nothing: as `mass_candidates` alone.
+        retrieve(&mut memory, &q_global);
+        for (got, e) in memory.retrieval.scores().iter().zip(&expected) {
+            assert_close(got, e, 1e-4);
         }
 
         // A question pointing at a key of block 20: its exact share is
@@ -824,7 +867,7 @@ mod tests {
             &stored,
             &rows,
             (config.block_size, 0.25),
-            Some(&question_scores),
+            (Some(&question_scores), &[]),
             4,
         );
         for (g, got) in memory.retrieval.scores().iter().enumerate() {

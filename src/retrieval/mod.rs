@@ -209,10 +209,14 @@ impl Retrieval {
         voted: &[usize],
     ) -> Result<()> {
         let topk = policy.topk_for(read);
+        // A decode step's bounded read also reads what the previous
+        // retrieval picked: every decode step reads for the same answer, so
+        // a block picked once (the answer's first token's picks are exact)
+        // keeps its place until exact scores among the read blocks drop it.
+        let previous = std::mem::take(&mut self.picks);
         self.retrieved.clear();
         self.own.clear();
         self.scores.clear();
-        self.picks.clear();
         if !policy.mode.keeps_blocks() || store.blocks() == 0 || topk == 0 {
             return Ok(());
         }
@@ -256,10 +260,15 @@ impl Retrieval {
                     );
                 }
                 let rows = q.flatten_all()?.to_vec1::<f32>()?;
+                let pinned = if read == Read::Answer {
+                    previous.as_slice()
+                } else {
+                    &[]
+                };
                 let candidates = self.moments.candidates(
                     &rows,
                     (kv_heads, scale),
-                    question_scores.as_deref(),
+                    (question_scores.as_deref(), pinned),
                     candidates,
                 );
                 attention_mass_candidate_scores(

@@ -67,13 +67,15 @@ impl KeyMoments {
     /// blocks by `exp(scale * (estimate - best estimate))` and splits one
     /// unit among them in proportion, the share `attention_mass` would give
     /// if the estimates were exact; the rows' shares are summed, and
-    /// `prior[g][b]` (the question's share, known exactly) is added. Also
-    /// returns, per KV head and row, the share the chosen blocks hold.
+    /// `prior[g][b]` (the question's share, known exactly) is added. The
+    /// blocks of `pinned` (one list per KV head, or one for all) join the
+    /// chosen. Also returns, per KV head and row, the share the chosen
+    /// blocks hold.
     pub(crate) fn candidates(
         &self,
         rows: &[f32],
         (kv_heads, scale): (usize, f32),
-        prior: Option<&[Vec<f32>]>,
+        (prior, pinned): (Option<&[Vec<f32>]>, &[Vec<usize>]),
         count: usize,
     ) -> Candidates {
         let blocks = self.blocks();
@@ -109,7 +111,12 @@ impl KeyMoments {
                         *total += *rate;
                     }
                 }
-                let chosen = top_k(&total, count);
+                let mut chosen = top_k(&total, count);
+                if let Some(pins) = pinned.get(g).or(pinned.first()) {
+                    chosen.extend(pins.iter().filter(|&&b| b < blocks));
+                    chosen.sort_unstable();
+                    chosen.dedup();
+                }
                 let shares = rates
                     .iter()
                     .map(|rates| chosen.iter().map(|&b| rates[b]).sum::<f32>())
@@ -221,17 +228,34 @@ mod tests {
                 .unwrap();
         }
         let rows: Vec<f32> = (0..kv_heads * m).flat_map(|_| direction.clone()).collect();
-        let picked = moments.candidates(&rows, (kv_heads, 0.35), None, 1);
+        let picked = moments.candidates(&rows, (kv_heads, 0.35), (None, &[]), 1);
         assert_eq!(picked.blocks[1], [5], "{picked:?}");
         assert!(picked.shares[1].iter().all(|&s| s > 0.5), "{picked:?}");
         let mut prior = vec![vec![0f32; 8]; kv_heads];
         for head in &mut prior {
             head[2] = 10.0;
         }
-        let picked = moments.candidates(&rows, (kv_heads, 0.35), Some(&prior), 2);
+        let picked = moments.candidates(&rows, (kv_heads, 0.35), (Some(&prior), &[]), 2);
         assert_eq!(picked.blocks[1], [2, 5], "{picked:?}");
         assert!(picked.blocks[0].contains(&2), "{picked:?}");
-        let every = moments.candidates(&rows, (kv_heads, 0.35), None, 20);
+        // Pinned blocks join the chosen, and their estimated share with
+        // them: one list for all heads, or one per head; a block past the
+        // last is ignored.
+        let alone = moments.candidates(&rows, (kv_heads, 0.35), (None, &[]), 1);
+        let pinned = moments.candidates(&rows, (kv_heads, 0.35), (None, &[vec![0, 7, 8]]), 1);
+        assert_eq!(pinned.blocks[1], [0, 5, 7], "{pinned:?}");
+        let mut head_0 = alone.blocks[0].clone();
+        head_0.extend([0, 7]);
+        head_0.sort_unstable();
+        head_0.dedup();
+        assert_eq!(pinned.blocks[0], head_0, "{pinned:?}");
+        for (with, without) in pinned.shares.iter().flatten().zip(alone.shares.iter().flatten()) {
+            assert!(with > without, "{with} {without}");
+        }
+        let per_head = moments.candidates(&rows, (kv_heads, 0.35), (None, &[vec![3], vec![4]]), 1);
+        assert!(per_head.blocks[0].contains(&3), "{per_head:?}");
+        assert_eq!(per_head.blocks[1], [4, 5], "{per_head:?}");
+        let every = moments.candidates(&rows, (kv_heads, 0.35), (None, &[]), 20);
         assert_eq!(every.blocks[0], (0..8).collect::<Vec<_>>());
         for share in every.shares.iter().flatten() {
             assert!((share - 1.0).abs() < 1e-5, "{share}");
