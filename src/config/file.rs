@@ -63,6 +63,8 @@ pub struct ConfigFile {
     pub question_topk: Option<i64>,
     /// See [`Policy::answer_topk`].
     pub answer_topk: Option<i64>,
+    /// See [`Policy::answer_refresh`].
+    pub answer_refresh: Option<i64>,
     /// See [`EngineSettings::prefill_chunk_size`].
     pub prefill_chunk_size: Option<i64>,
     /// See [`EngineSettings::max_context_len`].
@@ -136,6 +138,12 @@ impl ConfigFile {
             consensus: size("consensus", self.consensus, base.consensus, 0)?,
             question_topk: size("question_topk", self.question_topk, base.question_topk, 0)?,
             answer_topk: size("answer_topk", self.answer_topk, base.answer_topk, 0)?,
+            answer_refresh: size(
+                "answer_refresh",
+                self.answer_refresh,
+                base.answer_refresh,
+                1,
+            )?,
             block_dtype: self.block_dtype.unwrap_or(base.block_dtype),
             boundaries: self.boundaries.unwrap_or(base.boundaries),
             question_first: self.question_first.unwrap_or(base.question_first),
@@ -404,6 +412,21 @@ mod tests {
         assert_eq!(parse("consensus = 2").unwrap().policy.consensus, 2);
         let err = parse("question_topk = 513").unwrap_err();
         assert!(err.contains("`question_topk` is too large: 513"), "{err}");
+        assert_eq!(parse("").unwrap().policy.answer_refresh, 1);
+        assert_eq!(
+            parse("answer_refresh = 4").unwrap().policy.answer_refresh,
+            4
+        );
+        let err = parse("answer_refresh = 0").unwrap_err();
+        assert!(
+            err.contains("`answer_refresh` must be a positive integer, got 0"),
+            "{err}"
+        );
+        let err = parse("answer_refresh = 65").unwrap_err();
+        assert!(
+            err.contains("`answer_refresh` must be between 1 and 64 decode steps"),
+            "{err}"
+        );
         let err = parse("answer_topk = 600").unwrap_err();
         assert!(err.contains("`answer_topk` is too large: 600"), "{err}");
         assert_eq!(

@@ -452,6 +452,13 @@ pub struct Policy {
     /// question's wide set, and a number spelled digit by digit needs its
     /// later digits read as widely. At most [`MAX_QUESTION_TOPK`].
     pub answer_topk: usize,
+    /// Decode steps per retrieval: with `N` > 1 a decode step retrieves
+    /// only every `N`th step and the others attend the blocks the layer's
+    /// latest retrieval picked (the first `N - 1` of them, those of the
+    /// execution block that gave the answer's first token). 1 (the
+    /// default): every step retrieves, the paper's. At most
+    /// [`MAX_ANSWER_REFRESH`].
+    pub answer_refresh: usize,
     /// Storage dtype of memory blocks (the bulk of a long context's memory).
     pub block_dtype: BlockDType,
     /// Where memory blocks begin: at fixed offsets or after sentence ends.
@@ -528,6 +535,7 @@ impl Policy {
             // 4K and 16K (README): not a default yet.
             question_topk: 0,
             answer_topk: 0,
+            answer_refresh: 1,
             block_dtype: BlockDType::Model,
             boundaries: Boundaries::Fixed,
             // Not the paper's method (its prompts are written that way): with
@@ -664,6 +672,15 @@ impl Policy {
                     ),
                 );
             }
+        }
+        if self.answer_refresh == 0 || self.answer_refresh > MAX_ANSWER_REFRESH {
+            return invalid(
+                "answer_refresh",
+                format!(
+                    "must be between 1 and {MAX_ANSWER_REFRESH} decode steps per retrieval, got {}",
+                    self.answer_refresh
+                ),
+            );
         }
         if self.consensus > 0 && self.consensus >= self.topk {
             return invalid(
@@ -859,3 +876,7 @@ pub const MAX_TOPK: usize = 4096;
 /// Largest `question_topk`: 512 blocks of 64 are 32K tokens, whose scores
 /// against a 512-token execution block of SmolLM2's 9 heads take 600 MB.
 pub const MAX_QUESTION_TOPK: usize = 512;
+
+/// Most decode steps one retrieval serves (`answer_refresh`): the blocks an
+/// answer reads still follow it every so many tokens.
+pub const MAX_ANSWER_REFRESH: usize = 64;

@@ -45,6 +45,8 @@ pub struct RequestOptions {
     pub question_topk: Option<i64>,
     /// Blocks retrieved by each decode step.
     pub answer_topk: Option<i64>,
+    /// Decode steps per retrieval.
+    pub answer_refresh: Option<i64>,
     /// How blocks are ranked (`dot`, `head_softmax`, `token_max`,
     /// `attention_mass`).
     pub scoring: Option<Scoring>,
@@ -126,6 +128,12 @@ impl RequestOptions {
         config.consensus = size("consensus", self.consensus, config.consensus, 0)?;
         config.question_topk = size("question_topk", self.question_topk, config.question_topk, 0)?;
         config.answer_topk = size("answer_topk", self.answer_topk, config.answer_topk, 0)?;
+        config.answer_refresh = size(
+            "answer_refresh",
+            self.answer_refresh,
+            config.answer_refresh,
+            1,
+        )?;
         for (key, text) in [("question", &self.question), ("needle", &self.needle)] {
             if text.as_ref().is_some_and(|t| t.trim().is_empty()) {
                 return Err(Error::InvalidConfig {
@@ -207,6 +215,15 @@ mod tests {
         .apply(&base)
         .unwrap_err();
         assert!(err.to_string().contains("`consensus` (2)"), "{err}");
+        let refresh: RequestOptions = serde_json::from_str(r#"{"answer_refresh": 8}"#).unwrap();
+        assert_eq!(refresh.apply(&base).unwrap().answer_refresh, 8);
+        let err = RequestOptions {
+            answer_refresh: Some(0),
+            ..Default::default()
+        }
+        .apply(&base)
+        .unwrap_err();
+        assert!(err.to_string().contains("`answer_refresh`"), "{err}");
         let bounded: RequestOptions = serde_json::from_str(r#"{"mass_candidates": 48}"#).unwrap();
         assert_eq!(bounded.apply(&base).unwrap().mass_candidates, 48);
         let err = RequestOptions {

@@ -763,14 +763,13 @@ mod tests {
             .unwrap()
             .unsqueeze(0)
             .unwrap();
-        let (candidates, expected) =
-            candidate_attention_mass_slow(
-                &stored,
-                &rows,
-                (config.block_size, 0.25),
-                (None, &[]),
-                4,
-            );
+        let (candidates, expected) = candidate_attention_mass_slow(
+            &stored,
+            &rows,
+            (config.block_size, 0.25),
+            (None, &[]),
+            4,
+        );
         let full =
             attention_mass_scores(&memory.blocks, config.block_size, &rows, &[1.0], 0.25).unwrap();
         for (g, got) in memory.retrieval.scores().iter().enumerate() {
@@ -813,7 +812,11 @@ mod tests {
         // some head would not read block 9; the pin makes every head read it.
         let q_step = random((1, heads, 1, d), 17, 1.0);
         read_as(&mut memory, &q_step, Read::Answer);
-        let step_rows = q_step.squeeze(0).unwrap().reshape((kv_heads, group, d)).unwrap();
+        let step_rows = q_step
+            .squeeze(0)
+            .unwrap()
+            .reshape((kv_heads, group, d))
+            .unwrap();
         let (unpinned, _) = candidate_attention_mass_slow(
             &stored,
             &step_rows,
@@ -980,6 +983,8 @@ mod tests {
         overlapped: bool,
         /// Per call: its first position and the blocks per retrieval list.
         picked: Vec<(usize, usize)>,
+        /// Per call: the blocks it attended, per retrieval list.
+        picks: Vec<Vec<Vec<usize>>>,
         /// Every call's output, one after another.
         outputs: Vec<f32>,
         /// Bytes of the memory blocks at the end.
@@ -1029,7 +1034,7 @@ mod tests {
         let q8 = config.block_dtype == BlockDType::Q8_0;
         let mut memory = LayerMemory::default();
         let (mut worst, mut selective, mut heads_differ) = (0f32, false, false);
-        let (mut picked, mut outputs) = (Vec::new(), Vec::new());
+        let (mut picked, mut picks, mut outputs) = (Vec::new(), Vec::new(), Vec::new());
         let mut p0 = 0;
         while p0 < total {
             let e = if p0 < 120 { 8 } else { 1 };
@@ -1049,6 +1054,7 @@ mod tests {
                 .unwrap();
             let retrieved = memory.retrieval.picks().to_vec();
             picked.push((p0, retrieved.first().map_or(0, Vec::len)));
+            picks.push(retrieved.clone());
             selective |= retrieved
                 .first()
                 .is_some_and(|p| block_starts.len() > p.len() && !p.is_empty());
@@ -1111,6 +1117,7 @@ mod tests {
             heads_differ,
             overlapped,
             picked,
+            picks,
             outputs,
             block_bytes: memory.stats().block_bytes,
         }
@@ -1247,6 +1254,55 @@ mod tests {
         let prompt = 121 * 4 * 16;
         assert_eq!(bounded.outputs[..prompt], exact.outputs[..prompt]);
         assert_ne!(bounded.outputs[prompt..], exact.outputs[prompt..]);
+    }
+
+    #[test]
+    fn decode_steps_between_refreshes_attend_the_latest_picks() {
+        // `answer_refresh` 3: decode steps 1 and 2 (positions 121, 122)
+        // attend the picks of the execution block that gave the answer's
+        // first token, step 3 retrieves as every step does without it, and
+        // so on; every step attends as the written-out reference over what
+        // it attends, and the prompt's outputs do not change.
+        for (scoring, selection) in [
+            (Scoring::AttentionMass, Selection::PerKvHead),
+            (Scoring::Dot, Selection::Shared),
+        ] {
+            let every_step = Policy {
+                scoring,
+                selection,
+                question_topk: 2,
+                ..selective_config(Positions::Fixed, 0)
+            };
+            let config = Policy {
+                answer_refresh: 3,
+                ..every_step
+            };
+            config.validate().unwrap();
+            let refreshed = compare_with_reference(&config);
+            let exact = compare_with_reference(&every_step);
+            assert!(refreshed.worst <= 1e-4, "{scoring}: {}", refreshed.worst);
+            let prompt_calls = refreshed.picked.iter().filter(|(p0, _)| *p0 < 121).count();
+            let prompt = 121 * 4 * 16;
+            assert_eq!(refreshed.outputs[..prompt], exact.outputs[..prompt]);
+            let mut kept_where_every_step_changed = false;
+            for call in prompt_calls..refreshed.picks.len() {
+                let step = refreshed.picked[call].0 - 120;
+                if step.is_multiple_of(3) {
+                    assert_eq!(
+                        refreshed.picks[call], exact.picks[call],
+                        "{scoring} step {step}"
+                    );
+                } else {
+                    assert_eq!(
+                        refreshed.picks[call],
+                        refreshed.picks[call - 1],
+                        "{scoring} step {step}"
+                    );
+                    kept_where_every_step_changed |= exact.picks[call] != exact.picks[call - 1];
+                }
+            }
+            assert!(kept_where_every_step_changed, "{scoring}: nothing changed");
+        }
     }
 
     #[test]

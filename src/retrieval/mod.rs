@@ -123,6 +123,9 @@ pub struct Retrieval {
     /// Retrieval score of every block at the latest execution block: one
     /// row, or one per KV head with `per_kv_head` selection.
     scores: Vec<Vec<f32>>,
+    /// Decode steps since the latest read of the prompt, for
+    /// `answer_refresh`.
+    answer_steps: usize,
 }
 
 impl Retrieval {
@@ -198,7 +201,8 @@ impl Retrieval {
     /// the memory distance are `q_global` (`(1, heads, e, d)` f32), for
     /// query heads in groups of `group` per KV head: the policy's `topk`
     /// for `read` per list, its keys read from the policy's mass candidates
-    /// for `read`. `voted` ranks the blocks the other layers retrieved (most
+    /// for `read`; a decode step between `answer_refresh` steps keeps the
+    /// latest picks. `voted` ranks the blocks the other layers retrieved (most
     /// votes first); the first `consensus` of them join every list.
     pub fn retrieve(
         &mut self,
@@ -209,6 +213,15 @@ impl Retrieval {
         voted: &[usize],
     ) -> Result<()> {
         let topk = policy.topk_for(read);
+        if read == Read::Answer {
+            self.answer_steps += 1;
+            // Between refreshes a decode step attends the latest picks.
+            if !self.answer_steps.is_multiple_of(policy.answer_refresh) {
+                return Ok(());
+            }
+        } else {
+            self.answer_steps = 0;
+        }
         // A decode step's bounded read also reads what the previous
         // retrieval picked: every decode step reads for the same answer, so
         // a block picked once (the answer's first token's picks are exact)

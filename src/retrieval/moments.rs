@@ -249,7 +249,12 @@ mod tests {
         head_0.sort_unstable();
         head_0.dedup();
         assert_eq!(pinned.blocks[0], head_0, "{pinned:?}");
-        for (with, without) in pinned.shares.iter().flatten().zip(alone.shares.iter().flatten()) {
+        for (with, without) in pinned
+            .shares
+            .iter()
+            .flatten()
+            .zip(alone.shares.iter().flatten())
+        {
             assert!(with > without, "{with} {without}");
         }
         let per_head = moments.candidates(&rows, (kv_heads, 0.35), (None, &[vec![3], vec![4]]), 1);

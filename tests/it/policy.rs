@@ -37,6 +37,7 @@ pub(crate) fn small_config(mode: Mode) -> Policy {
         consensus: 0,
         question_topk: 0,
         answer_topk: 0,
+        answer_refresh: 1,
         block_dtype: BlockDType::Model,
         boundaries: qllm::Boundaries::Fixed,
         question_first: false,
