@@ -452,12 +452,10 @@ pub struct Policy {
     /// question's wide set, and a number spelled digit by digit needs its
     /// later digits read as widely. At most [`MAX_QUESTION_TOPK`].
     pub answer_topk: usize,
-    /// Decode steps per retrieval: with `N` > 1 a decode step retrieves
-    /// only every `N`th step and the others attend the blocks the layer's
-    /// latest retrieval picked (the first `N - 1` of them, those of the
-    /// execution block that gave the answer's first token). 1 (the
-    /// default): every step retrieves, the paper's. At most
-    /// [`MAX_ANSWER_REFRESH`].
+    /// Decode steps per retrieval: with `N` > 1 decode steps 1, 1 + N, 1 +
+    /// 2N, ... retrieve and the others attend the blocks the layer's latest
+    /// retrieval picked. 1 (the default): every step retrieves, the
+    /// paper's. At most [`MAX_ANSWER_REFRESH`].
     pub answer_refresh: usize,
     /// Storage dtype of memory blocks (the bulk of a long context's memory).
     pub block_dtype: BlockDType,

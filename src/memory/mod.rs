@@ -1258,11 +1258,11 @@ mod tests {
 
     #[test]
     fn decode_steps_between_refreshes_attend_the_latest_picks() {
-        // `answer_refresh` 3: decode steps 1 and 2 (positions 121, 122)
-        // attend the picks of the execution block that gave the answer's
-        // first token, step 3 retrieves as every step does without it, and
-        // so on; every step attends as the written-out reference over what
-        // it attends, and the prompt's outputs do not change.
+        // `answer_refresh` 3: decode steps 1, 4, 7, ... (positions 121, 124,
+        // ...) retrieve as every step does without it, and the steps
+        // between attend the latest picks; every step attends as the
+        // written-out reference over what it attends, and the prompt's
+        // outputs do not change.
         for (scoring, selection) in [
             (Scoring::AttentionMass, Selection::PerKvHead),
             (Scoring::Dot, Selection::Shared),
@@ -1287,7 +1287,7 @@ mod tests {
             let mut kept_where_every_step_changed = false;
             for call in prompt_calls..refreshed.picks.len() {
                 let step = refreshed.picked[call].0 - 120;
-                if step.is_multiple_of(3) {
+                if (step - 1).is_multiple_of(3) {
                     assert_eq!(
                         refreshed.picks[call], exact.picks[call],
                         "{scoring} step {step}"

@@ -214,9 +214,10 @@ impl Retrieval {
     ) -> Result<()> {
         let topk = policy.topk_for(read);
         if read == Read::Answer {
+            // Decode steps 1, 1 + N, 1 + 2N, ... retrieve; the others attend
+            // the latest picks.
             self.answer_steps += 1;
-            // Between refreshes a decode step attends the latest picks.
-            if !self.answer_steps.is_multiple_of(policy.answer_refresh) {
+            if !(self.answer_steps - 1).is_multiple_of(policy.answer_refresh) {
                 return Ok(());
             }
         } else {
