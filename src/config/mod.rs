@@ -521,8 +521,8 @@ impl Policy {
             selection: Selection::PerKvHead,
             mass_candidates: 0,
             // 64 makes a decode step at 32K tokens 1.5-1.8x faster, but
-            // loses 4 of 16 `fact` and essay-needle answers at 12K-32K that
-            // the exact scan gives (README): not a default.
+            // loses `fact` and essay-needle answers at 12K-32K that the
+            // exact scan gives (2 of 4 cells measured, README): not a default.
             answer_mass_candidates: 0,
             neighbours: 0,
             consensus: 0,
