@@ -4,6 +4,7 @@
 //! ([`mod@reference`]) that the fast code is tested against.
 
 pub mod dense;
+pub mod lanes;
 pub mod mask;
 pub mod q8;
 pub mod reference;

@@ -138,26 +138,26 @@ fn softmax_in_place(row: &mut [f32]) {
     }
 }
 
-/// The largest of `values` and `sum exp(scale * (v - max))`, in eight
-/// lanes so the loops vectorise (one running maximum or sum is one
-/// dependent operation per value).
+/// The largest of `values` and `sum exp(scale * (v - max))`; `values` is
+/// left holding the exponentials. Writing them out first lets the
+/// exponential loop vectorise (a sum fed by the exponential does not), and
+/// the sum runs in eight lanes.
 #[inline(always)]
-pub fn max_and_exp_sum(values: &[f32], scale: f32) -> (f32, f32) {
+pub fn max_and_exp_sum(values: &mut [f32], scale: f32) -> (f32, f32) {
     const LANES: usize = 8;
     let max = lane_max(values);
+    for v in values.iter_mut() {
+        *v = exp_nonpositive((*v - max) * scale);
+    }
     let mut sums = [0f32; LANES];
     let mut chunks = values.chunks_exact(LANES);
     for chunk in &mut chunks {
         for (s, &x) in sums.iter_mut().zip(chunk) {
-            *s += exp_nonpositive((x - max) * scale);
+            *s += x;
         }
     }
-    let tail: f32 = chunks
-        .remainder()
-        .iter()
-        .map(|&x| exp_nonpositive((x - max) * scale))
-        .sum();
-    (max, sums.iter().sum::<f32>() + tail)
+    let tail: f32 = chunks.remainder().iter().sum();
+    (max, super::lanes::lane_sum(sums) + tail)
 }
 
 /// The largest of `values` (`-inf` for none), in eight lanes.
@@ -190,16 +190,21 @@ pub fn exp_nonpositive(x: f32) -> f32 {
     const ROUND: f32 = 12_582_912.0;
     let below = x < -87.0;
     let x = x.max(-87.0);
-    let n = (x * LOG2_E + ROUND) - ROUND;
+    let shifted = x * LOG2_E + ROUND;
+    let n = shifted - ROUND;
     let r = (x - n * LN_2_HI) - n * LN_2_LO;
     let p = 1.0
         + r * (1.0
             + r * (0.5
                 + r * (1.0 / 6.0
-                    + r * (1.0 / 24.0 + r * (1.0 / 120.0 + r * (1.0 / 720.0 + r / 5040.0))))));
-    // `n` is an integer in -126..=0: the bits of `2^n` are `(n + 127) << 23`.
-    #[allow(clippy::cast_possible_truncation, clippy::cast_sign_loss)]
-    let two_n = f32::from_bits(((n as i32 + 127) as u32) << 23);
+                    + r * (1.0 / 24.0
+                        + r * (1.0 / 120.0 + r * (1.0 / 720.0 + r * (1.0 / 5040.0)))))));
+    // `n` is an integer in -126..=0, held in the low bits of `shifted`'s
+    // mantissa; the bits of `2^n` are `(n + 127) << 23`. Integer arithmetic
+    // on the bits, not a float-to-integer cast (a saturating cast, which
+    // keeps the loops around it from vectorising).
+    let n_bits = shifted.to_bits().wrapping_sub(ROUND.to_bits());
+    let two_n = f32::from_bits(n_bits.wrapping_add(127) << 23);
     // A select, not a branch: masked logits (`-inf`) give exactly 0.
     if below {
         0.0

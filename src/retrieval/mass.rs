@@ -15,6 +15,7 @@ use rayon::prelude::*;
 
 use super::moments::Candidates;
 use super::KeySlab;
+use crate::attention::lanes::row_key_logits;
 use crate::attention::q8::Q8_ZERO;
 use crate::attention::softmax::max_and_exp_sum;
 
@@ -448,11 +449,20 @@ fn view_partials(
 /// A key value the kernel reads in its storage dtype.
 trait KeyValue: Copy + Send + Sync {
     fn to_f32(self) -> f32;
+
+    /// The keys themselves where they are f32 already (no copy).
+    fn as_f32(_keys: &[Self]) -> Option<&[f32]> {
+        None
+    }
 }
 
 impl KeyValue for f32 {
     fn to_f32(self) -> f32 {
         self
+    }
+
+    fn as_f32(keys: &[f32]) -> Option<&[f32]> {
+        Some(keys)
     }
 }
 
@@ -491,21 +501,27 @@ fn head_partials<K: KeyValue>(
     let m = rows.len() / d;
     let blocks = keys.len() / (d * block_size);
     let mut out = Vec::with_capacity(blocks * m * 2);
-    let mut key = [0f32; MAX_HEAD_SIZE];
-    let key = &mut key[..d];
-    // Row-major per row: `logits[r * block_size + t]`.
+    // One block's keys in f32, then its logits row-major per row:
+    // `logits[r * block_size + t]`.
+    let mut block_keys = vec![0f32; block_size * d];
     let mut logits = vec![0f32; m * block_size];
     for (b, block) in keys.chunks_exact(d * block_size).enumerate() {
-        for (t, row) in block.chunks_exact(d).enumerate() {
-            for (x, k) in key.iter_mut().zip(row) {
+        let block_keys = K::as_f32(block).unwrap_or_else(|| {
+            for (x, k) in block_keys.iter_mut().zip(block) {
                 *x = k.to_f32();
             }
-            let row_scale = row_scales.map_or(1.0, |s| s[b * block_size + t]);
-            for (r, q) in rows.chunks_exact(d).enumerate() {
-                logits[r * block_size + t] = row_scale * super::scores::dot(q, key);
+            &block_keys
+        });
+        row_key_logits(block_keys, rows, d, &mut logits);
+        if let Some(row_scales) = row_scales {
+            let block_scales = &row_scales[b * block_size..(b + 1) * block_size];
+            for row_logits in logits.chunks_exact_mut(block_size) {
+                for (logit, s) in row_logits.iter_mut().zip(block_scales) {
+                    *logit *= s;
+                }
             }
         }
-        for row_logits in logits.chunks_exact(block_size) {
+        for row_logits in logits.chunks_exact_mut(block_size) {
             let (max, sum) = max_and_exp_sum(row_logits, scale);
             out.push(max);
             out.push(sum);

@@ -11,8 +11,8 @@
 use candle_core::{DType, Result, Tensor};
 use rayon::prelude::*;
 
-use super::scores::dot;
 use super::top_k;
+use crate::attention::lanes::dot;
 
 /// The blocks whose keys a retrieval reads.
 #[derive(Debug, Clone, PartialEq)]

@@ -6,6 +6,7 @@ use rayon::prelude::*;
 
 use super::moments::Candidates;
 use super::BlockKeys;
+use crate::attention::lanes::dot;
 
 /// Blocks per rayon task in the representative scans: at a million tokens a
 /// layer holds 16K representatives (37 MB for SmolLM2), a memory-bound scan
@@ -90,21 +91,6 @@ pub fn head_softmax_block_scores(
         }
     }
     total
-}
-
-#[inline(always)]
-pub(crate) fn dot(a: &[f32], b: &[f32]) -> f32 {
-    // Eight independent sums so the compiler can vectorise.
-    let mut acc = [0f32; 8];
-    let (a8, a_rest) = a.split_at(a.len() / 8 * 8);
-    let (b8, b_rest) = b.split_at(a8.len());
-    for (x, y) in a8.chunks_exact(8).zip(b8.chunks_exact(8)) {
-        for i in 0..8 {
-            acc[i] += x[i] * y[i];
-        }
-    }
-    let tail: f32 = a_rest.iter().zip(b_rest).map(|(x, y)| x * y).sum();
-    acc.iter().sum::<f32>() + tail
 }
 
 /// Per block, the highest `q · k` over its tokens, where `q` is
