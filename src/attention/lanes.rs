@@ -1,6 +1,6 @@
-//! f32 loops written so the compiler vectorises them: independent lanes
-//! for sums and maxima, tree reductions, fused multiply-adds where the
-//! target has them. Shared by the attention kernels and block scoring.
+//! f32 dot products for the attention kernels and block scoring: lanes of
+//! independent sums reduced as trees, fused multiply-adds where the target
+//! has them, and many rows against many keys in vector registers.
 
 /// `a · b` over their common length.
 #[inline(always)]
@@ -119,7 +119,7 @@ fn multiply_add(a: f32, b: f32, c: f32) -> f32 {
 
 /// The sum of eight lanes as a tree of vector adds.
 #[inline(always)]
-pub fn lane_sum(acc: [f32; 8]) -> f32 {
+pub(crate) fn lane_sum(acc: [f32; 8]) -> f32 {
     let quarter = [
         acc[0] + acc[4],
         acc[1] + acc[5],
@@ -135,7 +135,8 @@ mod tests {
 
     #[test]
     fn the_lane_dot_product_is_the_plain_one_at_every_length() {
-        // Lengths around the 16 lanes, so the tail and the lanes both count.
+        // Lengths over several multiples of the 8 lanes, so the tail and the
+        // lanes both count.
         for n in 0..70 {
             #[allow(clippy::cast_precision_loss)]
             let a: Vec<f32> = (0..n).map(|i| ((i * 7 % 11) as f32 - 5.0) / 4.0).collect();
