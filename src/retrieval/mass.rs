@@ -19,10 +19,6 @@ use crate::attention::lanes::row_key_logits;
 use crate::attention::q8::Q8_ZERO;
 use crate::attention::softmax::max_and_exp_sum;
 
-/// Largest head size the CPU kernel handles (a key row is converted into a
-/// stack buffer of this many values).
-const MAX_HEAD_SIZE: usize = 512;
-
 /// Partials of the blocks in `slabs` (whole blocks of `block_size`, in
 /// block order) against `rows` (`(kv_heads, m, d)` f32: each KV head's
 /// query rows): per block, KV head and row, `[m, s]`, laid out
@@ -57,15 +53,14 @@ fn host_block_partials(
     })
 }
 
-/// `rows` on the host, when they and every slab lie in CPU memory and the
-/// kernel's key buffer holds a row.
+/// `rows` on the host, when they and every slab lie in CPU memory.
 fn host_rows(slabs: &[KeySlab], rows: &Tensor) -> Result<Option<Vec<f32>>> {
     let on_cpu = rows.device().is_cpu()
         && slabs.iter().all(|slab| match slab {
             KeySlab::Float(keys) => keys.device().is_cpu(),
             KeySlab::Q8(rows) => rows.values.device().is_cpu() && rows.scales.device().is_cpu(),
         });
-    if !on_cpu || rows.dim(2)? > MAX_HEAD_SIZE {
+    if !on_cpu {
         return Ok(None);
     }
     Ok(Some(rows.contiguous()?.flatten_all()?.to_vec1::<f32>()?))
@@ -501,16 +496,16 @@ fn head_partials<K: KeyValue>(
     let m = rows.len() / d;
     let blocks = keys.len() / (d * block_size);
     let mut out = Vec::with_capacity(blocks * m * 2);
-    // One block's keys in f32, then its logits row-major per row:
+    // One block's keys in f32 (filled only for other dtypes: f32 keys are
+    // read in place), then its logits row-major per row:
     // `logits[r * block_size + t]`.
-    let mut block_keys = vec![0f32; block_size * d];
+    let mut converted = Vec::new();
     let mut logits = vec![0f32; m * block_size];
     for (b, block) in keys.chunks_exact(d * block_size).enumerate() {
         let block_keys = K::as_f32(block).unwrap_or_else(|| {
-            for (x, k) in block_keys.iter_mut().zip(block) {
-                *x = k.to_f32();
-            }
-            &block_keys
+            converted.clear();
+            converted.extend(block.iter().map(|k| k.to_f32()));
+            &converted
         });
         row_key_logits(block_keys, rows, d, &mut logits);
         if let Some(row_scales) = row_scales {
