@@ -4,9 +4,9 @@
 //! size 64), f32 activations, random keys, the `1k` preset, a question of
 //! one row per head (the question vector) or, with `question_rows =
 //! "tokens"`, 16; memory blocks in the model's dtype, bf16 or 8-bit rows
-//! (`block_dtype`), and with `mass_candidates` or `answer_mass_candidates`
-//! (decode steps only) where a row names them. Each cell: the median decode
-//! step, the median prefill execution block (512 tokens) over the last
+//! (`block_dtype`), and with `mass_candidates`, `answer_mass_candidates`,
+//! `answer_refresh` or `answer_pool` (decode steps only) where a row names
+//! them. Each cell: the median (and mean) decode step, the median prefill execution block (512 tokens) over the last
 //! quarter of the prompt, and the memory's bytes per token at the longest
 //! length.
 //!
@@ -42,6 +42,9 @@ struct Cell {
     prefill_block: f64,
     /// Median seconds of one decode step.
     decode_step: f64,
+    /// Mean seconds of one decode step: with `answer_refresh` the median is
+    /// a step between retrievals.
+    mean_decode_step: f64,
     /// The memory's bytes at the end.
     bytes: usize,
 }
@@ -98,104 +101,124 @@ fn measure(config: &Policy, tokens: usize, steps: usize) -> Cell {
         memory.append(config, &args, &q, &k, &v, |_| {}).unwrap();
         times.push(start.elapsed().as_secs_f64());
     }
+    #[allow(clippy::cast_precision_loss)] // a number of steps
+    let mean_decode_step = times.iter().sum::<f64>() / times.len() as f64;
     Cell {
         prefill_block: median(prefill),
         decode_step: median(times),
+        mean_decode_step,
         bytes: memory.bytes(),
     }
 }
 
 fn main() {
-    use BlockDType::{Bf16, Model, Q8_0};
-    use QuestionRows::{Mean, Tokens};
+    use BlockDType::{Bf16, Q8_0};
     use Scoring::{AttentionMass, Dot, TokenMax};
     use Selection::{PerKvHead, Shared};
-    // Name, scoring, selection, question rows, block dtype, `mass_candidates`
-    // and `answer_mass_candidates`.
-    let settings = [
-        ("dot, shared (paper)", Dot, Shared, Mean, Model, (0, 0)),
+    let default = Policy::default();
+    let paper = Policy {
+        scoring: Dot,
+        selection: Shared,
+        ..default
+    };
+    let settings: Vec<(&str, Policy)> = vec![
+        ("dot, shared (paper)", paper),
         (
             "dot, shared (paper), q8_0 blocks",
-            Dot,
-            Shared,
-            Mean,
-            Q8_0,
-            (0, 0),
+            Policy {
+                block_dtype: Q8_0,
+                ..paper
+            },
         ),
-        ("dot, per_kv_head", Dot, PerKvHead, Mean, Model, (0, 0)),
+        (
+            "dot, per_kv_head",
+            Policy {
+                selection: PerKvHead,
+                ..paper
+            },
+        ),
         (
             "attention_mass, shared",
-            AttentionMass,
-            Shared,
-            Mean,
-            Model,
-            (0, 0),
+            Policy {
+                scoring: AttentionMass,
+                selection: Shared,
+                ..default
+            },
         ),
-        (
-            "attention_mass, per_kv_head (default)",
-            AttentionMass,
-            PerKvHead,
-            Mean,
-            Model,
-            (0, 0),
-        ),
+        ("attention_mass, per_kv_head (default)", default),
         (
             "attention_mass, per_kv_head, answer_mass_candidates 64",
-            AttentionMass,
-            PerKvHead,
-            Mean,
-            Model,
-            (0, 64),
+            Policy {
+                answer_mass_candidates: 64,
+                ..default
+            },
+        ),
+        (
+            "attention_mass, per_kv_head, answer_refresh 8",
+            Policy {
+                answer_refresh: 8,
+                ..default
+            },
+        ),
+        (
+            "attention_mass, per_kv_head, answer_refresh 8, answer_pool 32",
+            Policy {
+                answer_refresh: 8,
+                answer_pool: 32,
+                ..default
+            },
         ),
         (
             "attention_mass, per_kv_head, mass_candidates 32",
-            AttentionMass,
-            PerKvHead,
-            Mean,
-            Model,
-            (32, 0),
+            Policy {
+                mass_candidates: 32,
+                ..default
+            },
         ),
         (
             "attention_mass, per_kv_head, mass_candidates 64",
-            AttentionMass,
-            PerKvHead,
-            Mean,
-            Model,
-            (64, 0),
+            Policy {
+                mass_candidates: 64,
+                ..default
+            },
         ),
         (
             "attention_mass, per_kv_head, bf16 blocks",
-            AttentionMass,
-            PerKvHead,
-            Mean,
-            Bf16,
-            (0, 0),
+            Policy {
+                block_dtype: Bf16,
+                ..default
+            },
         ),
         (
             "attention_mass, per_kv_head, q8_0 blocks",
-            AttentionMass,
-            PerKvHead,
-            Mean,
-            Q8_0,
-            (0, 0),
+            Policy {
+                block_dtype: Q8_0,
+                ..default
+            },
         ),
         (
             "attention_mass, per_kv_head, q8_0 blocks, mass_candidates 64",
-            AttentionMass,
-            PerKvHead,
-            Mean,
-            Q8_0,
-            (64, 0),
+            Policy {
+                block_dtype: Q8_0,
+                mass_candidates: 64,
+                ..default
+            },
         ),
         (
             "attention_mass, per_kv_head, question_rows tokens",
-            AttentionMass,
-            PerKvHead,
-            Tokens,
-            Model,
-            (0, 0),
+            Policy {
+                question_rows: QuestionRows::Tokens,
+                ..default
+            },
         ),
-        ("token_max, shared", TokenMax, Shared, Mean, Model, (0, 0)),
+        (
+            "token_max, shared",
+            Policy {
+                scoring: TokenMax,
+                selection: Shared,
+                ..default
+            },
+        ),
     ];
     // `cargo bench` passes `--bench` to a harness-less bench: skip flags.
     let mut args = std::env::args().skip(1).filter(|a| !a.starts_with("--"));
@@ -212,38 +235,21 @@ fn main() {
         .map(|t| format!("{}K tokens", t / 1024))
         .collect();
     println!(
-        "| setting | decode step at {} | prefill block at {} | bytes/token |",
+        "| setting | median (mean) decode step at {} | prefill block at {} | bytes/token |",
         header.join(", "),
         header.join(", ")
     );
     println!("|---|---|---|---|");
-    for (
-        name,
-        scoring,
-        selection,
-        question_rows,
-        block_dtype,
-        (mass_candidates, answer_mass_candidates),
-    ) in settings
-    {
+    for (name, config) in &settings {
         if only
             .as_ref()
             .is_some_and(|only| !name.contains(only.as_str()))
         {
             continue;
         }
-        let config = Policy {
-            scoring,
-            selection,
-            question_rows,
-            block_dtype,
-            mass_candidates,
-            answer_mass_candidates,
-            ..Policy::default()
-        };
         let cells: Vec<(usize, Cell)> = lengths
             .iter()
-            .map(|&tokens| (tokens, measure(&config, tokens, steps)))
+            .map(|&tokens| (tokens, measure(config, tokens, steps)))
             .collect();
         let ms = |f: &dyn Fn(&Cell) -> f64| {
             cells
@@ -254,8 +260,9 @@ fn main() {
         };
         let (tokens, last) = cells.last().expect("a length");
         println!(
-            "| {name} | {} ms | {} ms | {} |",
+            "| {name} | {} ms ({} ms mean) | {} ms | {} |",
             ms(&|c| c.decode_step),
+            ms(&|c| c.mean_decode_step),
             ms(&|c| c.prefill_block),
             last.bytes / tokens
         );

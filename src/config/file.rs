@@ -65,6 +65,8 @@ pub struct ConfigFile {
     pub answer_topk: Option<i64>,
     /// See [`Policy::answer_refresh`].
     pub answer_refresh: Option<i64>,
+    /// See [`Policy::answer_pool`].
+    pub answer_pool: Option<i64>,
     /// See [`EngineSettings::prefill_chunk_size`].
     pub prefill_chunk_size: Option<i64>,
     /// See [`EngineSettings::max_context_len`].
@@ -144,6 +146,7 @@ impl ConfigFile {
                 base.answer_refresh,
                 1,
             )?,
+            answer_pool: size("answer_pool", self.answer_pool, base.answer_pool, 0)?,
             block_dtype: self.block_dtype.unwrap_or(base.block_dtype),
             boundaries: self.boundaries.unwrap_or(base.boundaries),
             question_first: self.question_first.unwrap_or(base.question_first),
@@ -427,6 +430,36 @@ mod tests {
             err.contains("`answer_refresh` must be between 1 and 64 decode steps"),
             "{err}"
         );
+        let pool = parse("answer_refresh = 8\nanswer_pool = 32")
+            .unwrap()
+            .policy;
+        assert_eq!((pool.answer_refresh, pool.answer_pool), (8, 32));
+        assert_eq!(parse("").unwrap().policy.answer_pool, 0);
+        for (text, says) in [
+            ("answer_pool = 32", "needs `answer_refresh` of 2 or more"),
+            (
+                "answer_refresh = 8\nanswer_pool = 32\nscoring = \"dot\"",
+                "needs `scoring = \"attention_mass\"`",
+            ),
+            (
+                "answer_refresh = 8\nanswer_pool = 32\nanswer_mass_candidates = 64",
+                "cannot be set with `answer_mass_candidates`",
+            ),
+            (
+                "answer_refresh = 8\nanswer_pool = 4",
+                "must be between the blocks a decode step retrieves (8) and 4096, got 4",
+            ),
+            (
+                "answer_refresh = 8\nanswer_pool = -1",
+                "a non-negative integer",
+            ),
+        ] {
+            let err = parse(text).unwrap_err();
+            assert!(
+                err.contains("`answer_pool`") && err.contains(says),
+                "{text}: {err}"
+            );
+        }
         let err = parse("answer_topk = 600").unwrap_err();
         assert!(err.contains("`answer_topk` is too large: 600"), "{err}");
         assert_eq!(

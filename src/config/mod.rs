@@ -457,6 +457,13 @@ pub struct Policy {
     /// retrieval picked. 1 (the default): every step retrieves, the
     /// paper's. At most [`MAX_ANSWER_REFRESH`].
     pub answer_refresh: usize,
+    /// With `answer_refresh` > 1 and `attention_mass`: the blocks per KV
+    /// head that a decode step between retrievals ranks again, exactly, by
+    /// its own query (the best of the latest full retrieval's scores,
+    /// question included), instead of attending that retrieval's picks. 0
+    /// (the default): those steps keep the picks. A step then reads `C x
+    /// block_size` keys per KV head, not every stored key.
+    pub answer_pool: usize,
     /// Storage dtype of memory blocks (the bulk of a long context's memory).
     pub block_dtype: BlockDType,
     /// Where memory blocks begin: at fixed offsets or after sentence ends.
@@ -534,6 +541,7 @@ impl Policy {
             question_topk: 0,
             answer_topk: 0,
             answer_refresh: 1,
+            answer_pool: 0,
             block_dtype: BlockDType::Model,
             boundaries: Boundaries::Fixed,
             // Not the paper's method (its prompts are written that way): with
@@ -679,6 +687,39 @@ impl Policy {
                     self.answer_refresh
                 ),
             );
+        }
+        if self.answer_pool > 0 {
+            let topk = self.topk_for(Read::Answer);
+            let reason = if self.scoring != Scoring::AttentionMass {
+                Some(format!(
+                    "needs `scoring = \"attention_mass\"` (got \"{}\"): it ranks blocks by \
+                     their keys' attention mass",
+                    self.scoring
+                ))
+            } else if self.answer_refresh < 2 {
+                Some(
+                    "needs `answer_refresh` of 2 or more: it ranks the blocks again at the decode \
+                     steps between retrievals, and with 1 there are none"
+                        .into(),
+                )
+            } else if self.answer_mass_candidates > 0 {
+                Some(
+                    "cannot be set with `answer_mass_candidates`: both choose the blocks a decode \
+                     step reads"
+                        .into(),
+                )
+            } else if self.answer_pool < topk || self.answer_pool > MAX_TOPK {
+                Some(format!(
+                    "must be between the blocks a decode step retrieves ({topk}) and {MAX_TOPK}, \
+                     got {}",
+                    self.answer_pool
+                ))
+            } else {
+                None
+            };
+            if let Some(reason) = reason {
+                return invalid("answer_pool", reason);
+            }
         }
         if self.consensus > 0 && self.consensus >= self.topk {
             return invalid(

@@ -47,6 +47,8 @@ pub struct RequestOptions {
     pub answer_topk: Option<i64>,
     /// Decode steps per retrieval.
     pub answer_refresh: Option<i64>,
+    /// Blocks per KV head the decode steps between retrievals rank again.
+    pub answer_pool: Option<i64>,
     /// How blocks are ranked (`dot`, `head_softmax`, `token_max`,
     /// `attention_mass`).
     pub scoring: Option<Scoring>,
@@ -134,6 +136,7 @@ impl RequestOptions {
             config.answer_refresh,
             1,
         )?;
+        config.answer_pool = size("answer_pool", self.answer_pool, config.answer_pool, 0)?;
         for (key, text) in [("question", &self.question), ("needle", &self.needle)] {
             if text.as_ref().is_some_and(|t| t.trim().is_empty()) {
                 return Err(Error::InvalidConfig {
@@ -224,6 +227,16 @@ mod tests {
         .apply(&base)
         .unwrap_err();
         assert!(err.to_string().contains("`answer_refresh`"), "{err}");
+        let pool: RequestOptions =
+            serde_json::from_str(r#"{"answer_refresh": 8, "answer_pool": 32}"#).unwrap();
+        assert_eq!(pool.apply(&base).unwrap().answer_pool, 32);
+        let err = RequestOptions {
+            answer_pool: Some(32),
+            ..Default::default()
+        }
+        .apply(&base)
+        .unwrap_err();
+        assert!(err.to_string().contains("`answer_pool`"), "{err}");
         let bounded: RequestOptions = serde_json::from_str(r#"{"mass_candidates": 48}"#).unwrap();
         assert_eq!(bounded.apply(&base).unwrap().mass_candidates, 48);
         let err = RequestOptions {

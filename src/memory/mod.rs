@@ -987,6 +987,9 @@ mod tests {
         picks: Vec<Vec<Vec<usize>>>,
         /// Every call's output, one after another.
         outputs: Vec<f32>,
+        /// Per call: the `answer_pool` it left, and the blocks held when
+        /// that pool was chosen.
+        pools: Vec<Option<(Vec<Vec<usize>>, usize)>>,
         /// Bytes of the memory blocks at the end.
         block_bytes: usize,
     }
@@ -1035,6 +1038,7 @@ mod tests {
         let mut memory = LayerMemory::default();
         let (mut worst, mut selective, mut heads_differ) = (0f32, false, false);
         let (mut picked, mut picks, mut outputs) = (Vec::new(), Vec::new(), Vec::new());
+        let mut pools = Vec::new();
         let mut p0 = 0;
         while p0 < total {
             let e = if p0 < 120 { 8 } else { 1 };
@@ -1053,6 +1057,12 @@ mod tests {
                 )
                 .unwrap();
             let retrieved = memory.retrieval.picks().to_vec();
+            pools.push(
+                memory
+                    .retrieval
+                    .answer_pool()
+                    .map(|(pool, filed)| (pool.to_vec(), filed)),
+            );
             picked.push((p0, retrieved.first().map_or(0, Vec::len)));
             picks.push(retrieved.clone());
             selective |= retrieved
@@ -1119,6 +1129,7 @@ mod tests {
             picked,
             picks,
             outputs,
+            pools,
             block_bytes: memory.stats().block_bytes,
         }
     }
@@ -1303,6 +1314,72 @@ mod tests {
             }
             assert!(kept_where_every_step_changed, "{scoring}: nothing changed");
         }
+    }
+
+    #[test]
+    fn decode_steps_between_refreshes_rank_the_pool_again() {
+        // `answer_refresh` 3 with `answer_pool`: decode steps 1, 4, 7, ...
+        // retrieve over every block; the steps between rank the pool that
+        // retrieval chose (plus blocks filed since) by their own queries.
+        let every_step = Policy {
+            scoring: Scoring::AttentionMass,
+            selection: Selection::PerKvHead,
+            question_topk: 2,
+            ..selective_config(Positions::Fixed, 0)
+        };
+        let exact = compare_with_reference(&every_step);
+        let prompt = 121 * 4 * 16;
+        let decode_calls = exact.picked.iter().filter(|(p0, _)| *p0 >= 121).count();
+        let first_decode = exact.picked.len() - decode_calls;
+
+        // A pool of every block: the steps between read every key, as
+        // every-step retrieval does, and pick and attend the same.
+        let whole = Policy {
+            answer_refresh: 3,
+            answer_pool: 64,
+            ..every_step
+        };
+        whole.validate().unwrap();
+        let got = compare_with_reference(&whole);
+        assert!(got.worst <= 1e-4, "{}", got.worst);
+        assert_eq!(got.picks, exact.picks);
+        assert_eq!(got.outputs.len(), exact.outputs.len());
+        for (a, b) in got.outputs.iter().zip(&exact.outputs) {
+            assert!((a - b).abs() <= 1e-5, "{a} against {b}");
+        }
+
+        // A pool of 3 of about 25 blocks, 2 retrieved.
+        let small = Policy {
+            answer_pool: 3,
+            ..whole
+        };
+        small.validate().unwrap();
+        let got = compare_with_reference(&small);
+        assert!(got.worst <= 1e-4, "{}", got.worst);
+        assert_eq!(got.outputs[..prompt], exact.outputs[..prompt]);
+        let mut reranked = false;
+        for call in first_decode..got.picks.len() {
+            let step = call - first_decode + 1;
+            if (step - 1).is_multiple_of(3) {
+                assert_eq!(got.picks[call], exact.picks[call], "step {step}");
+                continue;
+            }
+            // The pool of the latest retrieval, and the blocks filed since.
+            let (pool, filed) = got.pools[call - 1]
+                .as_ref()
+                .expect("a decode retrieval leaves a pool");
+            assert!(*filed > 3 + 2, "{filed} blocks: the pool leaves some out");
+            for (head, picks) in got.picks[call].iter().enumerate() {
+                assert_eq!(pool[head].len(), 3);
+                for b in picks {
+                    assert!(pool[head].contains(b) || *b >= *filed, "step {step}: {b}");
+                }
+            }
+            reranked |= got.picks[call] != got.picks[call - 1];
+        }
+        assert!(reranked, "the steps between never changed the picks");
+        // The prompt's retrievals leave no pool.
+        assert!(got.pools[..first_decode].iter().all(Option::is_none));
     }
 
     #[test]

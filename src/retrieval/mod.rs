@@ -15,7 +15,7 @@ use candle_core::{Device, Result, Tensor};
 
 use crate::attention::Q8Rows;
 use crate::config::{Policy, Read, Scoring, Selection};
-use moments::KeyMoments;
+use moments::{Candidates, KeyMoments};
 use question::{QuestionMass, QuestionState};
 use representative::{head_means, most_attended_rows};
 use scores::{
@@ -126,6 +126,30 @@ pub struct Retrieval {
     /// Decode steps since the latest read of the prompt, for
     /// `answer_refresh`.
     answer_steps: usize,
+    /// With `answer_pool`, the blocks per KV head the decode steps between
+    /// retrievals rank again: the latest decode retrieval's best.
+    pool: Option<AnswerPool>,
+}
+
+/// The blocks a decode step between retrievals ranks (`answer_pool`).
+#[derive(Debug, Clone)]
+struct AnswerPool {
+    /// Per KV head, the best blocks of the retrieval that chose them.
+    best: Candidates,
+    /// Blocks held when they were chosen: those filed since (the answer's
+    /// own tokens leaving the window) are ranked too.
+    filed: usize,
+}
+
+impl AnswerPool {
+    /// The pool with every block filed since it was chosen, of `blocks`.
+    fn candidates(&self, blocks: usize) -> Candidates {
+        let mut candidates = self.best.clone();
+        for head in &mut candidates.blocks {
+            head.extend(self.filed..blocks);
+        }
+        candidates
+    }
 }
 
 impl Retrieval {
@@ -151,6 +175,15 @@ impl Retrieval {
     /// Every block's score at the latest execution block, per list.
     pub fn scores(&self) -> &[Vec<f32>] {
         &self.scores
+    }
+
+    /// With `answer_pool`, the blocks per KV head that the decode steps until
+    /// the next retrieval rank again, and the blocks held when they were
+    /// chosen (those filed since are ranked too).
+    pub fn answer_pool(&self) -> Option<(&[Vec<usize>], usize)> {
+        self.pool
+            .as_ref()
+            .map(|p| (p.best.blocks.as_slice(), p.filed))
     }
 
     /// The question's rows, once captured or set.
@@ -213,16 +246,23 @@ impl Retrieval {
         voted: &[usize],
     ) -> Result<()> {
         let topk = policy.topk_for(read);
+        // Decode steps 1, 1 + N, 1 + 2N, ... retrieve; the others attend the
+        // latest picks, or with `answer_pool` rank that retrieval's pool
+        // again.
+        let mut rerank = false;
         if read == Read::Answer {
-            // Decode steps 1, 1 + N, 1 + 2N, ... retrieve; the others attend
-            // the latest picks.
             self.answer_steps += 1;
             if !(self.answer_steps - 1).is_multiple_of(policy.answer_refresh) {
-                return Ok(());
+                if self.pool.is_none() {
+                    return Ok(());
+                }
+                rerank = true;
             }
         } else {
             self.answer_steps = 0;
         }
+        let pool = if rerank { self.pool.take() } else { None };
+        self.pool = None;
         // A decode step's bounded read also reads what the previous
         // retrieval picked: every decode step reads for the same answer, so
         // a block picked once (the answer's first token's picks are exact)
@@ -265,7 +305,18 @@ impl Retrieval {
             let bound = policy.mass_candidates_for(read);
             // At least the blocks this retrieval picks.
             let candidates = bound.max(topk);
-            let mut scores = if bound > 0 && store.blocks() > candidates {
+            let mut scores = if let Some(pool) = pool {
+                let scores = attention_mass_candidate_scores(
+                    store,
+                    policy.block_size,
+                    &q,
+                    &pool.candidates(store.blocks()),
+                    &[1.0],
+                    scale,
+                )?;
+                self.pool = Some(pool);
+                scores
+            } else if bound > 0 && store.blocks() > candidates {
                 if self.moments.blocks() != store.blocks() {
                     candle_core::bail!(
                         "qllm: key moments of {} blocks for {} blocks held",
@@ -296,8 +347,17 @@ impl Retrieval {
             } else {
                 attention_mass_scores(store, policy.block_size, &q, &[1.0], scale)?
             };
+            // A decode retrieval's pool: the queries' masses are their share.
+            let queries_masses =
+                (read == Read::Answer && !rerank && policy.answer_pool > 0).then(|| scores.clone());
             for (head, question) in scores.iter_mut().zip(question_scores.iter().flatten()) {
                 head.iter_mut().zip(question).for_each(|(s, q)| *s += q);
+            }
+            if let Some(masses) = queries_masses {
+                self.pool = Some(AnswerPool {
+                    best: pool_of(&scores, &masses, policy.answer_pool, group),
+                    filed: store.blocks(),
+                });
             }
             self.scores = if per_head {
                 scores
@@ -392,6 +452,26 @@ impl Retrieval {
     pub fn bytes(&self) -> usize {
         self.representatives.capacity() * 4 + self.moments.bytes() + self.question.bytes()
     }
+}
+
+/// Per KV head, the `count` best blocks by `scores` (queries' masses plus
+/// the question's), ascending; each of the head's `rows` query rows is
+/// given the share of its attention they hold, from `masses` (the queries'
+/// alone, each row's summing to one over all blocks).
+fn pool_of(scores: &[Vec<f32>], masses: &[Vec<f32>], count: usize, rows: usize) -> Candidates {
+    let (blocks, shares) = scores
+        .iter()
+        .zip(masses)
+        .map(|(scores, masses)| {
+            let blocks = top_k(scores, count);
+            #[allow(clippy::cast_precision_loss)] // a group of query heads
+            let held = blocks.iter().map(|&b| masses[b]).sum::<f32>() / rows as f32;
+            // No query mass (an empty memory) leaves nothing to scale.
+            let share = if held > 0.0 { held.min(1.0) } else { 1.0 };
+            (blocks, vec![share; rows])
+        })
+        .unzip();
+    Candidates { blocks, shares }
 }
 
 /// The blocks of `lists` (each scored by the same row of `scores`),

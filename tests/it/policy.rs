@@ -38,6 +38,7 @@ pub(crate) fn small_config(mode: Mode) -> Policy {
         question_topk: 0,
         answer_topk: 0,
         answer_refresh: 1,
+        answer_pool: 0,
         block_dtype: BlockDType::Model,
         boundaries: qllm::Boundaries::Fixed,
         question_first: false,
