@@ -261,8 +261,8 @@ impl Retrieval {
         } else {
             self.answer_steps = 0;
         }
-        let pool = if rerank { self.pool.take() } else { None };
-        self.pool = None;
+        // A retrieval over every block chooses a new pool.
+        let pool = self.pool.take().filter(|_| rerank);
         // A decode step's bounded read also reads what the previous
         // retrieval picked: every decode step reads for the same answer, so
         // a block picked once (the answer's first token's picks are exact)
